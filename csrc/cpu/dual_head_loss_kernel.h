@@ -1,0 +1,255 @@
+// The CPU kernel of dual_head_loss, compiled once per instruction set (see kernel_*.cpp): each translation unit
+// defines CPU_CAPABILITY before including this header, which puts ATen's Vectorized<T> and this code into a
+// namespace of that name, so the variants coexist in one library and are chosen at run time.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../row_math.h"
+#include "dual_head_loss_kernel_api.h"
+
+namespace dho_fast {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+namespace rm = row_math;
+
+// Columns per block: a block of the three input rows stays in L1 between the max and the exp loop, and the
+// per-block bookkeeping (a few scalar exps) is negligible against the block's vector exps.
+constexpr int64_t kBlock = 512;
+
+template <typename acc_t>
+struct RowScratch {
+  std::vector<acc_t> ce, kd, teacher;               // converted inputs (reduced-precision dtypes only)
+  std::vector<acc_t> exp_ce, exp_kd, exp_teacher;   // exp(x - running max) per column, finalised in place
+  std::vector<acc_t> block_max;                      // running maxima used for each block: 3 per block
+  explicit RowScratch(int64_t C, bool convert) : block_max(3 * ((C + kBlock - 1) / kBlock)) {
+    if (convert) {
+      ce.resize(C);
+      kd.resize(C);
+      teacher.resize(C);
+      exp_ce.resize(C);
+      exp_kd.resize(C);
+    }
+    exp_teacher.resize(C);
+  }
+};
+
+template <typename acc_t>
+inline acc_t lane_sum(Vectorized<acc_t> v) {
+  acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t total = 0;
+  for (acc_t x : lanes) total += x;
+  return total;
+}
+
+template <typename acc_t>
+inline acc_t block_max(const acc_t* x, int64_t n, acc_t scale) {
+  using V = Vectorized<acc_t>;
+  const V fill(rm::neg_inf<acc_t>());
+  V m = fill;
+  const V s(scale);
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) m = at::vec::maximum(m, V::loadu(x + c) * s);
+  if (c < n) m = at::vec::maximum(m, V::set(fill, V::loadu(x + c, n - c) * s, n - c));
+  acc_t lanes[V::size()];
+  m.store(lanes);
+  acc_t r = lanes[0];
+  for (int64_t i = 1; i < V::size(); ++i) r = rm::nan_max(r, lanes[i]);
+  return r;
+}
+
+// exp(scale * x - m) into out (when given); returns the sum. m = -inf means an all-masked block: every term is 0.
+template <typename acc_t>
+inline acc_t block_exp(const acc_t* x, int64_t n, acc_t scale, acc_t m, acc_t* out) {
+  using V = Vectorized<acc_t>;
+  const V s(scale), mv(m == rm::neg_inf<acc_t>() ? acc_t(0) : m);
+  V total(0);
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    const V e = (V::loadu(x + c) * s - mv).exp();
+    if (out) e.store(out + c);
+    total += e;
+  }
+  if (c < n) {
+    const V e = V::set(V(0), (V::loadu(x + c, n - c) * s - mv).exp(), n - c);
+    if (out) e.store(out + c, n - c);
+    total += e;
+  }
+  return lane_sum(total);
+}
+
+template <typename acc_t>
+inline acc_t block_sum(const acc_t* x, int64_t n) {
+  using V = Vectorized<acc_t>;
+  V total(0);
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) total += V::loadu(x + c);
+  if (c < n) total += V::loadu(x + c, n - c);
+  return lane_sum(total);
+}
+
+// Teacher exps (written to exp_a) and the KL cross term of one block, relative to maxima ma, mb:
+//   sum_c e_a * ((a - ma) - (b - mb)),  e_a = exp(a - ma); masked columns (e_a = 0) contribute exactly 0.
+template <typename acc_t>
+inline void block_kl(const acc_t* t, const acc_t* z, int64_t n, acc_t inv_t, acc_t ma, acc_t mb, acc_t* exp_a,
+                     acc_t& sum_a, acc_t& cross) {
+  using V = Vectorized<acc_t>;
+  const V s(inv_t), zero(0);
+  const V mav(ma == rm::neg_inf<acc_t>() ? acc_t(0) : ma), mbv(mb);
+  V sa(0), cr(0);
+  auto step = [&](V a, V b) {
+    const V da = a * s - mav;
+    const V e = da.exp();
+    const V term = V::blendv(zero, e * (da - (b * s - mbv)), e > zero);
+    sa += e;
+    cr += term;
+    return e;
+  };
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) step(V::loadu(t + c), V::loadu(z + c)).store(exp_a + c);
+  if (c < n) {
+    const int64_t r = n - c;
+    const V a = V::set(V(rm::neg_inf<acc_t>()), V::loadu(t + c, r), r);
+    step(a, V::loadu(z + c, r)).store(exp_a + c, r);
+  }
+  sum_a = lane_sum(sa);
+  cross = lane_sum(cr);
+}
+
+struct RowResult {
+  double ce;
+  double kl;
+  int teacher_status;
+};
+
+// One row. ce/kd/t are the row's inputs in acc_t; g_ce/g_kd receive the unweighted gradients (nullptr: not wanted).
+template <typename acc_t>
+RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_t label, const LossParams& p,
+                        acc_t* g_ce, acc_t* g_kd, RowScratch<acc_t>& scratch) {
+  const int64_t C = p.num_classes;
+  const acc_t inv_t = acc_t(1) / acc_t(p.temperature);
+  const bool labelled = label != p.ignore_index;
+  const auto w = rm::row_weights<acc_t>(labelled, p.num_labelled, p.num_rows, p.kd_split, acc_t(p.temperature));
+  const bool do_ce = labelled;
+
+  rm::SoftmaxStat<acc_t> ce_stat = rm::softmax_empty<acc_t>();
+  rm::KlStat<acc_t> kl_stat = rm::kl_empty<acc_t>();
+  acc_t ce_logit_sum = 0;
+  acc_t* bmax = scratch.block_max.data();
+
+  // Pass 1: each input element is read from memory once; the block's running maxima are recorded so the exps
+  // stored now can be rescaled to the row's final maxima in pass 2.
+  for (int64_t b0 = 0, blk = 0; b0 < C; b0 += kBlock, ++blk) {
+    const int64_t n = std::min(kBlock, C - b0);
+    if (do_ce) {
+      const acc_t m = rm::nan_max(ce_stat.max, block_max(ce + b0, n, acc_t(1)));
+      const acc_t s = block_exp(ce + b0, n, acc_t(1), m, g_ce ? g_ce + b0 : nullptr);
+      ce_stat = rm::softmax_merge(ce_stat, rm::SoftmaxStat<acc_t>{m, s});
+      if (p.label_smoothing != 0) ce_logit_sum += block_sum(ce + b0, n);
+      bmax[3 * blk] = m;
+    }
+    const acc_t ma = rm::nan_max(kl_stat.teacher.max, block_max(t + b0, n, inv_t));
+    const acc_t mb = rm::nan_max(kl_stat.student.max, block_max(kd + b0, n, inv_t));
+    const acc_t sb = block_exp(kd + b0, n, inv_t, mb, g_kd ? g_kd + b0 : nullptr);
+    acc_t sa, cross;
+    block_kl(t + b0, kd + b0, n, inv_t, ma, mb, scratch.exp_teacher.data() + b0, sa, cross);
+    kl_stat = rm::kl_merge(kl_stat, rm::KlStat<acc_t>{{ma, sa}, {mb, sb}, cross});
+    bmax[3 * blk + 1] = mb;
+    bmax[3 * blk + 2] = ma;
+  }
+
+  RowResult result{0.0, 0.0, rm::teacher_row_status(kl_stat.teacher.max)};
+  if (result.teacher_status != rm::kTeacherOk) return result;
+  result.kl = double(rm::kl_value(kl_stat));
+  if (do_ce) {
+    const acc_t lse = rm::logsumexp(ce_stat);
+    result.ce = double(rm::cross_entropy_value(lse, ce[label], ce_logit_sum, acc_t(p.label_smoothing), C));
+  }
+
+  // Pass 2: finalise the gradients in place (rows are cache-resident by now).
+  using V = Vectorized<acc_t>;
+  if (g_ce) {
+    if (!do_ce) {
+      std::fill(g_ce, g_ce + C, acc_t(0));
+    } else {
+      const acc_t off = w.ce * acc_t(p.label_smoothing) / acc_t(C);
+      for (int64_t b0 = 0, blk = 0; b0 < C; b0 += kBlock, ++blk) {
+        const int64_t n = std::min(kBlock, C - b0);
+        const V f(w.ce * rm::probability_factor(bmax[3 * blk], ce_stat)), o(off);
+        at::vec::map([&](V e) { return e * f - o; }, g_ce + b0, g_ce + b0, n);
+      }
+      g_ce[label] -= w.ce * (acc_t(1) - acc_t(p.label_smoothing));
+    }
+  }
+  if (g_kd) {
+    // d(kd_term)/d(z) = kd_row * (q - p) / T
+    const acc_t scale = w.kd * inv_t;
+    for (int64_t b0 = 0, blk = 0; b0 < C; b0 += kBlock, ++blk) {
+      const int64_t n = std::min(kBlock, C - b0);
+      const V fb(scale * rm::probability_factor(bmax[3 * blk + 1], kl_stat.student));
+      const V fa(scale * rm::probability_factor(bmax[3 * blk + 2], kl_stat.teacher));
+      at::vec::map2([&](V eb, V ea) { return eb * fb - ea * fa; }, g_kd + b0, g_kd + b0,
+                    scratch.exp_teacher.data() + b0, n);
+    }
+  }
+  return result;
+}
+
+template <typename scalar_t>
+void dual_head_loss_rows(const scalar_t* ce, const scalar_t* kd, const scalar_t* t, const int64_t* labels,
+                         scalar_t* g_ce, scalar_t* g_kd, const LossParams& p, double* row_ce, double* row_kl,
+                         int* row_status) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t C = p.num_classes;
+  // Rows per task: enough work per task to amortise the scratch allocation.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, p.num_rows, grain, [&](int64_t begin, int64_t end) {
+    RowScratch<acc_t> scratch(C, convert);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t off = i * C;
+      const acc_t *ce_row, *kd_row, *t_row;
+      acc_t *gce_row = nullptr, *gkd_row = nullptr;
+      if constexpr (convert) {
+        at::vec::convert(ce + off, scratch.ce.data(), C);
+        at::vec::convert(kd + off, scratch.kd.data(), C);
+        at::vec::convert(t + off, scratch.teacher.data(), C);
+        ce_row = scratch.ce.data();
+        kd_row = scratch.kd.data();
+        t_row = scratch.teacher.data();
+        if (g_ce) gce_row = scratch.exp_ce.data();
+        if (g_kd) gkd_row = scratch.exp_kd.data();
+      } else {
+        ce_row = ce + off;
+        kd_row = kd + off;
+        t_row = t + off;
+        if (g_ce) gce_row = g_ce + off;
+        if (g_kd) gkd_row = g_kd + off;
+      }
+      const RowResult r = dual_head_row<acc_t>(ce_row, kd_row, t_row, labels[i], p, gce_row, gkd_row, scratch);
+      row_ce[i] = r.ce;
+      row_kl[i] = r.kl;
+      row_status[i] = r.teacher_status;
+      if constexpr (convert) {
+        if (g_ce) at::vec::convert(gce_row, g_ce + off, C);
+        if (g_kd) at::vec::convert(gkd_row, g_kd + off, C);
+      }
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace dho_fast

@@ -1,0 +1,13 @@
+"""dho_fast: fused dual-head distillation losses for DHO (semi-supervised KD from vision-language models)."""
+
+from dho_fast import reference
+from dho_fast.blend import AlphaBetaSearch, dual_head_predict, search_alpha_beta
+from dho_fast.loss import fused_dual_head_loss
+
+__all__ = [
+    "AlphaBetaSearch",
+    "dual_head_predict",
+    "fused_dual_head_loss",
+    "reference",
+    "search_alpha_beta",
+]

@@ -1,0 +1,96 @@
+"""The public fused loss: argument checks, backend choice, and the optional loss terms."""
+
+import os
+import warnings
+
+import torch
+
+from dho_fast import _ops, reference
+from dho_fast._validation import check_loss_args
+
+BACKENDS = ("auto", "cpu", "reference")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend that will run: ``backend``, else ``$DHO_FAST_BACKEND``, else "auto" (the compiled kernel of
+    the tensors' device when there is one, the reference otherwise)."""
+    name = backend or os.environ.get("DHO_FAST_BACKEND") or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "cpu":
+        if not _ops.has_extension():
+            raise RuntimeError(f"backend='cpu' needs the compiled extension, which failed to load: {_ops.EXTENSION_ERROR}")
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if name != "auto":
+        return name
+    if device.type == "cpu" and _ops.has_extension():
+        return "cpu"
+    warnings.warn(
+        f"dho_fast: no compiled kernel for {device.type} tensors, using the slower reference backend",
+        stacklevel=3,
+    )
+    return "reference"
+
+
+def fused_dual_head_loss(
+    ce_logits: torch.Tensor,
+    kd_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    ce_weight: float = 0.5,
+    kd_weight: float = 0.5,
+    kd_reduction: str = "split",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    return_terms: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DHO loss of both heads, and its gradients, in one fused pass.
+
+    Args:
+        ce_logits: (N, C) logits of the CE head; float32, float64, bfloat16 or float16.
+        kd_logits: (N, C) logits of the KD head; same dtype and device as ``ce_logits``.
+        teacher_logits: (N, C) teacher logits, same dtype and device; ``-inf`` marks a masked class, NaN or
+            ``+inf`` is an error, and so is a row that is ``-inf`` everywhere. The teacher gets no gradient.
+        labels: (N,) int64 class indices in ``[0, C)``; ``ignore_index`` marks unlabelled rows.
+        temperature: T > 0 of the KD term.
+        ce_weight, kd_weight: w_ce, w_kd >= 0.
+        kd_reduction: "split" (METHOD.md: labelled and unlabelled means summed; an empty group adds 0) or "mean".
+        ignore_index: the label of unlabelled rows.
+        label_smoothing: eps in [0, 1] of the CE head's targets ``(1 - eps) onehot(y) + eps / C``.
+        return_terms: also return ``ce_term`` and ``kd_term`` (for logging, from the same pass).
+        backend: "auto", "cpu" or "reference"; None reads ``$DHO_FAST_BACKEND`` (default "auto").
+
+    Returns:
+        ``loss = w_ce * ce_term + w_kd * kd_term``, a float32 scalar (float64 for float64 input), with
+        ``ce_term = mean_{i labelled} CE(ce_logits_i, y_i)`` (0 when no row is labelled) and
+        ``kd_term = T^2 * (mean_{labelled} KL_i + mean_{unlabelled} KL_i)`` ("split") or ``T^2 * mean_i KL_i``,
+        ``KL_i = sum_c p_c (log p_c - log q_c)``, ``p = softmax(teacher / T)``, ``q = softmax(kd / T)``.
+        With ``return_terms`` the tuple ``(loss, ce_term, kd_term)``; all three are differentiable.
+
+    Gradients with respect to ``ce_logits`` and ``kd_logits`` (in their dtype) are computed during the forward
+    pass when autograd needs them; backward only scales them. Statistics accumulate in float32 (float64 for
+    float64 input). NaN or inf in the student logits is not an error: it propagates to the loss, so mixed-precision
+    loss scaling can skip the step.
+    """
+    check_loss_args(
+        ce_logits, kd_logits, teacher_logits, labels, temperature=temperature, ce_weight=ce_weight,
+        kd_weight=kd_weight, kd_reduction=kd_reduction, label_smoothing=label_smoothing,
+    )  # fmt: skip
+    name = resolve_backend(backend, ce_logits.device)
+    if name == "reference":
+        result = reference.dual_head_loss(
+            ce_logits, kd_logits, teacher_logits, labels, temperature=temperature, ce_weight=ce_weight,
+            kd_weight=kd_weight, kd_reduction=kd_reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        )  # fmt: skip
+    else:
+        grad_on = torch.is_grad_enabled()
+        result = torch.ops.dho_fast.dual_head_loss(
+            ce_logits, kd_logits, teacher_logits, labels, float(temperature), float(ce_weight), float(kd_weight),
+            kd_reduction == "split", int(ignore_index), float(label_smoothing),
+            grad_on and ce_logits.requires_grad, grad_on and kd_logits.requires_grad,
+        )[:3]  # fmt: skip
+    return tuple(result) if return_terms else result[0]
