@@ -1,0 +1,54 @@
+"""Inputs and tolerances shared by the tests of every backend."""
+
+import torch
+
+IGNORE = -100
+
+# Kernel vs reference, both from the same (rounded) inputs. bf16/fp16 gradients are rounded to the dtype.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-4),
+    torch.float16: dict(rtol=2e-3, atol=1e-5),
+}
+LOSS_TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=1e-5, atol=1e-5),  # the loss is accumulated in float32 from the same inputs
+    torch.float16: dict(rtol=1e-5, atol=1e-5),
+}
+
+
+def make_inputs(
+    n: int,
+    c: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    labelled: str = "mixed",
+    scale: float = 3.0,
+    masked_fraction: float = 0.0,
+    device: str = "cpu",
+    generator: torch.Generator | None = None,
+):
+    """Random (ce_logits, kd_logits, teacher_logits, labels) of shape (n, c).
+
+    labelled: "all", "none" or "mixed" (about half the rows, at random). masked_fraction: share of teacher entries
+    set to -inf (every row keeps at least one finite entry).
+    """
+    g = generator or torch.Generator().manual_seed(torch.seed() % (2**31))
+    ce = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    kd = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    teacher = torch.randn(n, c, generator=g) * scale
+    if masked_fraction > 0:
+        mask = torch.rand(n, c, generator=g) < masked_fraction
+        mask[torch.arange(n), torch.randint(0, c, (n,), generator=g)] = False
+        teacher = teacher.masked_fill(mask, float("-inf"))
+    teacher = teacher.to(dtype)
+    labels = torch.randint(0, c, (n,), generator=g)
+    if labelled == "none":
+        labels[:] = IGNORE
+    elif labelled == "mixed":
+        labels[torch.rand(n, generator=g) < 0.5] = IGNORE
+    elif labelled != "all":
+        raise ValueError(labelled)
+    return ce.to(device), kd.to(device), teacher.to(device), labels.to(device)
