@@ -1,15 +1,6 @@
 // Every op schema of dho_fast. Backends only implement them (csrc/cpu, csrc/cuda); Python adds the fake and
 // autograd implementations (dho_fast/_ops.py).
-#include <Python.h>
 #include <torch/library.h>
-
-extern "C" {
-// Importing dho_fast._C runs the static registrations below; the module itself has no attributes.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(dho_fast, m) {
   // Loss terms of both heads and, when asked, their unweighted gradients (grad-in-forward):
@@ -19,4 +10,35 @@ TORCH_LIBRARY(dho_fast, m) {
       "dual_head_loss(Tensor ce_logits, Tensor kd_logits, Tensor teacher_logits, Tensor labels, float temperature, "
       "float ce_weight, float kd_weight, bool kd_split, int ignore_index, float label_smoothing, bool ce_grad, "
       "bool kd_grad) -> (Tensor loss, Tensor ce_term, Tensor kd_term, Tensor ce_grad_out, Tensor kd_grad_out)");
+
+  // One row chunk of the batch's loss: the per-chunk step of fused_linear_dual_head_loss (dho_fast/_linear_op.py).
+  //   kd_logits (R, C): the KD logits of rows [start, start + R) of the batch;
+  //   ce_logits (L, C): the CE logits of the labelled rows among them, in row order;
+  //   teacher_logits (N, C), labels (N,): the whole batch; num_labelled: its labelled rows.
+  // Returns this chunk's contributions to ce_term and kd_term (the batch's terms are their sums over the chunks)
+  // and, when ce_grad / kd_grad, overwrites ce_logits / kd_logits with d ce_term / d ce_logits and
+  // d kd_term / d kd_logits. All tensors contiguous, logits and teacher of one dtype.
+  m.def(
+      "dual_head_loss_chunk(Tensor(a!) ce_logits, Tensor(b!) kd_logits, Tensor teacher_logits, Tensor labels, "
+      "int start, int num_labelled, float temperature, bool kd_split, int ignore_index, float label_smoothing, "
+      "bool ce_grad, bool kd_grad) -> (Tensor ce_term, Tensor kd_term)");
+
+  // The DHO loss of two linear heads over shared features, in row chunks (csrc/fused_linear_dual_head_loss.cpp):
+  //   ce_logits = features @ ce_weight.T + ce_bias,
+  //   kd_logits = kd_logit_scale * (g(features) @ kd_weight.T + kd_bias), g = normalize if kd_cosine else identity,
+  //   loss = ce_loss_weight * ce_term + kd_loss_weight * kd_term as in dual_head_loss.
+  m.def(
+      "fused_linear_dual_head_loss(Tensor features, Tensor ce_weight, Tensor? ce_bias, Tensor kd_weight, "
+      "Tensor? kd_bias, Tensor teacher_logits, Tensor labels, bool kd_cosine, float kd_logit_scale, int chunk_size, "
+      "float temperature, float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, "
+      "float label_smoothing) -> (Tensor loss, Tensor ce_term, Tensor kd_term)");
+  // Its forward as its autograd kernel runs it: also the unweighted gradients of ce_term (d_*_ce) and kd_term
+  // (d_*_kd) that the grad flags ask for, each a (0,) placeholder when not asked for (or when its bias is None).
+  m.def(
+      "fused_linear_dual_head_loss_with_grads(Tensor features, Tensor ce_weight, Tensor? ce_bias, Tensor kd_weight, "
+      "Tensor? kd_bias, Tensor teacher_logits, Tensor labels, bool kd_cosine, float kd_logit_scale, int chunk_size, "
+      "float temperature, float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, "
+      "float label_smoothing, bool grad_features, bool grad_ce_head, bool grad_kd_head) -> (Tensor loss, "
+      "Tensor ce_term, Tensor kd_term, Tensor d_features_ce, Tensor d_features_kd, Tensor d_ce_weight, "
+      "Tensor d_ce_bias, Tensor d_kd_weight, Tensor d_kd_bias)");
 }

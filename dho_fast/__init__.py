@@ -2,12 +2,16 @@
 
 from dho_fast import reference
 from dho_fast.blend import AlphaBetaSearch, dual_head_predict, search_alpha_beta
+from dho_fast.heads import DualHead
+from dho_fast.linear_loss import fused_linear_dual_head_loss
 from dho_fast.loss import fused_dual_head_loss
 
 __all__ = [
     "AlphaBetaSearch",
+    "DualHead",
     "dual_head_predict",
     "fused_dual_head_loss",
+    "fused_linear_dual_head_loss",
     "reference",
     "search_alpha_beta",
 ]

@@ -37,6 +37,36 @@ def dual_head_loss_fake(
     return scalar, scalar.clone(), scalar.clone(), grad_ce, grad_kd
 
 
+def dual_head_loss_chunk_fake(
+    ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, kd_split, ignore_index,
+    label_smoothing, ce_grad, kd_grad,
+):  # fmt: skip
+    scalar = kd_logits.new_empty((), dtype=_accumulate_dtype(kd_logits.dtype))
+    return scalar, scalar.clone()
+
+
+def fused_linear_dual_head_loss_fake(features, *_args):
+    scalar = features.new_empty((), dtype=_accumulate_dtype(features.dtype))
+    return scalar, scalar.clone(), scalar.clone()
+
+
+def fused_linear_dual_head_loss_with_grads_fake(
+    features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels, kd_cosine, kd_logit_scale, chunk_size,
+    temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index, label_smoothing, grad_features,
+    grad_ce_head, grad_kd_head,
+):  # fmt: skip
+    scalar = features.new_empty((), dtype=_accumulate_dtype(features.dtype))
+
+    def grad(t: torch.Tensor | None, wanted: bool) -> torch.Tensor:
+        return features.new_empty(t.shape, dtype=t.dtype) if wanted and t is not None else features.new_empty((0,))
+
+    return (
+        scalar, scalar.clone(), scalar.clone(), grad(features, grad_features), grad(features, grad_features),
+        grad(ce_weight, grad_ce_head), grad(ce_bias, grad_ce_head), grad(kd_weight, grad_kd_head),
+        grad(kd_bias, grad_kd_head),
+    )  # fmt: skip
+
+
 def _setup_context(ctx, inputs, output) -> None:
     ctx.ce_weight, ctx.kd_weight = inputs[5], inputs[6]
     ctx.save_for_backward(output[3], output[4])
@@ -64,6 +94,19 @@ def _backward(ctx, grad_loss, grad_ce_term, grad_kd_term, _grad_ce_out, _grad_kd
     return (d_ce, d_kd) + (None,) * 10
 
 
+def register_loss_autograd(op_name: str) -> None:
+    """Gives an op with dual_head_loss's schema (any backend's, e.g. the Triton op) its grad-in-forward autograd."""
+    torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
+
+
 if has_extension():
     torch.library.register_fake("dho_fast::dual_head_loss")(dual_head_loss_fake)
-    torch.library.register_autograd("dho_fast::dual_head_loss", _backward, setup_context=_setup_context)
+    register_loss_autograd("dho_fast::dual_head_loss")
+    # The chunk op is a building block of fused_linear_dual_head_loss, which has the autograd formula; it has none.
+    torch.library.register_fake("dho_fast::dual_head_loss_chunk")(dual_head_loss_chunk_fake)
+    # fused_linear_dual_head_loss's autograd kernel is C++ (csrc/fused_linear_dual_head_loss.cpp): its fixed cost
+    # is paid every training step.
+    torch.library.register_fake("dho_fast::fused_linear_dual_head_loss")(fused_linear_dual_head_loss_fake)
+    torch.library.register_fake("dho_fast::fused_linear_dual_head_loss_with_grads")(
+        fused_linear_dual_head_loss_with_grads_fake
+    )

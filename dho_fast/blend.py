@@ -5,6 +5,11 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
+
+if kernels.has_triton():
+    import kernels.blend  # noqa: F401  (registers dho_fast::dual_head_predict_triton and blend_search_triton)
+
 #: METHOD.md's grid: alpha in {0, 0.05, ..., 1}, beta in {0.5, 0.75, 1, 1.25, 1.5, 2, 4}.
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
 DEFAULT_BETAS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0)
@@ -15,7 +20,9 @@ _BLEND_ELEMENTS_PER_CHUNK = 1 << 24
 
 def _check_pair(ce_logits: torch.Tensor, kd_logits: torch.Tensor) -> None:
     if ce_logits.dim() != 2 or not ce_logits.is_floating_point():
-        raise ValueError(f"ce_logits must be a float tensor of shape (N, C), got {ce_logits.dtype} {tuple(ce_logits.shape)}")
+        raise ValueError(
+            f"ce_logits must be a float tensor of shape (N, C), got {ce_logits.dtype} {tuple(ce_logits.shape)}"
+        )
     if kd_logits.shape != ce_logits.shape or kd_logits.device != ce_logits.device:
         raise ValueError(
             f"kd_logits must have the shape and device of ce_logits {tuple(ce_logits.shape)} on {ce_logits.device}, "
@@ -33,6 +40,13 @@ def _check_alpha(alpha: float, name: str = "alpha") -> None:
         raise ValueError(f"{name} must be in [0, 1], got {alpha}")
 
 
+def _triton_serves(*logits: torch.Tensor) -> bool:
+    """The Triton kernels take over on CUDA tensors when no autograd graph is wanted through the blend."""
+    device = logits[0].device
+    wants_graph = torch.is_grad_enabled() and any(t.requires_grad for t in logits)
+    return device.type == "cuda" and kernels.supports_device(device) and not wants_graph
+
+
 def dual_head_predict(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """Blended class probabilities of the two heads.
 
@@ -43,6 +57,8 @@ def dual_head_predict(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: f
     _check_pair(ce_logits, kd_logits)
     _check_alpha(alpha)
     _check_beta(beta)
+    if _triton_serves(ce_logits, kd_logits):
+        return torch.ops.dho_fast.dual_head_predict_triton(ce_logits, kd_logits, alpha, beta)
     acc = torch.promote_types(ce_logits.dtype, torch.float32)
     p_ce = torch.softmax(ce_logits.to(acc), dim=1)
     p_kd = torch.softmax(kd_logits.to(acc) / beta, dim=1)
@@ -78,7 +94,9 @@ def search_alpha_beta(
     _check_pair(ce_logits, kd_logits)
     n, c = ce_logits.shape
     if labels.dtype != torch.int64 or labels.shape != (n,) or labels.device != ce_logits.device:
-        raise ValueError(f"labels must be int64 of shape ({n},) on {ce_logits.device}, got {labels.dtype} {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be int64 of shape ({n},) on {ce_logits.device}, got {labels.dtype} {tuple(labels.shape)}"
+        )
     if n == 0:
         raise ValueError("ce_logits must have at least one row to search alpha and beta")
     if bool(((labels < 0) | (labels >= c)).any()):
@@ -93,16 +111,30 @@ def search_alpha_beta(
     acc = torch.promote_types(ce_logits.dtype, torch.float32)
     alpha_t = torch.tensor(list(alphas), dtype=acc, device=ce_logits.device).view(-1, 1, 1, 1)
     beta_t = torch.tensor(list(betas), dtype=acc, device=ce_logits.device).view(1, -1, 1, 1)
-    rows = max(1, _BLEND_ELEMENTS_PER_CHUNK // (len(alphas) * len(betas) * c))
-    correct = torch.zeros(len(alphas), len(betas), dtype=torch.int64, device=ce_logits.device)
-    for start in range(0, n, rows):
-        ce = ce_logits[start : start + rows].to(acc)
-        kd = kd_logits[start : start + rows].to(acc)
-        p_ce = torch.softmax(ce, dim=1)  # (R, C)
-        p_kd = torch.softmax(kd.unsqueeze(0).unsqueeze(0) / beta_t, dim=-1)  # (1, B, R, C)
-        blend = alpha_t * p_ce + (1 - alpha_t) * p_kd  # (A, B, R, C)
-        correct += (blend.argmax(dim=-1) == labels[start : start + rows]).sum(dim=-1)
+    if _triton_serves(ce_logits, kd_logits):
+        correct = torch.ops.dho_fast.blend_search_triton(
+            ce_logits, kd_logits, labels, alpha_t.flatten(), beta_t.flatten()
+        )
+    else:
+        correct = _count_correct(ce_logits, kd_logits, labels, alpha_t, beta_t)
     table = correct.double().cpu() / n
     best = int(table.flatten().argmax())  # argmax returns the first maximum: ties go to the earliest pair
     i, j = divmod(best, len(betas))
     return AlphaBetaSearch(float(alphas[i]), float(betas[j]), float(table[i, j]), table, tuple(alphas), tuple(betas))
+
+
+def _count_correct(
+    ce_logits: torch.Tensor, kd_logits: torch.Tensor, labels: torch.Tensor, alpha_t: torch.Tensor, beta_t: torch.Tensor
+) -> torch.Tensor:
+    """(A, B) int64 hit counts of the grid in PyTorch, over chunks of rows that bound the (A, B, R, C) blend."""
+    n, c = ce_logits.shape
+    rows = max(1, _BLEND_ELEMENTS_PER_CHUNK // (alpha_t.numel() * beta_t.numel() * c))
+    correct = torch.zeros(alpha_t.numel(), beta_t.numel(), dtype=torch.int64, device=ce_logits.device)
+    for start in range(0, n, rows):
+        ce = ce_logits[start : start + rows].to(alpha_t.dtype)
+        kd = kd_logits[start : start + rows].to(alpha_t.dtype)
+        p_ce = torch.softmax(ce, dim=1)  # (R, C)
+        p_kd = torch.softmax(kd.unsqueeze(0).unsqueeze(0) / beta_t, dim=-1)  # (1, B, R, C)
+        blend = alpha_t * p_ce + (1 - alpha_t) * p_kd  # (A, B, R, C)
+        correct += (blend.argmax(dim=-1) == labels[start : start + rows]).sum(dim=-1)
+    return correct

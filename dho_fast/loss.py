@@ -5,27 +5,44 @@ import warnings
 
 import torch
 
+import kernels
 from dho_fast import _ops, reference
 from dho_fast._validation import check_loss_args
 
-BACKENDS = ("auto", "cpu", "reference")
+if kernels.has_triton():
+    import kernels.dual_head_loss  # noqa: F401  (registers dho_fast::dual_head_loss_triton)
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend that will run: ``backend``, else ``$DHO_FAST_BACKEND``, else "auto" (the compiled kernel of
-    the tensors' device when there is one, the reference otherwise)."""
+    the tensors' device when there is one; on CUDA the compiled kernel, else Triton; the reference otherwise)."""
     name = backend or os.environ.get("DHO_FAST_BACKEND") or "auto"
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name == "cpu":
+    if name in ("cpu", "cuda"):
         if not _ops.has_extension():
-            raise RuntimeError(f"backend='cpu' needs the compiled extension, which failed to load: {_ops.EXTENSION_ERROR}")
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+            raise RuntimeError(
+                f"backend={name!r} needs the compiled extension, which failed to load: {_ops.EXTENSION_ERROR}"
+            )
+        if device.type != name:
+            raise ValueError(f"backend={name!r} needs {name.upper()} tensors, got tensors on {device}")
+        if name == "cuda" and not _ops.has_cuda_kernels():
+            raise RuntimeError("backend='cuda' needs the extension built with its CUDA kernels (DHO_FAST_CUDA=1)")
+    if name == "triton" and not kernels.supports_device(device):
+        raise RuntimeError(
+            f"backend='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got tensors on "
+            f"{device} with Triton {'available' if kernels.has_triton() else 'missing'}"
+        )
     if name != "auto":
         return name
     if device.type == "cpu" and _ops.has_extension():
         return "cpu"
+    if device.type == "cuda" and _ops.has_cuda_kernels():
+        return "cuda"
+    if device.type == "cuda" and kernels.supports_device(device):
+        return "triton"
     warnings.warn(
         f"dho_fast: no compiled kernel for {device.type} tensors, using the slower reference backend",
         stacklevel=3,
@@ -62,7 +79,8 @@ def fused_dual_head_loss(
         ignore_index: the label of unlabelled rows.
         label_smoothing: eps in [0, 1] of the CE head's targets ``(1 - eps) onehot(y) + eps / C``.
         return_terms: also return ``ce_term`` and ``kd_term`` (for logging, from the same pass).
-        backend: "auto", "cpu" or "reference"; None reads ``$DHO_FAST_BACKEND`` (default "auto").
+        backend: "auto", "cpu", "cuda", "triton" or "reference"; None reads ``$DHO_FAST_BACKEND`` (default
+            "auto": the compiled kernel of the tensors' device; on CUDA without compiled CUDA kernels, Triton).
 
     Returns:
         ``loss = w_ce * ce_term + w_kd * kd_term``, a float32 scalar (float64 for float64 input), with
@@ -88,7 +106,8 @@ def fused_dual_head_loss(
         )  # fmt: skip
     else:
         grad_on = torch.is_grad_enabled()
-        result = torch.ops.dho_fast.dual_head_loss(
+        op = torch.ops.dho_fast.dual_head_loss_triton if name == "triton" else torch.ops.dho_fast.dual_head_loss
+        result = op(
             ce_logits, kd_logits, teacher_logits, labels, float(temperature), float(ce_weight), float(kd_weight),
             kd_reduction == "split", int(ignore_index), float(label_smoothing),
             grad_on and ce_logits.requires_grad, grad_on and kd_logits.requires_grad,

@@ -59,4 +59,6 @@ def dual_head_loss(
 
 def dual_head_predict(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """``alpha * softmax(ce_logits) + (1 - alpha) * softmax(kd_logits / beta)``, (N, C) in float32."""
-    return alpha * torch.softmax(ce_logits.float(), dim=1) + (1 - alpha) * torch.softmax(kd_logits.float() / beta, dim=1)
+    return alpha * torch.softmax(ce_logits.float(), dim=1) + (1 - alpha) * torch.softmax(
+        kd_logits.float() / beta, dim=1
+    )

@@ -2,6 +2,8 @@
 
 import torch
 
+import dho_fast
+
 IGNORE = -100
 
 # Kernel vs reference, both from the same (rounded) inputs. bf16/fp16 gradients are rounded to the dtype.
@@ -52,3 +54,28 @@ def make_inputs(
     elif labelled != "all":
         raise ValueError(labelled)
     return ce.to(device), kd.to(device), teacher.to(device), labels.to(device)
+
+
+def run_backend(backend: str, ce, kd, teacher, labels, **kwargs):
+    """(loss, ce_term, kd_term, grad ce_logits, grad kd_logits) of fused_dual_head_loss on leaf copies of the
+    logits, backward from the loss."""
+    ce = ce.detach().clone().requires_grad_()
+    kd = kd.detach().clone().requires_grad_()
+    terms = dho_fast.fused_dual_head_loss(ce, kd, teacher, labels, return_terms=True, backend=backend, **kwargs)
+    terms[0].backward()
+    return (*(t.detach() for t in terms), ce.grad, kd.grad)
+
+
+def assert_backend_matches_reference(
+    backend: str, inputs, dtype: torch.dtype, loss_tolerance: dict | None = None, **kwargs
+) -> None:
+    """Loss terms and gradients of ``backend`` equal the reference's within the dtype's tolerances (the loss terms'
+    within ``loss_tolerance`` when given)."""
+    got = run_backend(backend, *inputs, **kwargs)
+    want = run_backend("reference", *inputs, **kwargs)
+    tolerance = loss_tolerance or LOSS_TOLERANCES[dtype]
+    for name, g, w in zip(("loss", "ce_term", "kd_term"), got[:3], want[:3], strict=True):
+        torch.testing.assert_close(g, w, **tolerance, msg=lambda m, n=name: f"{backend} {n}: {m}")
+    for name, g, w in zip(("grad ce_logits", "grad kd_logits"), got[3:], want[3:], strict=True):
+        assert g.dtype == dtype, f"{backend} {name}: dtype {g.dtype}"
+        torch.testing.assert_close(g, w, **TOLERANCES[dtype], msg=lambda m, n=name: f"{backend} {n}: {m}")

@@ -134,7 +134,8 @@ struct RowResult {
   int teacher_status;
 };
 
-// One row. ce/kd/t are the row's inputs in acc_t; g_ce/g_kd receive the unweighted gradients (nullptr: not wanted).
+// One row. ce/kd/t are the row's inputs in acc_t (ce is unused, and may be nullptr, for an unlabelled row); g_ce/g_kd
+// receive the unweighted gradients (nullptr: not wanted) and may be ce/kd themselves.
 template <typename acc_t>
 RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_t label, const LossParams& p,
                         acc_t* g_ce, acc_t* g_kd, RowScratch<acc_t>& scratch) {
@@ -146,25 +147,27 @@ RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_
 
   rm::SoftmaxStat<acc_t> ce_stat = rm::softmax_empty<acc_t>();
   rm::KlStat<acc_t> kl_stat = rm::kl_empty<acc_t>();
-  acc_t ce_logit_sum = 0;
+  acc_t ce_logit_sum = 0, target_logit = 0;
   acc_t* bmax = scratch.block_max.data();
 
   // Pass 1: each input element is read from memory once; the block's running maxima are recorded so the exps
-  // stored now can be rescaled to the row's final maxima in pass 2.
+  // stored now can be rescaled to the row's final maxima in pass 2. Every read of a block precedes the exps written
+  // over it, as the gradients may overwrite the logits.
   for (int64_t b0 = 0, blk = 0; b0 < C; b0 += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, C - b0);
     if (do_ce) {
       const acc_t m = rm::nan_max(ce_stat.max, block_max(ce + b0, n, acc_t(1)));
+      if (p.label_smoothing != 0) ce_logit_sum += block_sum(ce + b0, n);
+      if (label >= b0 && label < b0 + n) target_logit = ce[label];
       const acc_t s = block_exp(ce + b0, n, acc_t(1), m, g_ce ? g_ce + b0 : nullptr);
       ce_stat = rm::softmax_merge(ce_stat, rm::SoftmaxStat<acc_t>{m, s});
-      if (p.label_smoothing != 0) ce_logit_sum += block_sum(ce + b0, n);
       bmax[3 * blk] = m;
     }
     const acc_t ma = rm::nan_max(kl_stat.teacher.max, block_max(t + b0, n, inv_t));
     const acc_t mb = rm::nan_max(kl_stat.student.max, block_max(kd + b0, n, inv_t));
-    const acc_t sb = block_exp(kd + b0, n, inv_t, mb, g_kd ? g_kd + b0 : nullptr);
     acc_t sa, cross;
     block_kl(t + b0, kd + b0, n, inv_t, ma, mb, scratch.exp_teacher.data() + b0, sa, cross);
+    const acc_t sb = block_exp(kd + b0, n, inv_t, mb, g_kd ? g_kd + b0 : nullptr);
     kl_stat = rm::kl_merge(kl_stat, rm::KlStat<acc_t>{{ma, sa}, {mb, sb}, cross});
     bmax[3 * blk + 1] = mb;
     bmax[3 * blk + 2] = ma;
@@ -175,7 +178,7 @@ RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_
   result.kl = double(rm::kl_value(kl_stat));
   if (do_ce) {
     const acc_t lse = rm::logsumexp(ce_stat);
-    result.ce = double(rm::cross_entropy_value(lse, ce[label], ce_logit_sum, acc_t(p.label_smoothing), C));
+    result.ce = double(rm::cross_entropy_value(lse, target_logit, ce_logit_sum, acc_t(p.label_smoothing), C));
   }
 
   // Pass 2: finalise the gradients in place (rows are cache-resident by now).
@@ -208,43 +211,46 @@ RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_
 }
 
 template <typename scalar_t>
-void dual_head_loss_rows(const scalar_t* ce, const scalar_t* kd, const scalar_t* t, const int64_t* labels,
-                         scalar_t* g_ce, scalar_t* g_kd, const LossParams& p, double* row_ce, double* row_kl,
-                         int* row_status) {
+void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
   const int64_t C = p.num_classes;
   // Rows per task: enough work per task to amortise the scratch allocation.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-  at::parallel_for(0, p.num_rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, io.rows, grain, [&](int64_t begin, int64_t end) {
     RowScratch<acc_t> scratch(C, convert);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t off = i * C;
-      const acc_t *ce_row, *kd_row, *t_row;
+      const int64_t ce_i = io.ce_row ? io.ce_row[i] : i;
+      // A row without CE logits has no CE gradient row either; with ce_row == nullptr every row has both.
+      const scalar_t* ce_in = ce_i >= 0 ? io.ce + ce_i * C : nullptr;
+      scalar_t* g_ce_out = io.g_ce && ce_i >= 0 ? io.g_ce + ce_i * C : nullptr;
+      scalar_t* g_kd_out = io.g_kd ? io.g_kd + off : nullptr;
+      const acc_t *ce_row = nullptr, *kd_row, *t_row;
       acc_t *gce_row = nullptr, *gkd_row = nullptr;
       if constexpr (convert) {
-        at::vec::convert(ce + off, scratch.ce.data(), C);
-        at::vec::convert(kd + off, scratch.kd.data(), C);
-        at::vec::convert(t + off, scratch.teacher.data(), C);
-        ce_row = scratch.ce.data();
+        if (ce_in) at::vec::convert(ce_in, scratch.ce.data(), C);
+        at::vec::convert(io.kd + off, scratch.kd.data(), C);
+        at::vec::convert(io.teacher + off, scratch.teacher.data(), C);
+        ce_row = ce_in ? scratch.ce.data() : nullptr;
         kd_row = scratch.kd.data();
         t_row = scratch.teacher.data();
-        if (g_ce) gce_row = scratch.exp_ce.data();
-        if (g_kd) gkd_row = scratch.exp_kd.data();
+        if (g_ce_out) gce_row = scratch.exp_ce.data();
+        if (g_kd_out) gkd_row = scratch.exp_kd.data();
       } else {
-        ce_row = ce + off;
-        kd_row = kd + off;
-        t_row = t + off;
-        if (g_ce) gce_row = g_ce + off;
-        if (g_kd) gkd_row = g_kd + off;
+        ce_row = ce_in;
+        kd_row = io.kd + off;
+        t_row = io.teacher + off;
+        gce_row = g_ce_out;
+        gkd_row = g_kd_out;
       }
-      const RowResult r = dual_head_row<acc_t>(ce_row, kd_row, t_row, labels[i], p, gce_row, gkd_row, scratch);
-      row_ce[i] = r.ce;
-      row_kl[i] = r.kl;
-      row_status[i] = r.teacher_status;
+      const RowResult r = dual_head_row<acc_t>(ce_row, kd_row, t_row, io.labels[i], p, gce_row, gkd_row, scratch);
+      io.row_ce[i] = r.ce;
+      io.row_kl[i] = r.kl;
+      io.row_status[i] = r.teacher_status;
       if constexpr (convert) {
-        if (g_ce) at::vec::convert(gce_row, g_ce + off, C);
-        if (g_kd) at::vec::convert(gkd_row, g_kd + off, C);
+        if (g_ce_out) at::vec::convert(gce_row, g_ce_out, C);
+        if (g_kd_out) at::vec::convert(gkd_row, g_kd_out, C);
       }
     }
   });

@@ -1,4 +1,5 @@
-// What the per-instruction-set CPU kernels export to the op implementation (dual_head_loss.cpp).
+// What the per-instruction-set CPU kernels export to the op implementations (dual_head_loss.cpp and
+// dual_head_loss_chunk.cpp, through kernel_dispatch.h).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -9,6 +10,8 @@
 namespace dho_fast {
 namespace cpu {
 
+// The batch the loss is defined over: num_rows and num_labelled set every row's weight (row_math::row_weights),
+// also when a kernel call processes only a chunk of the batch's rows.
 struct LossParams {
   int64_t num_rows;
   int64_t num_classes;
@@ -19,14 +22,30 @@ struct LossParams {
   bool kd_split;
 };
 
-// Computes per-row CE and KL values, teacher-row status codes (row_math::TeacherRowStatus) and, where the
-// pointers are non-null, the unweighted gradients of ce_term and kd_term. Labels must already be validated.
-#define DHO_FAST_DECLARE_ROWS(NS)                                                                               \
-  namespace NS {                                                                                                \
-  template <typename scalar_t>                                                                                  \
-  void dual_head_loss_rows(const scalar_t* ce, const scalar_t* kd, const scalar_t* t, const int64_t* labels,     \
-                           scalar_t* g_ce, scalar_t* g_kd, const LossParams& p, double* row_ce, double* row_kl, \
-                           int* row_status);                                                                    \
+// The rows one kernel call processes (the whole batch, or a chunk of it), each of num_classes columns.
+template <typename scalar_t>
+struct RowsIO {
+  int64_t rows;
+  // CE-head logits: row i's are row ce_row[i] of ce; ce_row[i] = -1 for a row without CE logits, which must be
+  // unlabelled. ce_row == nullptr: row i's are row i, and g_ce's rows of unlabelled rows are set to 0.
+  const scalar_t* ce;
+  const int64_t* ce_row;
+  const scalar_t* kd;       // (rows, C)
+  const scalar_t* teacher;  // (rows, C)
+  const int64_t* labels;    // (rows,), already validated
+  // Unweighted gradients of ce_term and kd_term (nullptr: not wanted), laid out as ce and kd. They may be ce and
+  // kd themselves: the kernel reads a block of a row before it overwrites it.
+  scalar_t* g_ce;
+  scalar_t* g_kd;
+  double* row_ce;   // (rows,) CE of each labelled row
+  double* row_kl;   // (rows,) KL of each row
+  int* row_status;  // (rows,) row_math::TeacherRowStatus
+};
+
+#define DHO_FAST_DECLARE_ROWS(NS)                                           \
+  namespace NS {                                                            \
+  template <typename scalar_t>                                              \
+  void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p); \
   }
 
 DHO_FAST_DECLARE_ROWS(DEFAULT)

@@ -7,9 +7,7 @@ namespace dho_fast {
 namespace cpu {
 namespace CPU_CAPABILITY {
 
-#define DHO_FAST_INSTANTIATE(T)                                                                            \
-  template void dual_head_loss_rows<T>(const T*, const T*, const T*, const int64_t*, T*, T*, const LossParams&, \
-                                       double*, double*, int*);
+#define DHO_FAST_INSTANTIATE(T) template void dual_head_loss_rows<T>(const RowsIO<T>&, const LossParams&);
 DHO_FAST_INSTANTIATE(float)
 DHO_FAST_INSTANTIATE(double)
 DHO_FAST_INSTANTIATE(c10::BFloat16)

@@ -1,0 +1,58 @@
+# make demo | make test | make bench | make lint — each sets up what it needs (virtual environment, build) itself.
+
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+# This machine's pip serves these builds from local disk; elsewhere set TORCH_SPEC to the torch you want.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper script; prefer the real toolkit.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+export PATH := $(VENV)/bin:$(PATH)
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
+
+.PHONY: install test test-python test-triton test-cpp demo bench lint
+
+$(VENV)/.torch:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade "pip>=24" "setuptools>=69" wheel ninja
+	$(PY) -m pip install $(TORCH_SPEC)
+	touch $@
+
+# --no-build-isolation: build against the torch installed above instead of downloading another into a build env.
+$(VENV)/.installed: $(VENV)/.torch $(SOURCES)
+	$(PY) -m pip install --no-build-isolation -e ".[test,train]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: test-python test-triton test-cpp
+
+test-python: install
+	$(PY) -m pytest tests -m "not triton" -q
+
+# Triton kernels run on the CPU under the interpreter, which must be switched on before triton is imported.
+test-triton: install
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -m triton -q
+
+test-cpp: install
+	mkdir -p build
+	cmake -S . -B build/cmake -DPython3_EXECUTABLE=$(PY) > build/cmake-configure.log 2>&1 || (cat build/cmake-configure.log; exit 1)
+	cmake --build build/cmake -j2
+	ctest --test-dir build/cmake --output-on-failure
+
+demo: install
+	$(PY) demo/run_demo.py
+	$(PY) -m pytest bench/bench_fused_loss.py --benchmark-only -q -p no:logging \
+		--benchmark-json=build/bench-loss.json > build/bench-loss.log 2>&1 || (cat build/bench-loss.log; exit 1)
+	$(PY) bench/report.py build/bench-loss.json
+
+bench: install
+	mkdir -p bench/results
+	$(PY) -m pytest bench --benchmark-only -q --benchmark-json=bench/results/bench.json
+	$(PY) bench/report.py bench/results/bench.json --plot bench/results/bench.png
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .

@@ -1,0 +1,64 @@
+// CPU implementation of dho_fast::dual_head_loss_chunk: the row kernel of dual_head_loss run over one chunk of a
+// batch's rows, with the batch's row counts, writing the logit gradients over the logits.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "../op_checks.h"
+#include "kernel_dispatch.h"
+
+namespace dho_fast {
+namespace cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logits, at::Tensor& kd_logits,
+                                                            const at::Tensor& teacher_logits, const at::Tensor& labels,
+                                                            int64_t start, int64_t num_labelled, double temperature,
+                                                            bool kd_split, int64_t ignore_index,
+                                                            double label_smoothing, bool ce_grad, bool kd_grad) {
+  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature);
+  const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1), R = kd_logits.size(0);
+  const int64_t* y = labels.const_data_ptr<int64_t>() + start;
+  std::vector<int64_t> ce_row(R);
+  const int64_t chunk_labelled = index_labelled(y, R, C, ignore_index, start, ce_row.data());
+  TORCH_CHECK(ce_logits.size(0) == chunk_labelled, "ce_logits must have one row per labelled row of the chunk (",
+              chunk_labelled, "), got ", ce_logits.size(0));
+  TORCH_CHECK(chunk_labelled <= num_labelled, "num_labelled = ", num_labelled, " is less than the chunk's ",
+              chunk_labelled, " labelled rows");
+  const LossParams p{N, C, num_labelled, ignore_index, temperature, label_smoothing, kd_split};
+
+  std::vector<double> row_ce(R), row_kl(R);
+  std::vector<int> status(R);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kd_logits.scalar_type(), "dual_head_loss_chunk_cpu", [&] {
+    scalar_t* ce = ce_logits.mutable_data_ptr<scalar_t>();
+    scalar_t* kd = kd_logits.mutable_data_ptr<scalar_t>();
+    const RowsIO<scalar_t> io{R,
+                              ce,
+                              ce_row.data(),
+                              kd,
+                              teacher_logits.const_data_ptr<scalar_t>() + start * C,
+                              y,
+                              ce_grad ? ce : nullptr,
+                              kd_grad ? kd : nullptr,
+                              row_ce.data(),
+                              row_kl.data(),
+                              status.data()};
+    run_rows(io, p);
+  });
+
+  const auto [ce_term, kd_term] = reduce_rows(y, R, start, row_ce.data(), row_kl.data(), status.data(), p);
+  const auto acc_dtype = kd_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto scalar = [&](double v) { return at::scalar_tensor(v, kd_logits.options().dtype(acc_dtype)); };
+  return {scalar(ce_term), scalar(kd_term)};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dho_fast
+
+TORCH_LIBRARY_IMPL(dho_fast, CPU, m) {
+  m.impl("dual_head_loss_chunk", &dho_fast::cpu::dual_head_loss_chunk_cpu);
+}

@@ -1,0 +1,550 @@
+// CUDA implementation of dho_fast::dual_head_loss and dho_fast::dual_head_loss_chunk (schemas: csrc/dho_fast.cpp).
+//
+// Three launches per call:
+//   count_labels_kernel (one block): the number of labelled rows, which every row's weight needs before its
+//     gradient can be written, and the first label that is neither ignore_index nor a class index;
+//   a row kernel: each row's weighted CE and KL, its teacher status and both gradients. Rows of at most
+//     32 * kLaneCols classes take one warp each and stay in registers from the statistics to the gradients (read
+//     once, written once); wider rows take one block each and are read a second time for the gradients, mostly
+//     from L2 (the block size keeps the rows in flight well inside L2);
+//   reduce_rows_kernel (one block): the loss terms, summed in a fixed order (deterministic), and the first bad
+//     teacher row.
+// Loads and stores are 16-byte vectors wherever a row starts 16-byte aligned, scalar otherwise (same columns per
+// thread). Statistics are float32 (float64 for float64 input); the per-row arithmetic is csrc/row_fold.h, which
+// tests/cpp/test_row_fold.cpp runs on the CPU. Value errors are flagged on the device and raised after one
+// device-to-host copy of four integers: each call synchronises its stream once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "../op_checks.h"
+#include "../row_fold.h"
+
+namespace dho_fast {
+namespace cuda {
+namespace {
+
+namespace rm = row_math;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Elements per 16-byte vector.
+template <typename scalar_t>
+constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+
+template <typename scalar_t>
+struct alignas(16) Pack {
+  scalar_t v[kVec<scalar_t>];
+};
+
+// Columns per lane in the warp-per-row kernel, held in registers for three tensors: rows of up to 1024 classes
+// (ImageNet-1k) for 2- and 4-byte types; half as many for double, whose registers count twice.
+template <typename scalar_t>
+constexpr int kLaneCols = sizeof(scalar_t) == 8 ? 16 : 32;
+// Block-per-row kernel: columns per thread and step (whole 16-byte vectors) and threads per block, so that a thread
+// fits its registers without spilling (64 at 1024 threads; double needs more).
+template <typename scalar_t>
+constexpr int kStepCols = sizeof(scalar_t) == 8 ? 4 : 8;
+template <typename scalar_t>
+constexpr int kMaxRowThreads = sizeof(scalar_t) == 8 ? 512 : 1024;
+constexpr int kWarpRowsPerBlock = 4;
+constexpr int kReduceThreads = 512;
+
+template <typename scalar_t>
+struct RowsArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* ce;       // CE-head logits: row r's are row ce_row[r] of ce (ce_row == nullptr: row r)
+  const int64_t* ce_row;    // -1: row r has none (it is unlabelled)
+  int64_t ce_rows;          // rows of ce, to keep a bad ce_row in bounds until it is reported
+  const scalar_t* kd;       // (rows, C)
+  const scalar_t* teacher;  // (rows, C)
+  const int64_t* labels;    // (rows,)
+  scalar_t* g_ce;           // laid out as ce (nullptr: not wanted); may be ce itself
+  scalar_t* g_kd;           // laid out as kd (nullptr: not wanted); may be kd itself
+  acc_t* row_ce;            // (rows,) weighted CE, 0 for rows without a CE head
+  acc_t* row_kl;            // (rows,) weighted KL
+  int* status;              // (rows,) row_math::TeacherRowStatus
+  const int64_t* num_labelled_dev;  // the batch's labelled rows as counted on the device; nullptr: num_labelled
+  int64_t num_labelled;
+  int64_t rows, cols, batch_rows, ignore_index;
+  acc_t temperature, inv_t, eps;
+  bool kd_split;
+};
+
+// One row's pointers (nullptr: absent), whether each starts 16-byte aligned, its label and weights.
+template <typename scalar_t>
+struct Row {
+  const scalar_t *ce, *kd, *t;
+  scalar_t *g_ce, *g_kd;
+  bool ce_vec, kd_vec, t_vec, g_ce_vec, g_kd_vec;
+  int64_t label;
+  rm::RowWeights<acc_type<scalar_t>> w;
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ Row<scalar_t> row_of(const RowsArgs<scalar_t>& p, int64_t r) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t C = p.cols, label = p.labels[r];
+  const int64_t ce_i = p.ce_row ? p.ce_row[r] : r;
+  const bool labelled = label != p.ignore_index;
+  // A bad label or CE row is reported after the kernel; until then it must not index memory.
+  const bool do_ce = labelled && label >= 0 && label < C && ce_i >= 0 && ce_i < p.ce_rows;
+  // Unlabelled rows get a zero CE-gradient row, except in the chunk op, where they have none.
+  const bool g_ce_row = p.g_ce != nullptr && (p.ce_row == nullptr || do_ce);
+  const int64_t n_lab = p.num_labelled_dev ? *p.num_labelled_dev : p.num_labelled;
+  Row<scalar_t> row;
+  row.ce = do_ce ? p.ce + ce_i * C : nullptr;
+  row.kd = p.kd + r * C;
+  row.t = p.teacher + r * C;
+  row.g_ce = g_ce_row ? p.g_ce + ce_i * C : nullptr;
+  row.g_kd = p.g_kd ? p.g_kd + r * C : nullptr;
+  row.ce_vec = aligned16(row.ce);
+  row.kd_vec = aligned16(row.kd);
+  row.t_vec = aligned16(row.t);
+  row.g_ce_vec = aligned16(row.g_ce);
+  row.g_kd_vec = aligned16(row.g_kd);
+  row.label = label;
+  row.w = rm::row_weights<acc_t>(labelled, n_lab, p.batch_rows, p.kd_split, p.temperature);
+  return row;
+}
+
+// Columns [col, col + E) of a row times `scale` into out (E a multiple of the vector width); -inf past the end
+// of the row, and everywhere for a row that is nullptr.
+template <int E, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_cols(const scalar_t* row, bool vec, int64_t col, int64_t C, acc_t scale,
+                                          acc_t* out) {
+  constexpr int V = kVec<scalar_t>;
+  static_assert(E % V == 0, "E must be whole vectors");
+#pragma unroll
+  for (int g = 0; g < E; g += V) {
+    if (row != nullptr && vec && col + g + V <= C) {
+      const Pack<scalar_t> pack = *reinterpret_cast<const Pack<scalar_t>*>(row + col + g);
+#pragma unroll
+      for (int j = 0; j < V; ++j) out[g + j] = static_cast<acc_t>(pack.v[j]) * scale;
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const bool inside = row != nullptr && col + g + j < C;
+        out[g + j] = inside ? static_cast<acc_t>(row[col + g + j]) * scale : rm::neg_inf<acc_t>();
+      }
+    }
+  }
+}
+
+template <int E, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_cols(scalar_t* row, bool vec, int64_t col, int64_t C, const acc_t* v) {
+  constexpr int V = kVec<scalar_t>;
+#pragma unroll
+  for (int g = 0; g < E; g += V) {
+    if (vec && col + g + V <= C) {
+      Pack<scalar_t> pack;
+#pragma unroll
+      for (int j = 0; j < V; ++j) pack.v[j] = static_cast<scalar_t>(v[g + j]);
+      *reinterpret_cast<Pack<scalar_t>*>(row + col + g) = pack;
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        if (col + g + j < C) row[col + g + j] = static_cast<scalar_t>(v[g + j]);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ rm::RowStat<T> shfl_xor(const rm::RowStat<T>& s, int mask) {
+  constexpr unsigned kAll = 0xffffffffu;
+  return {{__shfl_xor_sync(kAll, s.ce.max, mask), __shfl_xor_sync(kAll, s.ce.sum, mask)},
+          {{__shfl_xor_sync(kAll, s.kl.teacher.max, mask), __shfl_xor_sync(kAll, s.kl.teacher.sum, mask)},
+           {__shfl_xor_sync(kAll, s.kl.student.max, mask), __shfl_xor_sync(kAll, s.kl.student.sum, mask)},
+           __shfl_xor_sync(kAll, s.kl.cross, mask)},
+          __shfl_xor_sync(kAll, s.ce_sum, mask),
+          __shfl_xor_sync(kAll, s.target, mask)};
+}
+
+// Butterfly: row_merge is commutative bit for bit, so every lane ends with the same statistic.
+template <typename T>
+__device__ __forceinline__ rm::RowStat<T> warp_merge(rm::RowStat<T> s) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) s = rm::row_merge(s, shfl_xor(s, mask));
+  return s;
+}
+
+// The whole block's statistic, for every thread: warps merge, then warp 0 merges the warps' results.
+template <typename T>
+__device__ rm::RowStat<T> block_merge(rm::RowStat<T> s, rm::RowStat<T>* partial) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  s = warp_merge(s);
+  if (lane == 0) partial[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = warp_merge(lane < blockDim.x / 32 ? partial[lane] : rm::row_empty<T>());
+    if (lane == 0) partial[0] = s;
+  }
+  __syncthreads();
+  return partial[0];
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_row_values(const RowsArgs<scalar_t>& p, int64_t r, const Row<scalar_t>& row,
+                                                 const rm::RowStat<acc_t>& s) {
+  const rm::RowValues<acc_t> v = rm::row_values(s, p.eps, p.cols, row.ce != nullptr);
+  p.row_ce[r] = row.ce ? row.w.ce * v.ce : acc_t(0);
+  p.row_kl[r] = row.w.kd * v.kl;
+  p.status[r] = v.status;
+}
+
+// Gradients of E columns starting at col from their inputs (x, a, b as loaded), into the rows' gradient rows.
+template <int E, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_grads(const Row<scalar_t>& row, int64_t col, int64_t C, const acc_t* x,
+                                            const acc_t* a, const acc_t* b, int target_slot,
+                                            const rm::GradScales<acc_t>& g) {
+  acc_t out[E];
+  if (row.g_ce) {
+#pragma unroll
+    for (int j = 0; j < E; ++j) out[j] = row.ce ? rm::ce_grad(x[j], j == target_slot, g) : acc_t(0);
+    store_cols<E>(row.g_ce, row.g_ce_vec, col, C, out);
+  }
+  if (row.g_kd) {
+#pragma unroll
+    for (int j = 0; j < E; ++j) out[j] = rm::kd_grad(a[j], b[j], g);
+    store_cols<E>(row.g_kd, row.g_kd_vec, col, C, out);
+  }
+}
+
+// One warp per row; lane l holds the vectors l, l + 32, ... of the row in registers.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kWarpRowsPerBlock * 32) warp_rows_kernel(const RowsArgs<scalar_t> p) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int V = kVec<scalar_t>, E = kLaneCols<scalar_t>, K = E / V;
+  const int lane = threadIdx.x % 32;
+  const int64_t r = int64_t(blockIdx.x) * kWarpRowsPerBlock + threadIdx.x / 32;
+  if (r >= p.rows) return;  // the whole warp: rows are warp-uniform
+  const Row<scalar_t> row = row_of(p, r);
+  const int64_t C = p.cols;
+  acc_t x[E], a[E], b[E];
+  uint32_t valid = 0;
+  int target_slot = -1;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t col = int64_t(lane + 32 * k) * V;
+    load_cols<V>(row.ce, row.ce_vec, col, C, acc_t(1), x + k * V);
+    load_cols<V>(row.t, row.t_vec, col, C, p.inv_t, a + k * V);
+    load_cols<V>(row.kd, row.kd_vec, col, C, p.inv_t, b + k * V);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (col + j < C) valid |= 1u << (k * V + j);
+      if (col + j == row.label) target_slot = k * V + j;
+    }
+  }
+  rm::RowStat<acc_t> s = rm::row_fold(rm::row_empty<acc_t>(), x, a, b, valid, target_slot, row.ce != nullptr);
+  s = warp_merge(s);
+  if (lane == 0) write_row_values(p, r, row, s);
+  if (!row.g_ce && !row.g_kd) return;
+  const rm::GradScales<acc_t> g = rm::grad_scales(s, row.w, p.eps, C, p.inv_t);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int slot = target_slot - k * V;  // the label's slot within this vector, if it is here
+    store_grads<V>(row, int64_t(lane + 32 * k) * V, C, x + k * V, a + k * V, b + k * V, slot, g);
+  }
+}
+
+// One block per row, in steps of kStepCols consecutive columns per thread; the gradients re-read the row.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxRowThreads<scalar_t>) block_rows_kernel(const RowsArgs<scalar_t> p) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int E = kStepCols<scalar_t>;
+  __shared__ rm::RowStat<acc_t> partial[32];
+  const int64_t r = blockIdx.x, C = p.cols;
+  const int64_t first = int64_t(threadIdx.x) * E, step = int64_t(blockDim.x) * E;
+  const Row<scalar_t> row = row_of(p, r);
+  rm::RowStat<acc_t> s = rm::row_empty<acc_t>();
+  for (int64_t col = first; col < C; col += step) {
+    acc_t x[E], a[E], b[E];
+    load_cols<E>(row.ce, row.ce_vec, col, C, acc_t(1), x);
+    load_cols<E>(row.t, row.t_vec, col, C, p.inv_t, a);
+    load_cols<E>(row.kd, row.kd_vec, col, C, p.inv_t, b);
+    uint32_t valid = 0;
+#pragma unroll
+    for (int j = 0; j < E; ++j) valid |= (col + j < C ? 1u : 0u) << j;
+    const int64_t target = row.label - col;
+    s = rm::row_fold(s, x, a, b, valid, target >= 0 && target < E ? int(target) : -1, row.ce != nullptr);
+  }
+  s = block_merge(s, partial);
+  if (threadIdx.x == 0) write_row_values(p, r, row, s);
+  if (!row.g_ce && !row.g_kd) return;
+  const rm::GradScales<acc_t> g = rm::grad_scales(s, row.w, p.eps, C, p.inv_t);
+  // Same columns per thread as above: with the gradients written over the logits (chunk op), every element is
+  // read by the thread that overwrites it, before it does.
+  for (int64_t col = first; col < C; col += step) {
+    acc_t x[E], a[E], b[E];
+    load_cols<E>(row.ce, row.ce_vec, col, C, acc_t(1), x);
+    load_cols<E>(row.t, row.t_vec, col, C, p.inv_t, a);
+    load_cols<E>(row.kd, row.kd_vec, col, C, p.inv_t, b);
+    const int64_t target = row.label - col;
+    store_grads<E>(row, col, C, x, a, b, target >= 0 && target < E ? int(target) : -1, g);
+  }
+}
+
+// A reduction over one block in a fixed order: the same inputs give the same result on every run.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, Op op, T* scratch) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, mask));
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < int(blockDim.x / 32); ++w) v = op(v, scratch[w]);
+  __syncthreads();  // scratch may be reused
+  return v;
+}
+
+struct Sum {
+  template <typename T>
+  __device__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+struct Min {
+  template <typename T>
+  __device__ T operator()(T a, T b) const {
+    return a < b ? a : b;
+  }
+};
+
+// info[0] = labels[0, n) that are not ignore_index; info[1] = the first that is not a class index either (n: none).
+__global__ void __launch_bounds__(kReduceThreads)
+    count_labels_kernel(const int64_t* labels, int64_t n, int64_t num_classes, int64_t ignore_index, int64_t* info) {
+  __shared__ long long scratch[32];
+  long long count = 0, first_bad = n;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const int64_t y = labels[i];
+    if (y == ignore_index) continue;
+    ++count;
+    if ((y < 0 || y >= num_classes) && i < first_bad) first_bad = i;
+  }
+  count = block_reduce(count, Sum{}, scratch);
+  first_bad = block_reduce(first_bad, Min{}, scratch);
+  if (threadIdx.x == 0) {
+    info[0] = count;
+    info[1] = first_bad;
+  }
+}
+
+// The loss terms from the weighted row values (in double), and info[2] = the first row with a bad teacher status
+// (n: none), info[3] = that status. loss == nullptr: not wanted.
+template <typename acc_t>
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_rows_kernel(const acc_t* row_ce, const acc_t* row_kl, const int* status, int64_t n, double ce_weight,
+                       double kd_weight, acc_t* loss, acc_t* ce_term, acc_t* kd_term, int64_t* info) {
+  __shared__ double sums[32];
+  __shared__ long long rows[32];
+  double ce = 0, kd = 0;
+  long long first_bad = n;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    ce += row_ce[i];
+    kd += row_kl[i];
+    if (status[i] != rm::kTeacherOk && i < first_bad) first_bad = i;
+  }
+  ce = block_reduce(ce, Sum{}, sums);
+  kd = block_reduce(kd, Sum{}, sums);
+  first_bad = block_reduce(first_bad, Min{}, rows);
+  if (threadIdx.x == 0) {
+    *ce_term = acc_t(ce);
+    *kd_term = acc_t(kd);
+    if (loss) *loss = acc_t(ce_weight * ce + kd_weight * kd);
+    info[2] = first_bad;
+    info[3] = first_bad < n ? status[first_bad] : rm::kTeacherOk;
+  }
+}
+
+template <typename scalar_t>
+void launch_rows(const RowsArgs<scalar_t>& p, cudaStream_t stream) {
+  if (p.rows == 0) return;
+  if (p.cols <= 32 * kLaneCols<scalar_t>) {
+    const int64_t blocks = (p.rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock;
+    warp_rows_kernel<scalar_t><<<blocks, kWarpRowsPerBlock * 32, 0, stream>>>(p);
+  } else {
+    // One step per thread where the row allows: a block then has its whole row in flight at once, and the rows in
+    // flight across the GPU (at most 2048 threads x 8 columns x 3 tensors per SM) stay in L2 for the second read.
+    const int64_t steps = (p.cols + kStepCols<scalar_t> - 1) / kStepCols<scalar_t>;
+    const int threads = int(std::clamp<int64_t>((steps + 31) / 32 * 32, 128, kMaxRowThreads<scalar_t>));
+    block_rows_kernel<scalar_t><<<p.rows, threads, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+void launch_reduce(const at::Tensor& row_ce, const at::Tensor& row_kl, const at::Tensor& status, double ce_weight,
+                   double kd_weight, at::Tensor* loss, at::Tensor& ce_term, at::Tensor& kd_term, at::Tensor& info,
+                   cudaStream_t stream) {
+  reduce_rows_kernel<acc_t><<<1, kReduceThreads, 0, stream>>>(
+      row_ce.const_data_ptr<acc_t>(), row_kl.const_data_ptr<acc_t>(), status.const_data_ptr<int>(), row_ce.size(0),
+      ce_weight, kd_weight, loss ? loss->mutable_data_ptr<acc_t>() : nullptr, ce_term.mutable_data_ptr<acc_t>(),
+      kd_term.mutable_data_ptr<acc_t>(), info.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_count(const at::Tensor& labels, int64_t num_classes, int64_t ignore_index, at::Tensor& info,
+                  cudaStream_t stream) {
+  count_labels_kernel<<<1, kReduceThreads, 0, stream>>>(labels.const_data_ptr<int64_t>(), labels.size(0),
+                                                         num_classes, ignore_index, info.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Raises the first error the kernels flagged in info for `labels`, rows first_row, ... of the batch; returns the
+// number of labelled rows. The copy to the host is the op's one synchronisation.
+int64_t raise_flagged_errors(const at::Tensor& info, const at::Tensor& labels, int64_t first_row, int64_t num_classes,
+                             int64_t ignore_index) {
+  const at::Tensor host = info.to(at::kCPU);
+  const int64_t* v = host.const_data_ptr<int64_t>();
+  const int64_t n = labels.size(0);
+  if (v[1] < n) check_label(first_row + v[1], labels[v[1]].item<int64_t>(), num_classes, ignore_index);
+  if (v[2] < n) check_teacher_row(first_row + v[2], int(v[3]));
+  return v[0];
+}
+
+void check_device(const char* name, const at::Tensor& x, const at::Tensor& ref) {
+  TORCH_CHECK(x.device() == ref.device(), name, " must be on ", ref.device(), " (as the logits), got ", x.device());
+}
+
+at::Tensor gradient_buffer(const at::Tensor& x, bool wanted) {
+  if (!wanted) return at::empty({0}, x.options());
+  at::Tensor g = at::empty_like(x);
+  // Tests poison the outputs so that an element the kernel fails to write shows up as NaN.
+  if (std::getenv("DHO_FAST_POISON_OUTPUTS")) g.fill_(std::numeric_limits<double>::quiet_NaN());
+  return g;
+}
+
+template <typename scalar_t>
+RowsArgs<scalar_t> rows_args(int64_t rows, int64_t cols, int64_t batch_rows, int64_t ignore_index,
+                             double temperature, double label_smoothing, bool kd_split) {
+  using acc_t = acc_type<scalar_t>;
+  RowsArgs<scalar_t> p{};
+  p.rows = rows;
+  p.cols = cols;
+  p.batch_rows = batch_rows;
+  p.ignore_index = ignore_index;
+  p.temperature = acc_t(temperature);
+  p.inv_t = acc_t(1) / acc_t(temperature);
+  p.eps = acc_t(label_smoothing);
+  p.kd_split = kd_split;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head_loss_cuda(
+    const at::Tensor& ce_logits, const at::Tensor& kd_logits, const at::Tensor& teacher_logits,
+    const at::Tensor& labels, double temperature, double ce_weight, double kd_weight, bool kd_split,
+    int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad) {
+  check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature);
+  check_device("kd_logits", kd_logits, ce_logits);
+  check_device("teacher_logits", teacher_logits, ce_logits);
+  check_device("labels", labels, ce_logits);
+  const c10::cuda::CUDAGuard guard(ce_logits.device());
+  const at::Tensor ce = ce_logits.contiguous(), kd = kd_logits.contiguous(), t = teacher_logits.contiguous();
+  const at::Tensor y = labels.contiguous();
+  const int64_t N = ce.size(0), C = ce.size(1);
+  const auto acc = ce.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = ce.options();
+  at::Tensor info = at::empty({4}, opts.dtype(at::kLong));
+  const at::Tensor row_ce = at::empty({N}, opts.dtype(acc)), row_kl = at::empty({N}, opts.dtype(acc));
+  const at::Tensor status = at::empty({N}, opts.dtype(at::kInt));
+  at::Tensor g_ce = gradient_buffer(ce, ce_grad), g_kd = gradient_buffer(kd, kd_grad);
+  at::Tensor loss = at::empty({}, opts.dtype(acc)), ce_term = at::empty({}, opts.dtype(acc)),
+             kd_term = at::empty({}, opts.dtype(acc));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  launch_count(y, C, ignore_index, info, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ce.scalar_type(), "dual_head_loss_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    RowsArgs<scalar_t> p = rows_args<scalar_t>(N, C, N, ignore_index, temperature, label_smoothing, kd_split);
+    p.ce = ce.const_data_ptr<scalar_t>();
+    p.ce_rows = N;
+    p.kd = kd.const_data_ptr<scalar_t>();
+    p.teacher = t.const_data_ptr<scalar_t>();
+    p.labels = y.const_data_ptr<int64_t>();
+    p.g_ce = ce_grad ? g_ce.mutable_data_ptr<scalar_t>() : nullptr;
+    p.g_kd = kd_grad ? g_kd.mutable_data_ptr<scalar_t>() : nullptr;
+    p.row_ce = row_ce.mutable_data_ptr<acc_t>();
+    p.row_kl = row_kl.mutable_data_ptr<acc_t>();
+    p.status = status.mutable_data_ptr<int>();
+    p.num_labelled_dev = info.const_data_ptr<int64_t>();
+    launch_rows(p, stream);
+    launch_reduce<acc_t>(row_ce, row_kl, status, ce_weight, kd_weight, &loss, ce_term, kd_term, info, stream);
+  });
+  raise_flagged_errors(info, y, 0, C, ignore_index);
+  return {loss, ce_term, kd_term, g_ce, g_kd};
+}
+
+std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logits, at::Tensor& kd_logits,
+                                                             const at::Tensor& teacher_logits,
+                                                             const at::Tensor& labels, int64_t start,
+                                                             int64_t num_labelled, double temperature, bool kd_split,
+                                                             int64_t ignore_index, double label_smoothing,
+                                                             bool ce_grad, bool kd_grad) {
+  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature);
+  check_device("ce_logits", ce_logits, kd_logits);
+  check_device("teacher_logits", teacher_logits, kd_logits);
+  check_device("labels", labels, kd_logits);
+  const c10::cuda::CUDAGuard guard(kd_logits.device());
+  const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1), R = kd_logits.size(0);
+  const at::Tensor y = labels.narrow(0, start, R), t = teacher_logits.narrow(0, start, R);
+  // Row r's CE logits are row (number of labelled rows before r) of ce_logits.
+  const at::Tensor labelled = y.ne(ignore_index);
+  const at::Tensor ce_row = labelled.cumsum(0).sub_(1).masked_fill_(labelled.logical_not(), -1);
+  const auto acc = kd_logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = kd_logits.options();
+  at::Tensor info = at::empty({4}, opts.dtype(at::kLong));
+  const at::Tensor row_ce = at::empty({R}, opts.dtype(acc)), row_kl = at::empty({R}, opts.dtype(acc));
+  const at::Tensor status = at::empty({R}, opts.dtype(at::kInt));
+  at::Tensor ce_term = at::empty({}, opts.dtype(acc)), kd_term = at::empty({}, opts.dtype(acc));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  launch_count(y, C, ignore_index, info, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kd_logits.scalar_type(), "dual_head_loss_chunk_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    RowsArgs<scalar_t> p = rows_args<scalar_t>(R, C, N, ignore_index, temperature, label_smoothing, kd_split);
+    p.ce = ce_logits.const_data_ptr<scalar_t>();
+    p.ce_row = ce_row.const_data_ptr<int64_t>();
+    p.ce_rows = ce_logits.size(0);
+    p.kd = kd_logits.const_data_ptr<scalar_t>();
+    p.teacher = t.const_data_ptr<scalar_t>();
+    p.labels = y.const_data_ptr<int64_t>();
+    p.g_ce = ce_grad ? ce_logits.mutable_data_ptr<scalar_t>() : nullptr;
+    p.g_kd = kd_grad ? kd_logits.mutable_data_ptr<scalar_t>() : nullptr;
+    p.row_ce = row_ce.mutable_data_ptr<acc_t>();
+    p.row_kl = row_kl.mutable_data_ptr<acc_t>();
+    p.status = status.mutable_data_ptr<int>();
+    p.num_labelled = num_labelled;
+    launch_rows(p, stream);
+    launch_reduce<acc_t>(row_ce, row_kl, status, 0, 0, nullptr, ce_term, kd_term, info, stream);
+  });
+  const int64_t chunk_labelled = raise_flagged_errors(info, y, start, C, ignore_index);
+  TORCH_CHECK(ce_logits.size(0) == chunk_labelled, "ce_logits must have one row per labelled row of the chunk (",
+              chunk_labelled, "), got ", ce_logits.size(0));
+  TORCH_CHECK(chunk_labelled <= num_labelled, "num_labelled = ", num_labelled, " is less than the chunk's ",
+              chunk_labelled, " labelled rows");
+  return {ce_term, kd_term};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace dho_fast
+
+TORCH_LIBRARY_IMPL(dho_fast, CUDA, m) {
+  m.impl("dual_head_loss", &dho_fast::cuda::dual_head_loss_cuda);
+  m.impl("dual_head_loss_chunk", &dho_fast::cuda::dual_head_loss_chunk_cuda);
+}

@@ -1,0 +1,152 @@
+"""Builds a run's pieces from its :class:`~dho_fast.config.TrainConfig`: data splits, datasets, teacher, student."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dho_fast.config import TrainConfig
+from dho_fast.data import (
+    DatasetSplits,
+    ImageDataset,
+    Sample,
+    class_balanced_indices,
+    complement,
+    k_shot_indices,
+    load_classnames,
+    load_coop_splits,
+    load_image_folder_splits,
+)
+from dho_fast.students import Student, build_student
+from dho_fast.teacher import (
+    ClipTeacher,
+    LogitsTeacher,
+    TipAdapterHead,
+    ZeroShotHead,
+    class_text_embeddings,
+    create_open_clip,
+    prompt_templates,
+)
+from dho_fast.transforms import PairedTransform
+
+
+@dataclass
+class RunData:
+    """The splits, the prompt class names, and the labelled / unlabelled int64 indices into ``splits.train``."""
+
+    splits: DatasetSplits
+    classnames: list[str]
+    labelled: np.ndarray
+    unlabelled: np.ndarray
+
+
+def build_data(config: TrainConfig) -> RunData:
+    """Reads the splits and selects the labelled set (the rest of the train pool is unlabelled)."""
+    if config.data_format == "imagefolder":
+        splits = load_image_folder_splits(config.train_dir, config.val_dir, config.test_dir)
+    else:
+        splits = load_coop_splits(config.split_json, config.image_root)
+    labels = splits.train_labels()
+    if config.shots is not None:
+        labelled = k_shot_indices(labels, config.shots, config.split_seed)
+    else:
+        labelled = class_balanced_indices(
+            labels, fraction=config.labelled_fraction, num_labelled=config.num_labelled, seed=config.split_seed
+        )
+    classnames = load_classnames(config.classnames, splits.classnames)
+    return RunData(splits, classnames, labelled, complement(labelled, len(labels)))
+
+
+def teacher_precision(config: TrainConfig, device: torch.device) -> str:
+    """open_clip precision of the teacher: "auto" is fp16 on GPU (as the reference runs it), fp32 on CPU."""
+    if config.teacher_precision != "auto":
+        return config.teacher_precision
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def build_teacher(config: TrainConfig, classnames: Sequence[str], num_train: int, device: torch.device) -> nn.Module:
+    """The teacher of ``config.teacher``: an open_clip zero-shot model with class text embeddings from the prompt
+    ensemble, a Tip-Adapter-F checkpoint on an open_clip image encoder, or a file of precomputed logits."""
+    if config.teacher == "logits":
+        return LogitsTeacher.from_file(config.teacher_logits, num_train, len(classnames)).to(device)
+    precision = teacher_precision(config, device)
+    model, tokenizer, preprocess = create_open_clip(
+        config.teacher_arch,
+        config.teacher_pretrained,
+        device=device,
+        precision=precision,
+        model_config=config.open_clip_config,
+    )
+    if config.teacher == "open_clip":
+        templates = prompt_templates(config.teacher_templates)
+        head = ZeroShotHead(class_text_embeddings(model, tokenizer, classnames, templates, device=device))
+    else:
+        state = torch.load(config.tip_adapter_checkpoint, map_location="cpu", weights_only=True)
+        head = TipAdapterHead(state)
+        if head.clip_weights.shape[1] != len(classnames):
+            raise ValueError(
+                f"tip_adapter_checkpoint has {head.clip_weights.shape[1]} classes, the dataset {len(classnames)}"
+            )
+    import open_clip
+
+    return ClipTeacher(model, head, preprocess, open_clip.get_input_dtype(precision) or torch.float32).to(device)
+
+
+def build_run_student(
+    config: TrainConfig, classnames: Sequence[str], device: torch.device, *, init_heads: bool = True
+) -> Student:
+    """The student of ``config`` with fresh heads; with ``init_heads`` an open_clip student's heads start from its
+    own class text embeddings (prompts ``student_templates``, else ``teacher_templates``), as METHOD.md's ViT
+    recipe does (a student about to load a checkpoint skips that)."""
+    student, clip_model = build_student(
+        config.student,
+        len(classnames),
+        config.method,
+        pretrained=config.student_pretrained,
+        in_channels=1 if config.image_mode == "L" else 3,
+        cnn_width=config.cnn_width,
+        kd_cosine=config.kd_cosine,
+        kd_logit_scale=config.kd_logit_scale,
+        open_clip_config=config.open_clip_config,
+        device=device,
+    )
+    if config.student_mean is not None:
+        student.mean, student.std = tuple(config.student_mean), tuple(config.student_std)
+    if clip_model is not None and init_heads:
+        import open_clip
+
+        tokenizer = open_clip.get_tokenizer(config.student.removeprefix("open_clip:"))
+        templates = prompt_templates(config.student_templates or config.teacher_templates)
+        student.init_from_text(class_text_embeddings(clip_model, tokenizer, classnames, templates, device=device))
+    return student
+
+
+def train_dataset(config: TrainConfig, samples: Sequence[Sample], student: Student, teacher: nn.Module | None):
+    """The train pool with augmentation; teacher views only for a teacher that looks at images."""
+    needs_images = teacher is not None and getattr(teacher, "needs_images", False)
+    teacher_args = {}
+    if needs_images:
+        teacher_args = dict(
+            teacher_size=config.teacher_size or teacher.input_size, teacher_mean=teacher.mean, teacher_std=teacher.std
+        )
+    transform = PairedTransform(
+        config.student_size,
+        student.mean,
+        student.std,
+        train=True,
+        scale=tuple(config.crop_scale),
+        hflip=config.hflip,
+        interpolation=config.interpolation,
+        **teacher_args,
+    )
+    return ImageDataset(samples, transform, config.image_mode)
+
+
+def eval_dataset(config: TrainConfig, samples: Sequence[Sample], student: Student) -> ImageDataset:
+    """A validation or test split: centre crop, student view only."""
+    transform = PairedTransform(
+        config.student_size, student.mean, student.std, train=False, interpolation=config.interpolation
+    )
+    return ImageDataset(samples, transform, config.image_mode)

@@ -1,0 +1,234 @@
+"""Datasets on disk (ImageFolder trees, CoOp split json files) and the labelled-set selections of METHOD.md."""
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IGNORE_INDEX = -100
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image file and its class index."""
+
+    path: str
+    label: int
+
+
+@dataclass
+class DatasetSplits:
+    """The train pool (labelled and unlabelled images are both drawn from it), validation and test sets."""
+
+    classnames: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+
+    def train_labels(self) -> np.ndarray:
+        """(len(train),) int64 class indices of the train pool."""
+        return np.array([s.label for s in self.train], dtype=np.int64)
+
+
+def scan_image_folder(root: str | Path, class_dirs: Sequence[str] | None = None) -> tuple[list[Sample], list[str]]:
+    """Images of an ImageFolder tree ``root/<class>/<image>``, sorted by class folder then file name.
+
+    Class indices follow the sorted folder names, or ``class_dirs`` when given (so val and test trees index their
+    classes like the train tree; a class folder missing from them simply has no images).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if class_dirs is None:
+        class_dirs = found
+        if not class_dirs:
+            raise ValueError(f"image folder {root} has no class subfolders")
+    else:
+        extra = sorted(set(found) - set(class_dirs))
+        if extra:
+            raise ValueError(f"image folder {root} has class folders {extra[:5]} that the train folder lacks")
+    samples = []
+    for label, name in enumerate(class_dirs):
+        # os.walk on strings: pathlib costs seconds on ImageNet-sized trees.
+        files = [
+            os.path.join(parent, f)
+            for parent, _, names in os.walk(root / name)
+            for f in names
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+        ]
+        samples.extend(Sample(path, label) for path in sorted(files))
+    if not samples:
+        raise ValueError(f"image folder {root} holds no images with extensions {IMAGE_EXTENSIONS}")
+    return samples, list(class_dirs)
+
+
+def load_image_folder_splits(
+    train_dir: str | Path, val_dir: str | Path | None = None, test_dir: str | Path | None = None
+) -> DatasetSplits:
+    """Train, val and test ImageFolder trees (ImageNet: ``train/`` and ``val/``, the latter as test set).
+
+    Class names are the train tree's folder names with underscores as spaces.
+    """
+    train, class_dirs = scan_image_folder(train_dir)
+    val = scan_image_folder(val_dir, class_dirs)[0] if val_dir else []
+    test = scan_image_folder(test_dir, class_dirs)[0] if test_dir else []
+    return DatasetSplits([d.replace("_", " ") for d in class_dirs], train, val, test)
+
+
+def load_coop_splits(split_json: str | Path, image_root: str | Path) -> DatasetSplits:
+    """A CoOp-style split file: ``{"train": [[path, label, classname], ...], "val": [...], "test": [...]}``.
+
+    Paths are relative to ``image_root``; class names come from the entries (index ``label``).
+    """
+    split_json, image_root = Path(split_json), Path(image_root)
+    if not split_json.is_file():
+        raise FileNotFoundError(f"split_json {split_json} does not exist")
+    content = json.loads(split_json.read_text())
+    missing = [k for k in ("train", "val", "test") if k not in content]
+    if missing:
+        raise ValueError(f"split_json {split_json} lacks the splits {missing}")
+    names: dict[int, str] = {}
+    splits = {}
+    for key in ("train", "val", "test"):
+        samples = []
+        for i, entry in enumerate(content[key]):
+            if not isinstance(entry, list) or len(entry) != 3:
+                raise ValueError(f"split_json {key}[{i}] must be [path, label, classname], got {entry!r}")
+            path, label, name = entry
+            if names.setdefault(int(label), name) != name:
+                raise ValueError(f"split_json gives label {label} two class names: {names[int(label)]!r} and {name!r}")
+            samples.append(Sample(str(image_root / path), int(label)))
+        splits[key] = samples
+    num_classes = max(names) + 1
+    if sorted(names) != list(range(num_classes)):
+        raise ValueError(f"split_json labels must be 0..{num_classes - 1} without gaps, got {sorted(names)[:10]}...")
+    return DatasetSplits([names[i] for i in range(num_classes)], splits["train"], splits["val"], splits["test"])
+
+
+def load_classnames(spec: str | None, default: list[str]) -> list[str]:
+    """Class names for text prompts: ``"imagenet"`` (open_clip's 1000 names), a file with one name a line, or
+    ``default`` (the dataset's own) when ``spec`` is None."""
+    if spec is None:
+        return default
+    if spec == "imagenet":
+        import open_clip
+
+        names = list(open_clip.IMAGENET_CLASSNAMES)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"classnames must be 'imagenet' or a file of names, {path} does not exist")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(names) != len(default):
+        raise ValueError(f"classnames {spec!r} gives {len(names)} names but the dataset has {len(default)} classes")
+    return names
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
+        raise ValueError(f"labels must be a 1-d array of class indices >= 0, got {labels.dtype} {labels.shape}")
+    return labels
+
+
+def k_shot_indices(labels: np.ndarray, shots: int, seed: int = 1) -> np.ndarray:
+    """``shots`` indices per class, drawn without replacement with ``numpy`` seed ``seed``; sorted int64.
+
+    A class with fewer than ``shots`` images keeps all of them (as CoOp's sampler does).
+    """
+    labels = _check_labels(labels)
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        chosen.append(members if len(members) <= shots else rng.choice(members, shots, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def class_balanced_indices(
+    labels: np.ndarray, *, fraction: float | None = None, num_labelled: int | None = None, seed: int = 13
+) -> np.ndarray:
+    """A class-balanced labelled set: every class gets ``total // C`` images and ``total % C`` classes (chosen with
+    the seed) one more, drawn without replacement; sorted int64 indices.
+
+    ``total`` is ``num_labelled`` or ``round(fraction * len(labels))``. METHOD.md's ImageNet splits are
+    ``num_labelled = 13000`` (1%, 13 per class) and ``128286`` (10%, 128 or 129 per class) with seed 13.
+    """
+    labels = _check_labels(labels)
+    if (fraction is None) == (num_labelled is None):
+        raise ValueError("give exactly one of fraction and num_labelled")
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        if fraction == 1:
+            return np.arange(len(labels), dtype=np.int64)
+        num_labelled = max(1, round(fraction * len(labels)))
+    classes = np.unique(labels)
+    if not 1 <= num_labelled <= len(labels):
+        raise ValueError(f"num_labelled must be in [1, {len(labels)}], got {num_labelled}")
+    rng = np.random.default_rng(seed)
+    per_class = np.full(len(classes), num_labelled // len(classes))
+    per_class[rng.permutation(len(classes))[: num_labelled % len(classes)]] += 1
+    chosen = []
+    for c, k in zip(classes, per_class, strict=True):
+        members = np.flatnonzero(labels == c)
+        if k > len(members):
+            raise ValueError(f"class {c} has {len(members)} images, fewer than its {k} labelled images")
+        chosen.append(rng.choice(members, k, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def complement(indices: np.ndarray, size: int) -> np.ndarray:
+    """Sorted int64 indices of ``range(size)`` that are not in ``indices`` (the unlabelled rest of the pool)."""
+    mask = np.ones(size, dtype=bool)
+    mask[indices] = False
+    return np.flatnonzero(mask).astype(np.int64)
+
+
+def pil_loader(path: str, mode: str = "RGB") -> Image.Image:
+    """Opens an image file and converts it to ``mode`` ("RGB" or "L")."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        return image.convert(mode)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images of a list of samples through a :class:`~dho_fast.transforms.PairedTransform`.
+
+    ``dataset[key]``: ``key`` is an index, or ``(index, draw_seed, labelled)`` from the training batch sampler,
+    where ``draw_seed`` seeds this draw's augmentation (so a resumed run draws the same crops) and ``labelled`` is
+    False for an unlabelled row. Returns a dict: ``"student"`` (C, H, W) float32, ``"teacher"`` (C, H', W') float32
+    when the transform makes teacher images, ``"label"`` (int64; ``IGNORE_INDEX`` when unlabelled) and ``"index"``
+    (the sample's position in the list, e.g. the row of a precomputed teacher logits file).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, image_mode: str = "RGB") -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.image_mode = image_mode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int, bool]) -> dict[str, torch.Tensor | int]:
+        index, draw_seed, labelled = key if isinstance(key, tuple) else (key, None, True)
+        sample = self.samples[index]
+        generator = None if draw_seed is None else torch.Generator().manual_seed(draw_seed)
+        student, teacher = self.transform(pil_loader(sample.path, self.image_mode), generator)
+        item: dict[str, torch.Tensor | int] = {
+            "student": student,
+            "label": sample.label if labelled else IGNORE_INDEX,
+            "index": index,
+        }
+        if teacher is not None:
+            item["teacher"] = teacher
+        return item

@@ -1,0 +1,133 @@
+"""The public fused linear dual-head loss: both heads' GEMMs and the DHO loss without materialising the logits."""
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from dho_fast import _ops, reference
+from dho_fast._validation import check_linear_loss_args
+from dho_fast.loss import resolve_backend
+
+# Devices with a kernel of the per-chunk op (on CUDA the compiled one or Triton's, whichever registered itself).
+# Computed once, at import: torch.compile cannot trace the query.
+_CHUNK_KERNEL_DEVICES = frozenset(
+    device
+    for device in ("cpu", "cuda")
+    if _ops.has_extension()
+    and torch._C._dispatch_has_kernel_for_dispatch_key("dho_fast::dual_head_loss_chunk", device.upper())
+)
+
+# Chunk rows: at least this many, so the GEMMs stay efficient on small D ...
+_MIN_CHUNK_ROWS = 128
+# ... and at most D (a chunk's logits then cost about what the weight gradients cost anyway) or this many logits
+# per head, so vocabulary-sized C keeps the chunk's buffers to tens of MB.
+_MAX_CHUNK_LOGITS = 1 << 24
+
+
+def default_chunk_size(num_rows: int, num_classes: int, in_features: int) -> int:
+    """Rows per chunk: ``min(N, max(128, min(D, 2^24 // C)))``."""
+    return max(1, min(num_rows, max(_MIN_CHUNK_ROWS, min(in_features, _MAX_CHUNK_LOGITS // num_classes))))
+
+
+def dual_head_logits(
+    features: torch.Tensor,
+    ce_weight: torch.Tensor,
+    ce_bias: torch.Tensor | None,
+    kd_weight: torch.Tensor,
+    kd_bias: torch.Tensor | None,
+    *,
+    kd_cosine: bool = False,
+    kd_logit_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N, C) logits :func:`fused_linear_dual_head_loss` never materialises, with an ordinary autograd graph:
+    ``(features @ ce_weight.T + ce_bias, kd_logit_scale * (g(features) @ kd_weight.T + kd_bias))``."""
+    kd_features = F.normalize(features, dim=1) if kd_cosine else features
+    return F.linear(features, ce_weight, ce_bias), kd_logit_scale * F.linear(kd_features, kd_weight, kd_bias)
+
+
+def fused_linear_dual_head_loss(
+    features: torch.Tensor,
+    ce_weight: torch.Tensor,
+    ce_bias: torch.Tensor | None,
+    kd_weight: torch.Tensor,
+    kd_bias: torch.Tensor | None,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    kd_cosine: bool = False,
+    kd_logit_scale: float = 1.0,
+    chunk_size: int | None = None,
+    temperature: float = 2.0,
+    ce_loss_weight: float = 0.5,
+    kd_loss_weight: float = 0.5,
+    kd_reduction: str = "split",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    return_terms: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DHO loss of two linear heads over shared features, computed in row chunks without the (N, C) logits.
+
+    The heads' logits are ``z_ce = features @ ce_weight.T + ce_bias`` and
+    ``z_kd = kd_logit_scale * (g(features) @ kd_weight.T + kd_bias)``, ``g = normalize`` (rows divided by their L2
+    norm, as ``F.normalize``) when ``kd_cosine`` else the identity; the loss is
+    :func:`dho_fast.fused_dual_head_loss` of ``(z_ce, z_kd, teacher_logits, labels)``.
+
+    Args:
+        features: (N, D) float32, float64, bfloat16 or float16.
+        ce_weight, kd_weight: (C, D) head weights; ce_bias, kd_bias: (C,) or None. Same dtype and device as
+            ``features``.
+        teacher_logits: (N, C), same dtype and device; ``-inf`` masks a class. Gets no gradient.
+        labels: (N,) int64 in ``[0, C)``, ``ignore_index`` for unlabelled rows.
+        kd_cosine: the KD head sees the L2-normalised features (METHOD.md's CLIP-student head); the gradient flows
+            through the normalisation.
+        kd_logit_scale: s > 0 multiplying the KD head's logits (100 in the CLIP-student recipe).
+        chunk_size: rows per chunk; None picks :func:`default_chunk_size`. Extra memory is O(chunk_size * C).
+        temperature, kd_reduction, ignore_index, label_smoothing, return_terms, backend: as in
+            :func:`dho_fast.fused_dual_head_loss`. Backend "reference" materialises the logits (eager PyTorch);
+            the others run the chunked op, whose per-chunk step is the kernel the device has (CPU: compiled; CUDA:
+            compiled or Triton, whichever is registered).
+        ce_loss_weight, kd_loss_weight: w_ce, w_kd >= 0 (``ce_weight`` / ``kd_weight`` of
+            ``fused_dual_head_loss``; here those names are the heads' weight matrices).
+
+    Returns:
+        ``loss = w_ce * ce_term + w_kd * kd_term`` as a float32 scalar (float64 for float64 input), or
+        ``(loss, ce_term, kd_term)`` with ``return_terms``; all differentiable.
+
+    Gradients for ``features``, both weights and both biases are computed during the forward pass, chunk by chunk
+    (``d features = dZ_ce W_ce + dZ_kd W_kd``, ``d W += dZ^T features``, weight gradients accumulated in float32 for
+    half inputs), when autograd needs them; backward only scales them.
+    """
+    check_linear_loss_args(
+        features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels, kd_logit_scale=kd_logit_scale,
+        chunk_size=chunk_size, temperature=temperature, ce_loss_weight=ce_loss_weight, kd_loss_weight=kd_loss_weight,
+        kd_reduction=kd_reduction, label_smoothing=label_smoothing,
+    )  # fmt: skip
+    name = resolve_backend(backend, features.device)
+    if name != "reference" and features.device.type not in _CHUNK_KERNEL_DEVICES:
+        warnings.warn(
+            f"dho_fast: fused_linear_dual_head_loss has no kernel for {features.device.type} tensors, using the "
+            "slower reference backend",
+            stacklevel=2,
+        )
+        name = "reference"
+    if name == "reference":
+        ce_logits, kd_logits = dual_head_logits(
+            features, ce_weight, ce_bias, kd_weight, kd_bias, kd_cosine=kd_cosine, kd_logit_scale=kd_logit_scale
+        )
+        result = reference.dual_head_loss(
+            ce_logits, kd_logits, teacher_logits, labels, temperature=temperature, ce_weight=ce_loss_weight,
+            kd_weight=kd_loss_weight, kd_reduction=kd_reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+        )  # fmt: skip
+        return result if return_terms else result[0]
+
+    n, d = features.shape
+    loss, ce_term, kd_term = torch.ops.dho_fast.fused_linear_dual_head_loss(
+        features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels, bool(kd_cosine),
+        float(kd_logit_scale), chunk_size or default_chunk_size(n, ce_weight.shape[0], d), float(temperature),
+        float(ce_loss_weight), float(kd_loss_weight), kd_reduction == "split", int(ignore_index),
+        float(label_smoothing),
+    )  # fmt: skip
+    return (loss, ce_term, kd_term) if return_terms else loss

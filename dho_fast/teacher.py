@@ -1,0 +1,209 @@
+"""Teachers of DHO: an open_clip zero-shot VLM, a Tip-Adapter-F few-shot teacher, or precomputed logits.
+
+Every teacher maps a batch to float32 logits ``(N, C)`` without gradients: ``teacher(images, indices)``, where
+``images`` are the teacher's views (None for a teacher that needs none) and ``indices`` the rows' train-pool
+indices.
+"""
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: The 7 ImageNet prompts of the DHO reference (METHOD.md).
+DHO_IMAGENET_TEMPLATES = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+TIP_ADAPTER_KEYS = ("adapter_weight", "cache_keys", "cache_values", "clip_weights", "best_alpha", "best_beta")
+
+Template = str | Callable[[str], str]
+
+
+def prompt_templates(spec: str) -> list[Template]:
+    """``"dho_imagenet"`` (7 prompts), ``"openai_imagenet"`` (open_clip's 80), or one template containing ``{}``."""
+    if spec == "dho_imagenet":
+        return list(DHO_IMAGENET_TEMPLATES)
+    if spec == "openai_imagenet":
+        import open_clip
+
+        return list(open_clip.OPENAI_IMAGENET_TEMPLATES)
+    if "{}" not in spec:
+        raise ValueError(f"templates must be 'dho_imagenet', 'openai_imagenet' or a template with '{{}}', got {spec!r}")
+    return [spec]
+
+
+@torch.no_grad()
+def class_text_embeddings(
+    model: nn.Module,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    *,
+    device: torch.device | str = "cpu",
+    classes_per_batch: int = 32,
+) -> torch.Tensor:
+    """One text embedding per class from a prompt ensemble, as METHOD.md defines: each prompt's embedding is
+    L2-normalised, the class mean normalised again. ``model``: an open_clip model (``encode_text``).
+
+    Returns (C, D) float32 on ``device``, unit rows.
+    """
+    if not classnames or not templates:
+        raise ValueError("classnames and templates must be non-empty")
+    rows = []
+    for start in range(0, len(classnames), classes_per_batch):
+        names = classnames[start : start + classes_per_batch]
+        texts = [t.format(n) if isinstance(t, str) else t(n) for n in names for t in templates]
+        prompts = F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
+        rows.append(F.normalize(prompts.view(len(names), len(templates), -1).mean(dim=1), dim=-1))
+    return torch.cat(rows)
+
+
+def create_open_clip(
+    arch: str,
+    pretrained: str | None,
+    *,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    model_config: str | None = None,
+) -> tuple[nn.Module, Callable, dict]:
+    """An open_clip model, its tokenizer and its preprocessing settings (``size``, ``mean``, ``std``).
+
+    ``arch``: a built-in architecture (``ViT-H-14-378-quickgelu``), ``local-dir:PATH`` or ``hf-hub:ORG/REPO``;
+    ``pretrained``: an open_clip tag (``dfn5b``, ``openai``) or a local checkpoint file, None for random weights;
+    ``model_config``: a model config json registered first, for architectures open_clip does not ship.
+    """
+    import open_clip
+
+    if model_config is not None:
+        if not Path(model_config).is_file():
+            raise FileNotFoundError(f"model_config {model_config} does not exist")
+        open_clip.add_model_config(model_config)
+    model = open_clip.create_model(arch, pretrained=pretrained, precision=precision, device=device)
+    model.eval()
+    return model, open_clip.get_tokenizer(arch), open_clip.get_model_preprocess_cfg(model)
+
+
+class ZeroShotHead(nn.Module):
+    """``logits = 100 * f @ T^T`` for unit image features f (N, D) and class text embeddings T (C, D)."""
+
+    def __init__(self, text_embeddings: torch.Tensor) -> None:
+        super().__init__()
+        if text_embeddings.dim() != 2:
+            raise ValueError(f"text_embeddings must be (C, D), got shape {tuple(text_embeddings.shape)}")
+        self.register_buffer("text_embeddings", text_embeddings.float())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return 100.0 * features @ self.text_embeddings.T
+
+
+class TipAdapterHead(nn.Module):
+    """Tip-Adapter-F logits ``100 f W + a * exp(-b (1 - f A^T)) V`` for unit image features f (N, D).
+
+    From a checkpoint dict with METHOD.md's keys: ``adapter_weight`` A (NK, D), ``cache_values`` V (NK, C) (one-hot),
+    ``clip_weights`` W (D, C), ``best_alpha`` a, ``best_beta`` b (``cache_keys`` initialised A and is not used).
+    """
+
+    def __init__(self, checkpoint: dict) -> None:
+        super().__init__()
+        missing = [k for k in TIP_ADAPTER_KEYS if k not in checkpoint]
+        if missing:
+            raise ValueError(f"the Tip-Adapter checkpoint lacks the keys {missing}")
+        adapter = torch.as_tensor(checkpoint["adapter_weight"]).float()
+        values = torch.as_tensor(checkpoint["cache_values"]).float()
+        clip_weights = torch.as_tensor(checkpoint["clip_weights"]).float()
+        if adapter.dim() != 2 or clip_weights.dim() != 2 or clip_weights.shape[0] != adapter.shape[1]:
+            raise ValueError(
+                f"adapter_weight must be (NK, D) and clip_weights (D, C), got {tuple(adapter.shape)} and "
+                f"{tuple(clip_weights.shape)}"
+            )
+        if values.shape != (adapter.shape[0], clip_weights.shape[1]):
+            raise ValueError(
+                f"cache_values must be (NK, C) = {(adapter.shape[0], clip_weights.shape[1])}, got {tuple(values.shape)}"
+            )
+        self.register_buffer("adapter_weight", adapter)
+        self.register_buffer("cache_values", values)
+        self.register_buffer("clip_weights", clip_weights)
+        self.alpha, self.beta = float(checkpoint["best_alpha"]), float(checkpoint["best_beta"])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        affinity = features @ self.adapter_weight.T
+        cache_logits = torch.exp(-self.beta * (1.0 - affinity)) @ self.cache_values
+        return 100.0 * features @ self.clip_weights + self.alpha * cache_logits
+
+
+class ClipTeacher(nn.Module):
+    """An open_clip image encoder and a head on its L2-normalised features; frozen, float32 logits out.
+
+    Inputs are cast to ``input_dtype``, the encoder's precision (fp16/bf16 on GPU, float32 on CPU); features and
+    logits are float32.
+    ``input_size``, ``mean``, ``std``: the preprocessing the encoder expects.
+    """
+
+    needs_images = True
+
+    def __init__(
+        self, clip_model: nn.Module, head: nn.Module, preprocess: dict, input_dtype: torch.dtype = torch.float32
+    ) -> None:
+        super().__init__()
+        self.visual = clip_model.visual
+        self.head = head
+        self.requires_grad_(False)
+        self.eval()
+        size = preprocess["size"]
+        self.input_size = size if isinstance(size, int) else int(size[0])
+        self.mean, self.std = tuple(preprocess["mean"]), tuple(preprocess["std"])
+        self.input_dtype = input_dtype
+
+    def train(self, mode: bool = True) -> "ClipTeacher":
+        return super().train(False)  # a teacher never leaves eval mode (no dropout, frozen norms)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor | None, indices: torch.Tensor | None = None) -> torch.Tensor:
+        if images is None:
+            raise ValueError("images must be given to an open_clip teacher, got None")
+        features = F.normalize(self.visual(images.to(self.input_dtype)).float(), dim=-1)
+        return self.head(features)
+
+
+class LogitsTeacher(nn.Module):
+    """Precomputed teacher logits, one row per train-pool index: ``teacher(None, indices) = logits[indices]``."""
+
+    needs_images = False
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        if logits.dim() != 2 or not logits.is_floating_point():
+            raise ValueError(f"teacher logits must be a float tensor (N, C), got {logits.dtype} {tuple(logits.shape)}")
+        self.register_buffer("logits", logits.float())
+
+    @classmethod
+    def from_file(cls, path: str | Path, num_rows: int, num_classes: int) -> "LogitsTeacher":
+        """Reads a ``.pt``/``.pth`` file (a tensor, or a dict with ``"logits"``) or a ``.npy`` file of
+        shape (num_rows, num_classes)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher_logits {path} does not exist")
+        if path.suffix == ".npy":
+            logits = torch.from_numpy(np.load(path))
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            logits = loaded["logits"] if isinstance(loaded, dict) else loaded
+        if tuple(logits.shape) != (num_rows, num_classes):
+            raise ValueError(
+                f"teacher_logits {path} must have one row per train image and one column per class "
+                f"({num_rows}, {num_classes}), got {tuple(logits.shape)}"
+            )
+        return cls(logits)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor | None, indices: torch.Tensor) -> torch.Tensor:
+        return self.logits[indices.to(self.logits.device)]

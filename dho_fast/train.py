@@ -1,0 +1,307 @@
+"""The DHO training loop: paired labelled/unlabelled batches, the fused loss, AMP, gradient accumulation, DDP,
+atomic checkpoints with exact resume, and evaluation of both heads and their blend each epoch."""
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from dho_fast import checkpoint
+from dho_fast.build import build_data, build_run_student, build_teacher, eval_dataset, train_dataset
+from dho_fast.config import RESUMABLE_CHANGES, TrainConfig
+from dho_fast.data import IGNORE_INDEX
+from dho_fast.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
+from dho_fast.evaluate import autocast, head_metrics, predict_logits
+from dho_fast.metrics_log import MetricsLog
+from dho_fast.sampling import PairedBatchSampler, steps_per_epoch
+from dho_fast.schedule import build_scheduler
+
+CHECKPOINT_NAME = "last.pt"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (rank 0 and the others alike)."""
+
+    steps: int
+    checkpoint: Path
+    alpha: float | None = None
+    beta: float | None = None
+    val: dict[str, float] | None = None
+    test: dict[str, float] | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Trains the student of ``config`` (one process, or one rank of a torchrun job) and returns its results.
+
+    Writes ``output_dir/last.pt`` every ``checkpoint_every`` steps, at each epoch end (after that epoch's
+    evaluation) and at the end; ``config.resume`` continues from it at the exact step, with the optimizer, scheduler,
+    loss-scaler and random-number state, so a killed run loses at most ``checkpoint_every`` steps.
+    """
+    info = init_distributed(config.device)
+    try:
+        return _Trainer(config, info).run()
+    finally:
+        shutdown(info)
+
+
+def _check_resumable(saved: dict, config: TrainConfig) -> None:
+    current = config.to_dict()
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        raise ValueError(
+            f"cannot resume: the settings {changed} differ from the checkpoint's "
+            f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)})"
+        )
+
+
+class _Trainer:
+    def __init__(self, config: TrainConfig, info: DistInfo) -> None:
+        self.config, self.info = config, info
+        self.out = Path(config.output_dir)
+        self.ckpt_path = self.out / CHECKPOINT_NAME
+        if config.resume and not self.ckpt_path.is_file():
+            raise FileNotFoundError(f"resume is set but {self.ckpt_path} does not exist")
+        if not config.resume and self.ckpt_path.is_file():
+            raise FileExistsError(
+                f"{self.ckpt_path} exists: pass resume to continue that run, or choose another output_dir"
+            )
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        self.data = build_data(config)
+        splits = self.data.splits
+        if config.method == "dho" and config.alpha is None and not splits.val:
+            raise ValueError(
+                "a validation split (val_dir or the split json's 'val') is needed to search alpha and beta; "
+                "otherwise fix them with alpha and beta"
+            )
+        device = info.device
+        self.teacher = None
+        if config.method != "ce":
+            self.teacher = build_teacher(config, self.data.classnames, len(splits.train), device)
+        self.student = build_run_student(config, self.data.classnames, device)
+        self.train_set = train_dataset(config, splits.train, self.student, self.teacher)
+        self.eval_sets = {k: eval_dataset(config, getattr(splits, k), self.student) for k in ("val", "test")}
+        self.steps_per_epoch = steps_per_epoch(
+            len(self.data.labelled), len(self.data.unlabelled), config.labelled_batch_size, config.unlabelled_batch_size
+        )
+        limits = [] if config.max_steps is None else [config.max_steps]
+        if config.epochs is not None:
+            limits.append(config.epochs * self.steps_per_epoch)
+        self.total_steps = min(limits)
+        warmup = config.warmup_steps
+        if warmup is None:
+            warmup = round(config.warmup_fraction * self.total_steps)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = build_scheduler(
+            self.optimizer, self.total_steps, min(warmup, self.total_steps), config.warmup_start_factor, config.lr_decay
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        self.step = 0
+        self.alpha, self.beta = config.alpha, config.beta
+        self.history: list[dict] = []
+        self.val_metrics: dict | None = None
+        self.use_unlabelled = config.method != "ce"
+        if config.resume:
+            self._load_checkpoint()
+        self.log = MetricsLog(self.out, enabled=info.is_main, tensorboard=config.tensorboard)
+
+    def _load_checkpoint(self) -> None:
+        state = checkpoint.load(self.ckpt_path)
+        _check_resumable(state["config"], self.config)
+        self.student.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.alpha, self.beta = state["alpha"], state["beta"]
+        self.history, self.val_metrics = state["history"], state["val"]
+        rng = state["rng"]
+        if len(rng) != self.info.world_size:
+            warnings.warn(
+                f"resuming with {self.info.world_size} ranks from a checkpoint of {len(rng)}: data order is unchanged "
+                "but random draws inside the model (dropout) will differ from an uninterrupted run",
+                stacklevel=2,
+            )
+        checkpoint.set_rng_state(rng[self.info.rank % len(rng)])
+
+    def _save_checkpoint(self, test: dict | None = None) -> None:
+        rng = gather_objects(checkpoint.rng_state(), self.info)  # every rank's generators, collected on all
+        if self.info.is_main:
+            state = {
+                "version": CHECKPOINT_VERSION,
+                "config": self.config.to_dict(),
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch,
+                "model": self.student.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng,
+                "alpha": self.alpha,
+                "beta": self.beta,
+                "classnames": self.data.classnames,
+                "labelled": torch.from_numpy(self.data.labelled),
+                "history": self.history,
+                "val": self.val_metrics,
+                "test": test,
+            }
+            checkpoint.save_atomic(state, self.ckpt_path)
+            self.log.log("checkpoint", self.step, {"path": str(self.ckpt_path)})
+        barrier(self.info)
+
+    def _evaluate(self, split: str, search: bool) -> dict[str, float]:
+        """Metrics of ``split``; with ``search`` (validation) the blend's alpha/beta are searched unless fixed."""
+        cfg = self.config
+        ce, kd, labels = predict_logits(
+            self.student,
+            self.eval_sets[split],
+            self.info,
+            batch_size=cfg.eval_batch_size,
+            num_workers=cfg.num_workers,
+            precision=cfg.precision,
+        )
+        self.student.train()
+        fixed = (self.alpha, self.beta) if (cfg.alpha is not None or not search) else (None, None)
+        return head_metrics(ce, kd, labels, cfg.method, alpha=fixed[0], beta=fixed[1])
+
+    def _end_of_epoch(self) -> None:
+        split = "val" if self.data.splits.val else "test"
+        if not self.data.splits.val and not self.data.splits.test:
+            return
+        metrics = self._evaluate(split, search=split == "val")
+        if split == "val":
+            self.val_metrics = metrics
+            if self.config.method == "dho":
+                self.alpha, self.beta = metrics["alpha"], metrics["beta"]
+        record = {"split": split, "epoch": self.step / self.steps_per_epoch, **metrics}
+        self.history.append({"step": self.step, **record})
+        self.log.log("eval", self.step, record)
+
+    def _loader(self) -> DataLoader:
+        sampler = PairedBatchSampler(
+            self.data.labelled,
+            self.data.unlabelled,
+            labelled_batch=self.config.labelled_batch_size,
+            unlabelled_batch=self.config.unlabelled_batch_size,
+            total_steps=self.total_steps,
+            seed=self.config.seed,
+            start_step=self.step,
+            use_unlabelled=self.use_unlabelled,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            accumulation_steps=self.config.accumulation_steps,
+        )
+        # A private generator: creating the loader must not draw from the global RNG the model's dropout uses.
+        return DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            num_workers=self.config.num_workers,
+            pin_memory=self.info.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    def run(self) -> TrainResult:
+        cfg, info = self.config, self.info
+        model = self.student
+        if info.distributed:
+            device_ids = [info.device.index] if info.device.type == "cuda" else None
+            model = DistributedDataParallel(self.student, device_ids=device_ids)
+        loss_args = dict(
+            temperature=cfg.temperature,
+            ce_weight=cfg.ce_weight,
+            kd_weight=cfg.kd_weight,
+            label_smoothing=cfg.label_smoothing,
+            ignore_index=IGNORE_INDEX,
+        )
+        self.student.train()
+        sizes = {"labelled": len(self.data.labelled), "unlabelled": len(self.data.unlabelled)}
+        plan = {"total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch, "world_size": info.world_size}
+        self.log.log("start", self.step, {**plan, **sizes})
+        progress = _progress(cfg.progress and info.is_main, self.total_steps, self.step)
+        # Since the last log: summed loss, ce and kd terms of the micro-batches, their count, and the images.
+        sums = torch.zeros(5, dtype=torch.float64, device=info.device)
+        window_start = time.perf_counter()
+        accum = cfg.accumulation_steps
+        for micro, batch in enumerate(self._loader()):
+            last_micro = micro % accum == accum - 1
+            images = batch["student"].to(info.device, non_blocking=True)
+            labels = batch["label"].to(info.device, non_blocking=True)
+            teacher_logits = None
+            if self.teacher is not None:
+                teacher_images = batch.get("teacher")
+                if teacher_images is not None:
+                    teacher_images = teacher_images.to(info.device, non_blocking=True)
+                teacher_logits = self.teacher(teacher_images, batch["index"].to(info.device))
+            sync = contextlib.nullcontext() if (last_micro or not info.distributed) else model.no_sync()
+            with sync:
+                with autocast(info.device, cfg.precision):
+                    loss, ce_term, kd_term = model(images, teacher_logits, labels, **loss_args)
+                self.scaler.scale(loss / accum).backward()
+            terms = torch.stack([loss.detach(), ce_term.detach(), kd_term.detach()]).double()
+            sums += torch.cat([terms, terms.new_tensor([1.0, len(images)])])
+            if not last_micro:
+                continue
+            self._optimizer_step()
+            progress.update(1)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                window_start = self._log_train(sums, window_start, progress)
+                sums.zero_()
+            epoch_end = self.step % self.steps_per_epoch == 0
+            if epoch_end or self.step == self.total_steps:
+                self._end_of_epoch()
+            if self.step == self.total_steps:
+                break
+            if epoch_end or self.step % cfg.checkpoint_every == 0:
+                self._save_checkpoint()
+        progress.close()
+        test = None
+        if self.data.splits.test:
+            test = self._evaluate("test", search=False)
+            self.log.log("test", self.step, test)
+        self._save_checkpoint(test)
+        self.log.close()
+        return TrainResult(self.step, self.ckpt_path, self.alpha, self.beta, self.val_metrics, test, self.history)
+
+    def _optimizer_step(self) -> None:
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+
+    def _log_train(self, sums: torch.Tensor, window_start: float, progress) -> float:
+        """Logs the mean loss terms and the throughput since the last log, over all ranks; returns the new start."""
+        totals = all_reduce_sum(sums, self.info)
+        now = time.perf_counter()
+        loss, ce, kd = (float(v) / max(1.0, float(totals[3])) for v in totals[:3])
+        values = {
+            "epoch": self.step / self.steps_per_epoch,
+            "lr": self.scheduler.get_last_lr()[0],
+            "loss": loss,
+            "ce": ce,
+            "kd": kd,
+            "images_per_s": float(totals[4]) / max(now - window_start, 1e-9),
+        }
+        if not all(math.isfinite(v) for v in (loss, ce, kd)):
+            warnings.warn(f"non-finite loss at step {self.step}: {values}", stacklevel=2)
+        self.log.log("train", self.step, values)
+        progress.set_postfix(loss=f"{loss:.4f}", ce=f"{ce:.4f}", kd=f"{kd:.4f}", img_s=f"{values['images_per_s']:.0f}")
+        return now
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)

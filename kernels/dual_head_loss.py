@@ -1,0 +1,336 @@
+"""Triton kernels of the fused DHO loss: ``dho_fast::dual_head_loss_triton`` and ``dual_head_loss_chunk_triton``.
+
+Same schemas and semantics as the compiled ops ``dho_fast::dual_head_loss`` and ``dual_head_loss_chunk``
+(csrc/dho_fast.cpp). Three launches per call:
+
+1. ``_count_labels_kernel`` (one program): the number of labelled rows, which every row's weight needs before its
+   gradient can be written, and the first out-of-range label.
+2. ``_loss_rows_kernel`` (one program per row): one pass over column tiles folds the CE head, the KD head and the
+   teacher into online softmax statistics (kernels/_row_math.py, float32; float64 for float64 input); a row that
+   fits one tile (C <= MAX_TILE) keeps it in registers and writes both gradients without reading it again, a
+   wider row is read a second time (mostly from L2) to write them. Rows without a label skip the CE head's reads.
+3. ``_reduce_rows_kernel`` (one program): sums the weighted per-row values in a fixed order (deterministic) and
+   finds the first invalid teacher row.
+
+Value errors (labels out of range, NaN/+inf teacher entries, teacher rows that are -inf everywhere) are flagged on
+the device and raised after the kernels: eagerly that costs one device-to-host copy of four integers (a sync);
+under torch.compile they become ``torch._assert_async`` device asserts, which do not say which row failed.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from dho_fast import _ops
+from dho_fast._validation import label_error, teacher_row_error
+from kernels import _row_math as rm
+
+#: Widest column tile. A row of at most this many classes is read once; a wider one is read twice.
+MAX_TILE = 4096
+#: Labels or rows per iteration of the single-program kernels.
+_SCAN_BLOCK = 1024
+
+
+@triton.jit
+def _count_labels_kernel(labels_ptr, info_ptr, n, num_classes, ignore_index, BLOCK: tl.constexpr):
+    """info[0] = number of labels[0, n) != ignore_index; info[1] = first i whose label is neither ignore_index
+    nor in [0, num_classes), n when there is none."""
+    count = tl.zeros((), tl.int64)
+    first_bad = tl.full((), n, tl.int64)
+    for i0 in range(0, n, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        y = tl.load(labels_ptr + idx, mask=idx < n, other=ignore_index)
+        labelled = y != ignore_index
+        count += tl.sum(labelled.to(tl.int64), 0)
+        bad = labelled & ((y < 0) | (y >= num_classes))
+        first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, idx, n).to(tl.int64), 0))
+    tl.store(info_ptr, count)
+    tl.store(info_ptr + 1, first_bad)
+
+
+@triton.jit
+def _load_tile(ce_row, kd_row, t_row, cols, num_classes, do_ce, inv_t, ACC: tl.constexpr):
+    """A column tile of the three rows in ACC, -inf outside the row (and for x when the row has no CE head);
+    a = teacher / T, b = student / T; bad marks NaN or +inf teacher entries."""
+    inside = cols < num_classes
+    x = tl.load(ce_row + cols, mask=inside & do_ce, other=float("-inf")).to(ACC)
+    t = tl.load(t_row + cols, mask=inside, other=float("-inf")).to(ACC)
+    z = tl.load(kd_row + cols, mask=inside, other=float("-inf")).to(ACC)
+    bad = tl.max(((t != t) | (t == float("inf"))).to(tl.int32), 0)
+    return x, t * inv_t, z * inv_t, bad
+
+
+@triton.jit
+def _loss_rows_kernel(
+    ce_ptr, ce_row_ptr, kd_ptr, t_ptr, labels_ptr, info_ptr, g_ce_ptr, g_kd_ptr, row_ce_ptr, row_kl_ptr, status_ptr,
+    num_classes, num_rows, num_labelled, ce_rows, ignore_index, temperature, label_smoothing,
+    ACC: tl.constexpr, CE_ROW: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, KD_SPLIT: tl.constexpr,
+    SMOOTH: tl.constexpr, CE_GRAD: tl.constexpr, KD_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+):  # fmt: skip
+    """Row r of kd/teacher/labels: its weighted CE and KL values, teacher status and gradients.
+
+    CE_ROW: row r's CE logits (and CE gradient) are row ce_row[r] of ce, -1 for none; else row r. num_labelled and
+    num_rows describe the whole batch (row weights); COUNT_ON_DEVICE reads num_labelled from info[0] instead.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    if CE_ROW:
+        ce_i = tl.load(ce_row_ptr + row)
+    else:
+        ce_i = row
+    labelled = label != ignore_index
+    # A bad label or CE row is reported after the kernel; until then it must not index memory.
+    do_ce = labelled & (label >= 0) & (label < num_classes) & (ce_i >= 0) & (ce_i < ce_rows)
+    ce_row, kd_row, t_row = ce_ptr + ce_i * num_classes, kd_ptr + row * num_classes, t_ptr + row * num_classes
+    inv_t, eps = 1.0 / temperature, label_smoothing
+
+    neg_inf, zero = tl.full((), float("-inf"), ACC), tl.zeros((), ACC)
+    m_ce, s_ce, sum_ce, target = neg_inf, zero, zero, zero
+    ma, sa, mb, sb, cross = neg_inf, zero, neg_inf, zero, zero
+    bad = tl.zeros((), tl.int32)
+    cols = tl.arange(0, BLOCK_C)
+    # Carried through the loop so that, for a row of one tile, the tile is still in registers for the gradients.
+    x = tl.full((BLOCK_C,), float("-inf"), ACC)
+    a, b = x, x
+    for c0 in range(0, num_classes, BLOCK_C):
+        x, a, b, tile_bad = _load_tile(ce_row, kd_row, t_row, c0 + cols, num_classes, do_ce, inv_t, ACC)
+        if do_ce:
+            m_ce, s_ce = rm.softmax_update(m_ce, s_ce, x)
+            target += tl.sum(tl.where(c0 + cols == label, x, 0.0), 0)
+            if SMOOTH:
+                sum_ce += tl.sum(tl.where(c0 + cols < num_classes, x, 0.0), 0)
+        ma, sa, mb, sb, cross = rm.kl_update(ma, sa, mb, sb, cross, a, b)
+        bad = tl.maximum(bad, tile_bad)
+
+    if COUNT_ON_DEVICE:
+        n_lab = tl.load(info_ptr)
+    else:
+        n_lab = tl.full((), num_labelled, tl.int64)
+    w_ce, w_kd = rm.row_weights(labelled, n_lab, num_rows, temperature * temperature, KD_SPLIT, ACC)
+    ce = m_ce + tl.log(s_ce) - (1.0 - eps) * target
+    if SMOOTH:
+        ce -= eps / num_classes * sum_ce
+    tl.store(row_ce_ptr + row, tl.where(do_ce, w_ce * ce, 0.0))
+    tl.store(row_kl_ptr + row, w_kd * rm.kl_value(sa, sb, cross))
+    tl.store(status_ptr + row, rm.teacher_row_status(bad, ma))
+
+    if CE_GRAD or KD_GRAD:
+        # d ce_term / d x = w_ce (softmax(x) - eps / C - (1 - eps) onehot(y)); d kd_term / d z = w_kd (q - p) / T.
+        ce_base, ce_scale = rm.exp_base(m_ce), w_ce / s_ce
+        ce_off, ce_target = w_ce * eps / num_classes, w_ce * (1.0 - eps)
+        base_a, p_scale = rm.exp_base(ma), w_kd * inv_t / sa
+        base_b, q_scale = rm.exp_base(mb), w_kd * inv_t / sb
+        for c0 in range(0, num_classes, BLOCK_C):
+            if not SINGLE_TILE:
+                x, a, b, _ = _load_tile(ce_row, kd_row, t_row, c0 + cols, num_classes, do_ce, inv_t, ACC)
+            inside = c0 + cols < num_classes
+            if CE_GRAD:
+                g = tl.exp(x - ce_base) * ce_scale - ce_off - tl.where(c0 + cols == label, ce_target, 0.0)
+                g = tl.where(do_ce, g, 0.0).to(g_ce_ptr.dtype.element_ty)
+                # Unlabelled rows get a zero CE gradient row, except in the chunk op, where they have no row at all.
+                if CE_ROW:
+                    tl.store(g_ce_ptr + ce_i * num_classes + c0 + cols, g, mask=inside & do_ce)
+                else:
+                    tl.store(g_ce_ptr + ce_i * num_classes + c0 + cols, g, mask=inside)
+            if KD_GRAD:
+                g = tl.exp(b - base_b) * q_scale - tl.exp(a - base_a) * p_scale
+                tl.store(g_kd_ptr + row * num_classes + c0 + cols, g.to(g_kd_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _reduce_rows_kernel(row_ce_ptr, row_kl_ptr, status_ptr, info_ptr, loss_ptr, ce_term_ptr, kd_term_ptr, n,
+                        ce_weight, kd_weight, HAS_LOSS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """ce_term, kd_term (and loss) from the weighted row values, summed in float64 in a fixed order;
+    info[2] = first row with a bad teacher status (n when none), info[3] = its status."""
+    acc_ce = tl.zeros((BLOCK,), tl.float64)
+    acc_kl = tl.zeros((BLOCK,), tl.float64)
+    first_bad = tl.full((), n, tl.int64)
+    for i0 in range(0, n, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        inside = idx < n
+        acc_ce += tl.load(row_ce_ptr + idx, mask=inside, other=0.0).to(tl.float64)
+        acc_kl += tl.load(row_kl_ptr + idx, mask=inside, other=0.0).to(tl.float64)
+        status = tl.load(status_ptr + idx, mask=inside, other=0)
+        first_bad = tl.minimum(first_bad, tl.min(tl.where(status != 0, idx, n).to(tl.int64), 0))
+    ce_term = tl.sum(acc_ce, 0)
+    kd_term = tl.sum(acc_kl, 0)
+    out_ty = ce_term_ptr.dtype.element_ty
+    tl.store(ce_term_ptr, ce_term.to(out_ty))
+    tl.store(kd_term_ptr, kd_term.to(out_ty))
+    if HAS_LOSS:
+        tl.store(loss_ptr, (ce_weight * ce_term + kd_weight * kd_term).to(out_ty))
+    tl.store(info_ptr + 2, first_bad)
+    tl.store(info_ptr + 3, tl.load(status_ptr + first_bad, mask=first_bad < n, other=0).to(tl.int64))
+
+
+def tile_config(num_classes: int) -> tuple[int, bool, int]:
+    """(BLOCK_C, SINGLE_TILE, num_warps) for rows of num_classes columns: about 8 columns per thread."""
+    block = min(max(16, triton.next_power_of_2(num_classes)), MAX_TILE)
+    return block, block >= num_classes, max(1, min(16, block // 256))
+
+
+def _empty_like_grad(x: torch.Tensor, wanted: bool) -> torch.Tensor:
+    if not wanted:
+        return x.new_empty((0,))
+    # Tests poison the outputs so that an element a kernel fails to write shows up as NaN.
+    return torch.full_like(x, float("nan")) if os.environ.get("DHO_FAST_POISON_OUTPUTS") else torch.empty_like(x)
+
+
+def _launch_rows(ce, ce_row, kd, t, labels, info, g_ce, g_kd, row_ce, row_kl, status, *, num_rows, num_labelled,
+                 temperature, kd_split, ignore_index, label_smoothing, ce_grad, kd_grad):  # fmt: skip
+    """_loss_rows_kernel over the rows of kd. ce_row None: row r's CE logits are ce[r]; num_labelled None: the
+    count is read from info[0]. Unwanted gradients and an absent ce_row get a placeholder pointer (labels)."""
+    rows, num_classes = kd.shape
+    if rows == 0:
+        return
+    ce_rows = ce.shape[0]
+    if ce_rows == 0:  # an empty tensor may have no valid address; the kernel reads no CE row then
+        ce = g_ce = labels
+    block, single, warps = tile_config(num_classes)
+    wrap_triton(_loss_rows_kernel)[(rows,)](
+        ce, labels if ce_row is None else ce_row, kd, t, labels, info, g_ce if ce_grad else labels,
+        g_kd if kd_grad else labels, row_ce, row_kl, status, num_classes, num_rows, num_labelled or 0, ce_rows,
+        ignore_index, temperature, label_smoothing, ACC=tl.float64 if kd.dtype == torch.float64 else tl.float32,
+        CE_ROW=ce_row is not None, COUNT_ON_DEVICE=num_labelled is None, KD_SPLIT=kd_split,
+        SMOOTH=label_smoothing != 0, CE_GRAD=ce_grad, KD_GRAD=kd_grad, BLOCK_C=block, SINGLE_TILE=single,
+        num_warps=warps,
+    )  # fmt: skip
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """A tensor allocated by the op is a plain Tensor when it runs eagerly, a fake/functional one when traced."""
+    return type(t) is not torch.Tensor
+
+
+def _raise_value_errors(
+    info: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int, first_row: int = 0
+) -> int | None:
+    """Raises the error the kernels flagged in info (see the kernels); labels are the rows the kernels saw, which
+    are rows first_row, ... of the batch. Returns the number of labelled rows, None when traced."""
+    n = labels.shape[0]
+    if _traced(info):
+        torch._assert_async(info[1] == n, "labels: a label is neither ignore_index nor in [0, num_classes)")
+        torch._assert_async(info[2] == n, "teacher_logits: a row contains NaN or +inf, or is -inf in every class")
+        return None
+    num_labelled, bad_label, bad_row, status = info.tolist()  # the one host sync of the op
+    if bad_label < n:
+        raise ValueError(label_error(first_row + bad_label, int(labels[bad_label]), num_classes, ignore_index))
+    if bad_row < n:
+        raise ValueError(teacher_row_error(first_row + bad_row, all_masked=status == rm.TEACHER_ALL_MASKED))
+    return num_labelled
+
+
+_LOSS_SCHEMA = (
+    "(Tensor ce_logits, Tensor kd_logits, Tensor teacher_logits, Tensor labels, float temperature, float ce_weight, "
+    "float kd_weight, bool kd_split, int ignore_index, float label_smoothing, bool ce_grad, bool kd_grad) -> "
+    "(Tensor loss, Tensor ce_term, Tensor kd_term, Tensor ce_grad_out, Tensor kd_grad_out)"
+)
+
+
+@triton_op("dho_fast::dual_head_loss_triton", mutates_args=(), schema=_LOSS_SCHEMA)
+def dual_head_loss_triton(
+    ce_logits: torch.Tensor, kd_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+    temperature: float, ce_weight: float, kd_weight: float, kd_split: bool, ignore_index: int,
+    label_smoothing: float, ce_grad: bool, kd_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dho_fast::dual_head_loss in Triton: (loss, ce_term, kd_term, d ce_term / d ce_logits, d kd_term /
+    d kd_logits); arguments as validated by dho_fast.fused_dual_head_loss. Scalars are float32 in the kernels
+    (exact for the usual temperatures); statistics accumulate in float32, float64 for float64 input."""
+    ce, kd, t, y = ce_logits.contiguous(), kd_logits.contiguous(), teacher_logits.contiguous(), labels.contiguous()
+    n, c = ce.shape
+    acc = torch.promote_types(ce.dtype, torch.float32)
+    info = torch.empty(4, dtype=torch.int64, device=ce.device)
+    row_ce, row_kl = ce.new_empty((n,), dtype=acc), ce.new_empty((n,), dtype=acc)
+    status = ce.new_empty((n,), dtype=torch.int32)
+    g_ce, g_kd = _empty_like_grad(ce, ce_grad), _empty_like_grad(kd, kd_grad)
+    loss, ce_term, kd_term = (ce.new_empty((), dtype=acc) for _ in range(3))
+
+    wrap_triton(_count_labels_kernel)[(1,)](y, info, n, c, ignore_index, BLOCK=_SCAN_BLOCK)
+    _launch_rows(
+        ce, None, kd, t, y, info, g_ce, g_kd, row_ce, row_kl, status, num_rows=n, num_labelled=None,
+        temperature=temperature, kd_split=kd_split, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        ce_grad=ce_grad, kd_grad=kd_grad,
+    )  # fmt: skip
+    wrap_triton(_reduce_rows_kernel)[(1,)](
+        row_ce, row_kl, status, info, loss, ce_term, kd_term, n, ce_weight, kd_weight, HAS_LOSS=True, BLOCK=_SCAN_BLOCK
+    )
+    _raise_value_errors(info, y, c, ignore_index)
+    return loss, ce_term, kd_term, g_ce, g_kd
+
+
+_ops.register_loss_autograd("dho_fast::dual_head_loss_triton")
+
+_CHUNK_SCHEMA = (
+    "(Tensor(a!) ce_logits, Tensor(b!) kd_logits, Tensor teacher_logits, Tensor labels, int start, int num_labelled, "
+    "float temperature, bool kd_split, int ignore_index, float label_smoothing, bool ce_grad, bool kd_grad) -> "
+    "(Tensor ce_term, Tensor kd_term)"
+)
+
+
+def _check_chunk_shapes(ce: torch.Tensor, kd: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, start: int) -> None:
+    """The layout dual_head_loss_chunk requires (see csrc/dho_fast.cpp); the caller builds it, so no messages
+    beyond the argument names."""
+    n, c = t.shape
+    if kd.dim() != 2 or kd.shape[1] != c or not 0 <= start <= start + kd.shape[0] <= n:
+        raise ValueError(
+            f"kd_logits must be rows [start, start + R) of the batch's (N, C) = {(n, c)} logits, "
+            f"got shape {tuple(kd.shape)} at start {start}"
+        )
+    if ce.dim() != 2 or ce.shape[1] != c:
+        raise ValueError(f"ce_logits must have shape (L, {c}), got {tuple(ce.shape)}")
+    for name, x in (("ce_logits", ce), ("kd_logits", kd)):
+        if x.dtype != t.dtype or not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous {t.dtype} (as teacher_logits), got {x.dtype}, {x.stride()}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+
+
+@triton_op("dho_fast::dual_head_loss_chunk_triton", mutates_args={"ce_logits", "kd_logits"}, schema=_CHUNK_SCHEMA)
+def dual_head_loss_chunk_triton(
+    ce_logits: torch.Tensor, kd_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, start: int,
+    num_labelled: int, temperature: float, kd_split: bool, ignore_index: int, label_smoothing: float, ce_grad: bool,
+    kd_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dho_fast::dual_head_loss_chunk in Triton: the (ce_term, kd_term) contributions of batch rows
+    [start, start + R) whose KD logits are kd_logits (R, C) and whose labelled rows' CE logits are ce_logits
+    (L, C); overwrites ce_logits / kd_logits with d ce_term / d ce_logits and d kd_term / d kd_logits when
+    ce_grad / kd_grad. The row weights are those of the whole batch (teacher_logits (N, C), num_labelled)."""
+    _check_chunk_shapes(ce_logits, kd_logits, teacher_logits, labels, start)
+    rows, c = kd_logits.shape
+    n = teacher_logits.shape[0]
+    t = teacher_logits.contiguous()[start : start + rows]
+    y = labels.contiguous()[start : start + rows]
+    labelled = y != ignore_index
+    ce_row = torch.where(labelled, labelled.cumsum(0) - 1, -1)
+    acc = torch.promote_types(kd_logits.dtype, torch.float32)
+    info = torch.empty(4, dtype=torch.int64, device=kd_logits.device)
+    row_ce, row_kl = kd_logits.new_empty((rows,), dtype=acc), kd_logits.new_empty((rows,), dtype=acc)
+    status = kd_logits.new_empty((rows,), dtype=torch.int32)
+    ce_term, kd_term = kd_logits.new_empty((), dtype=acc), kd_logits.new_empty((), dtype=acc)
+
+    wrap_triton(_count_labels_kernel)[(1,)](y, info, rows, c, ignore_index, BLOCK=_SCAN_BLOCK)
+    _launch_rows(
+        ce_logits, ce_row, kd_logits, t, y, info, ce_logits, kd_logits, row_ce, row_kl, status, num_rows=n,
+        num_labelled=num_labelled, temperature=temperature, kd_split=kd_split, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, ce_grad=ce_grad, kd_grad=kd_grad,
+    )  # fmt: skip
+    wrap_triton(_reduce_rows_kernel)[(1,)](
+        row_ce, row_kl, status, info, ce_term, ce_term, kd_term, rows, 0.0, 0.0, HAS_LOSS=False, BLOCK=_SCAN_BLOCK
+    )
+    chunk_labelled = _raise_value_errors(info, y, c, ignore_index, first_row=start)
+    if chunk_labelled is not None:
+        if ce_logits.shape[0] != chunk_labelled or chunk_labelled > num_labelled:
+            raise ValueError(
+                f"ce_logits must have one row per labelled row of the chunk ({chunk_labelled}, at most "
+                f"num_labelled = {num_labelled}), got {ce_logits.shape[0]}"
+            )
+    return ce_term, kd_term
+
+
+if _ops.has_extension() and not _ops.has_cuda_kernels():
+    # Without compiled CUDA kernels, the chunk op of fused_linear_dual_head_loss runs in Triton on CUDA tensors.
+    torch.library.impl("dho_fast::dual_head_loss_chunk", "CUDA")(dual_head_loss_chunk_triton)

@@ -1,0 +1,155 @@
+// Unit tests of csrc/row_math.h: the online statistics, merged in any order and any grouping, must agree with a
+// direct two-pass computation in long double, including on adversarial rows.
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "row_math.h"
+
+namespace rm = dho_fast::row_math;
+
+static int failures = 0;
+
+#define EXPECT_NEAR(got, want, tol, what)                                                              \
+  do {                                                                                                 \
+    const double g_ = (got), w_ = (want);                                                              \
+    if (!(std::fabs(g_ - w_) <= (tol) * (1.0 + std::fabs(w_)))) {                                       \
+      std::printf("FAIL %s:%d %s: got %.17g want %.17g\n", __FILE__, __LINE__, (what), g_, w_);        \
+      ++failures;                                                                                      \
+    }                                                                                                  \
+  } while (0)
+
+#define EXPECT_TRUE(cond, what)                                              \
+  do {                                                                       \
+    if (!(cond)) {                                                           \
+      std::printf("FAIL %s:%d %s\n", __FILE__, __LINE__, (what));            \
+      ++failures;                                                            \
+    }                                                                        \
+  } while (0)
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+long double direct_lse(const std::vector<float>& x) {
+  long double m = -INFINITY;
+  for (float v : x) m = std::max<long double>(m, v);
+  long double s = 0;
+  for (float v : x) s += std::exp((long double)v - m);
+  return m + std::log(s);
+}
+
+long double direct_kl(const std::vector<float>& a, const std::vector<float>& b) {
+  const long double la = direct_lse(a), lb = direct_lse(b);
+  long double kl = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] == kNegInf) continue;
+    const long double lp = a[i] - la;
+    kl += std::exp(lp) * (lp - (b[i] - lb));
+  }
+  return kl;
+}
+
+// Reduces [lo, hi) as a balanced tree of merges, the way warp shuffles and blocks combine partial statistics.
+rm::KlStat<float> tree_kl(const std::vector<float>& a, const std::vector<float>& b, size_t lo, size_t hi) {
+  if (hi - lo == 1) return rm::kl_push(rm::kl_empty<float>(), a[lo], b[lo]);
+  const size_t mid = (lo + hi) / 2;
+  return rm::kl_merge(tree_kl(a, b, lo, mid), tree_kl(a, b, mid, hi));
+}
+
+void check_row(const std::vector<float>& a, const std::vector<float>& b, const char* what) {
+  rm::KlStat<float> forward = rm::kl_empty<float>(), backward = rm::kl_empty<float>();
+  rm::SoftmaxStat<float> s = rm::softmax_empty<float>();
+  for (size_t i = 0; i < a.size(); ++i) {
+    forward = rm::kl_push(forward, a[i], b[i]);
+    s = rm::softmax_push(s, b[i]);
+  }
+  for (size_t i = a.size(); i-- > 0;) backward = rm::kl_push(backward, a[i], b[i]);
+  const rm::KlStat<float> tree = tree_kl(a, b, 0, a.size());
+  const long double want = direct_kl(a, b);
+  // Absolute tolerance scaled by the logits' magnitude: float32 rounding of a - max and b - max.
+  long double mag = 1;
+  for (size_t i = 0; i < a.size(); ++i) mag = std::max<long double>(mag, std::fabs((long double)b[i]));
+  const double tol = 2e-6 * (double)mag;
+  EXPECT_NEAR(rm::kl_value(forward), want, tol, what);
+  EXPECT_NEAR(rm::kl_value(backward), want, tol, what);
+  EXPECT_NEAR(rm::kl_value(tree), want, tol, what);
+  EXPECT_NEAR(rm::logsumexp(s), direct_lse(b), 1e-6, what);
+  EXPECT_NEAR(rm::logsumexp(forward.teacher), direct_lse(a), 1e-6, what);
+}
+
+int main() {
+  std::mt19937 gen(1234);
+  std::normal_distribution<float> normal;
+
+  for (int n : {1, 2, 3, 31, 1000}) {
+    for (float scale : {1e-3f, 1.0f, 50.0f, 1e4f}) {
+      std::vector<float> a(n), b(n);
+      for (int i = 0; i < n; ++i) {
+        a[i] = scale * normal(gen);
+        b[i] = scale * normal(gen);
+      }
+      check_row(a, b, "random row");
+      for (int i = 0; i < n; i += 2) a[i] = kNegInf;  // masked teacher classes
+      if (n > 1) check_row(a, b, "half-masked row");
+    }
+  }
+
+  // All -inf but one: p is one-hot, KL = -log q_k.
+  std::vector<float> a(97, kNegInf), b(97);
+  for (int i = 0; i < 97; ++i) b[i] = 0.1f * i;
+  a[40] = 3.0f;
+  check_row(a, b, "one finite teacher entry");
+  a[0] = 5.0f;  // and the first element finite, the rest -inf: exercises rescaling from the first piece
+  check_row(a, b, "two finite teacher entries");
+
+  // All equal: uniform distributions, KL = 0 exactly in exact arithmetic.
+  std::vector<float> eq(512, 7.25f);
+  check_row(eq, eq, "all equal");
+
+  // 1e4 spreads: naive exp overflows.
+  std::vector<float> big_a{1e4f, -1e4f, 0.0f, 9999.0f}, big_b{-1e4f, 1e4f, 5e3f, 0.0f};
+  check_row(big_a, big_b, "1e4 spread");
+
+  // Merging empty pieces never makes NaN.
+  const auto empty = rm::kl_merge(rm::kl_empty<float>(), rm::kl_empty<float>());
+  EXPECT_TRUE(empty.teacher.sum == 0 && empty.cross == 0 && !std::isnan(empty.cross), "empty merge");
+  const auto masked_only = rm::kl_push(rm::kl_empty<float>(), kNegInf, 1.0f);
+  const auto merged = rm::kl_merge(masked_only, rm::kl_push(rm::kl_empty<float>(), 2.0f, 1.0f));
+  EXPECT_NEAR(rm::kl_value(merged), direct_kl({kNegInf, 2.0f}, {1.0f, 1.0f}), 1e-6, "masked then finite");
+
+  // Teacher status from the row maximum.
+  EXPECT_TRUE(rm::teacher_row_status(std::nanf("")) == rm::kTeacherNonFinite, "NaN teacher");
+  EXPECT_TRUE(rm::teacher_row_status(std::numeric_limits<float>::infinity()) == rm::kTeacherNonFinite, "+inf");
+  EXPECT_TRUE(rm::teacher_row_status(kNegInf) == rm::kTeacherAllMasked, "all -inf");
+  EXPECT_TRUE(rm::teacher_row_status(0.0f) == rm::kTeacherOk, "finite");
+  EXPECT_TRUE(std::isnan(rm::nan_max(1.0f, std::nanf(""))) && std::isnan(rm::nan_max(std::nanf(""), 1.0f)),
+              "nan_max propagates NaN from either side");
+
+  // Cross-entropy with label smoothing against its definition: -sum_c target_c log softmax_c.
+  const std::vector<float> z{1.0f, -2.0f, 0.5f, 3.0f};
+  const double lse = (double)direct_lse(z), eps = 0.2;
+  double want = 0, sum = 0;
+  for (int c = 0; c < 4; ++c) {
+    want -= ((c == 2 ? 1 - eps : 0) + eps / 4) * (z[c] - lse);
+    sum += z[c];
+  }
+  EXPECT_NEAR(rm::cross_entropy_value<double>(lse, z[2], sum, eps, 4), want, 1e-12, "label smoothing");
+
+  // Row weights: split means per group, mean over all rows; the KD weight carries T^2.
+  const auto lab = rm::row_weights<double>(true, 4, 10, true, 2.0);
+  const auto unl = rm::row_weights<double>(false, 4, 10, true, 2.0);
+  const auto all = rm::row_weights<double>(false, 4, 10, false, 2.0);
+  EXPECT_NEAR(lab.ce, 0.25, 0, "ce weight");
+  EXPECT_NEAR(lab.kd, 1.0, 0, "split labelled");
+  EXPECT_NEAR(unl.kd, 4.0 / 6.0, 1e-15, "split unlabelled");
+  EXPECT_NEAR(unl.ce, 0.0, 0, "no ce on unlabelled");
+  EXPECT_NEAR(all.kd, 0.4, 1e-15, "mean");
+
+  if (failures) {
+    std::printf("%d row-math checks failed\n", failures);
+    return 1;
+  }
+  std::printf("row math: all checks passed\n");
+  return 0;
+}

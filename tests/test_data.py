@@ -1,0 +1,178 @@
+"""Data splits, k-shot sampling, the paired batch sampler and the shared student/teacher crop."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from trainer_fixtures import digits_trees
+
+from dho_fast.data import (
+    IGNORE_INDEX,
+    ImageDataset,
+    class_balanced_indices,
+    complement,
+    k_shot_indices,
+    load_coop_splits,
+    load_image_folder_splits,
+)
+from dho_fast.sampling import PairedBatchSampler, steps_per_epoch
+from dho_fast.transforms import PairedTransform
+
+
+def imagenet_like_labels(seed: int = 0) -> np.ndarray:
+    """1000 classes of 732..1300 images (ImageNet's range), most of them full, shuffled."""
+    rng = np.random.default_rng(seed)
+    sizes = np.where(rng.random(1000) < 0.9, 1300, rng.integers(732, 1300, 1000))
+    return rng.permutation(np.repeat(np.arange(1000), sizes))
+
+
+@pytest.mark.parametrize(("total", "low", "high", "num_high"), [(13_000, 13, 13, 0), (128_286, 128, 129, 286)])
+def test_imagenet_split_counts(total, low, high, num_high):
+    labels = imagenet_like_labels()
+    chosen = class_balanced_indices(labels, num_labelled=total, seed=13)
+    counts = np.bincount(labels[chosen], minlength=1000)
+    assert len(chosen) == total == len(np.unique(chosen))
+    assert counts.min() == low and counts.max() == high and (counts == high).sum() == (num_high or 1000)
+
+
+def test_split_is_deterministic_per_seed():
+    labels = imagenet_like_labels()
+    a = class_balanced_indices(labels, num_labelled=13_000, seed=13)
+    b = class_balanced_indices(labels, num_labelled=13_000, seed=13)
+    c = class_balanced_indices(labels, num_labelled=13_000, seed=14)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    rest = complement(a, len(labels))
+    assert len(rest) + len(a) == len(labels) and not np.intersect1d(rest, a).size
+
+
+def test_fraction_split():
+    labels = np.repeat(np.arange(10), 100)
+    chosen = class_balanced_indices(labels, fraction=0.1, seed=0)
+    assert np.bincount(labels[chosen]).tolist() == [10] * 10
+    np.testing.assert_array_equal(class_balanced_indices(labels, fraction=1.0), np.arange(1000))
+
+
+def test_k_shot():
+    labels = np.concatenate([np.repeat(np.arange(5), 20), [5, 5]])  # class 5 has only 2 images
+    chosen = k_shot_indices(labels, 4, seed=1)
+    assert np.bincount(labels[chosen]).tolist() == [4, 4, 4, 4, 4, 2]
+    np.testing.assert_array_equal(chosen, k_shot_indices(labels, 4, seed=1))
+    assert not np.array_equal(chosen, k_shot_indices(labels, 4, seed=2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_labelled=0), "num_labelled"),
+        (dict(fraction=1.5), "fraction"),
+        (dict(fraction=0.1, num_labelled=3), "exactly one"),
+        (dict(num_labelled=30), "fewer than"),
+    ],
+)
+def test_split_errors(kwargs, message):
+    labels = np.array([0] * 40 + [1] * 2)
+    with pytest.raises(ValueError, match=message):
+        class_balanced_indices(labels, **kwargs)
+
+
+def test_image_folder_and_coop_splits(tmp_path):
+    trees = digits_trees(tmp_path)
+    splits = load_image_folder_splits(trees["train"], trees["val"], trees["test"])
+    assert splits.classnames == ["digit 0", "digit 1", "digit 2", "digit 3"]
+    assert len(splits.val) and len(splits.test)
+    assert all(s.path.startswith(trees["train"]) for s in splits.train)
+    # The same images described by a CoOp split file.
+    entries = {
+        key: [[s.path.removeprefix(str(tmp_path) + "/"), s.label, f"digit {s.label}"] for s in samples]
+        for key, samples in (("train", splits.train), ("val", splits.val), ("test", splits.test))
+    }
+    (tmp_path / "split.json").write_text(json.dumps(entries))
+    coop = load_coop_splits(tmp_path / "split.json", tmp_path)
+    assert coop.classnames == splits.classnames
+    assert coop.train == splits.train and coop.test == splits.test
+    entries["val"][0][2] = "another name"
+    (tmp_path / "bad.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match="two class names"):
+        load_coop_splits(tmp_path / "bad.json", tmp_path)
+    with pytest.raises(FileNotFoundError, match="image folder"):
+        load_image_folder_splits(tmp_path / "missing")
+
+
+def collect(sampler):
+    return list(sampler)
+
+
+def test_paired_batches_cover_unlabelled_once_per_epoch_and_cycle_labelled():
+    labelled, unlabelled = np.arange(0, 10), np.arange(10, 60)
+    sampler = PairedBatchSampler(
+        labelled, unlabelled, labelled_batch=4, unlabelled_batch=16, total_steps=6, seed=3
+    )  # 50 // 16 = 3 steps per epoch: 2 epochs
+    batches = collect(sampler)
+    assert sampler.steps_per_epoch == 3 and len(batches) == 6
+    for batch in batches:
+        assert [k[2] for k in batch] == [True] * 4 + [False] * 16
+    for epoch in range(2):
+        seen = [k[0] for b in batches[3 * epoch : 3 * epoch + 3] for k in b if not k[2]]
+        assert len(seen) == len(set(seen)) == 48 and set(seen) <= set(unlabelled)
+    stream = [k[0] for b in batches for k in b if k[2]]  # 24 labelled rows: two full passes and a partial one
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # each pass is a fresh permutation
+    seeds = [k[1] for b in batches for k in b]
+    assert len(set(seeds)) == len(seeds)  # every draw has its own augmentation seed
+
+
+def test_paired_batches_independent_of_ranks_accumulation_and_resume():
+    labelled, unlabelled = np.arange(0, 7), np.arange(7, 107)
+    args = dict(labelled_batch=8, unlabelled_batch=16, total_steps=5, seed=0)
+    single = collect(PairedBatchSampler(labelled, unlabelled, **args))
+    for world, accum in ((2, 1), (2, 2), (1, 4)):
+        parts = [
+            collect(
+                PairedBatchSampler(labelled, unlabelled, **args, rank=r, world_size=world, accumulation_steps=accum)
+            )
+            for r in range(world)
+        ]
+        for step in range(5):
+            rows = [k for p in parts for b in p[step * accum : (step + 1) * accum] for k in b]
+            assert sorted(rows) == sorted(single[step])
+    resumed = collect(PairedBatchSampler(labelled, unlabelled, **args, start_step=3))
+    assert resumed == single[3:]
+    ce_only = collect(PairedBatchSampler(labelled, unlabelled, **args, use_unlabelled=False))
+    assert [[k for k in b if k[2]] for b in single] == ce_only
+    with pytest.raises(ValueError, match="labelled_batch_size \\(8\\) must be divisible"):
+        PairedBatchSampler(labelled, unlabelled, **args, world_size=3)
+    with pytest.raises(ValueError, match="larger than the unlabelled set"):
+        steps_per_epoch(7, 10, 8, 16)
+
+
+def test_shared_crop_for_student_and_teacher():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    same = PairedTransform(32, mean, std, teacher_size=32, teacher_mean=mean, teacher_std=std, scale=(0.3, 0.6))
+    student, teacher = same(image, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(student, teacher)  # one crop, one flip decision for both views
+    again, _ = same(image, torch.Generator().manual_seed(1))
+    other, _ = same(image, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(student, again)
+    assert not torch.equal(student, other)
+    sized = PairedTransform(16, mean, std, teacher_size=48, teacher_mean=mean, teacher_std=std, scale=(0.3, 0.6))
+    small, large = sized(image, torch.Generator().manual_seed(1))
+    assert small.shape == (3, 16, 16) and large.shape == (3, 48, 48)
+    # The teacher's view shrunk to the student's size is the student's view, up to resampling.
+    shrunk = torch.nn.functional.interpolate(large[None], size=16, mode="area")[0]
+    assert torch.corrcoef(torch.stack([shrunk.flatten(), small.flatten()]))[0, 1] > 0.9
+
+
+def test_dataset_items(tmp_path):
+    trees = digits_trees(tmp_path)
+    splits = load_image_folder_splits(trees["train"])
+    transform = PairedTransform(8, (0.5,), (0.5,), train=True)
+    dataset = ImageDataset(splits.train, transform, "L")
+    labelled, unlabelled, plain = dataset[(3, 11, True)], dataset[(3, 11, False)], dataset[3]
+    assert labelled["label"] == splits.train[3].label and unlabelled["label"] == IGNORE_INDEX
+    assert labelled["index"] == 3 and "teacher" not in labelled
+    torch.testing.assert_close(labelled["student"], unlabelled["student"])
+    assert plain["student"].shape == (1, 8, 8) and plain["student"].dtype == torch.float32

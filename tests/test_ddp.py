@@ -1,0 +1,62 @@
+"""Two-process DistributedDataParallel with gloo on the CPU trains the same weights as one process with the same
+global batch."""
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+from trainer_fixtures import (
+    TINY_CLIP,
+    assert_same_weights,
+    count_train_images,
+    digits_trees,
+    random_teacher_logits,
+    run_settings,
+    tiny_clip_config,
+)
+
+from dho_fast import checkpoint
+from dho_fast.config import TrainConfig
+from dho_fast.train import train
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world_size: int, port: int, settings: dict) -> None:
+    """One torchrun-style rank: the trainer finds its place in the environment."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    train(TrainConfig(**settings))
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    trees = digits_trees(tmp_path / "digits")
+    # A LayerNorm-only student: each rank's rows see the statistics the global batch gives them.
+    settings = run_settings(
+        trees,
+        tmp_path / "run",
+        teacher="logits",
+        teacher_logits=random_teacher_logits(tmp_path / "logits.pt", count_train_images(trees), 4),
+        image_mode="RGB",
+        student=f"open_clip:{TINY_CLIP}",
+        open_clip_config=tiny_clip_config(tmp_path),
+        student_size=16,
+        max_steps=3,
+        lr=1e-3,
+    )
+    single = {**settings, "output_dir": str(tmp_path / "single")}
+    mp.spawn(_rank, args=(1, _free_port(), single), nprocs=1)
+    mp.spawn(_rank, args=(2, _free_port(), settings), nprocs=2)
+    one, two = (checkpoint.load(tmp_path / d / "last.pt") for d in ("single", "run"))
+    assert one["step"] == two["step"] == 3
+    assert_same_weights(one["model"], two["model"], rtol=1e-4, atol=1e-5)
+    # Evaluation gathers both ranks' rows: the same logits, so the same accuracies and the same alpha/beta.
+    assert one["val"] == two["val"] and one["test"] == two["test"]
+    assert len(two["rng"]) == 2

@@ -1,0 +1,75 @@
+"""A training process killed mid-epoch (SIGKILL) and resumed ends with the weights of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+import yaml
+from trainer_fixtures import count_train_images, digits_trees, random_teacher_logits, run_settings
+
+from dho_fast import checkpoint
+
+STEPS, EVERY, KILL_AFTER = 100, 10, 20
+
+
+def _command(config_path, *flags) -> list[str]:
+    return [sys.executable, "-m", "dho_fast.cli", "train", "--config", str(config_path), *flags]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic order in every process
+
+
+def _checkpointed_steps(run_dir) -> list[int]:
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        return []
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.endswith("}")]
+    return [r["step"] for r in records if r["kind"] == "checkpoint"]
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    trees = digits_trees(tmp_path / "digits", num_classes=10)
+    logits = random_teacher_logits(tmp_path / "logits.pt", count_train_images(trees), 10)
+    settings = run_settings(
+        trees,
+        tmp_path / "killed",
+        teacher="logits",
+        teacher_logits=logits,
+        labelled_batch_size=4,
+        unlabelled_batch_size=8,
+        max_steps=STEPS,
+        checkpoint_every=EVERY,
+        log_every=EVERY,
+    )
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(settings))
+
+    process = subprocess.Popen(_command(config_path), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while max(_checkpointed_steps(tmp_path / "killed"), default=0) < KILL_AFTER:
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the run wrote no checkpoint in time"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    saved = checkpoint.load(tmp_path / "killed" / "last.pt")
+    # One epoch is longer than the run, so every checkpoint, and the kill, fall mid-epoch.
+    assert KILL_AFTER <= saved["step"] < STEPS < saved["steps_per_epoch"] and saved["step"] % EVERY == 0
+
+    subprocess.run(_command(config_path, "--resume"), env=_env(), check=True, capture_output=True)
+    subprocess.run(
+        _command(config_path, "--output-dir", str(tmp_path / "straight")), env=_env(), check=True, capture_output=True
+    )
+    resumed, straight = (checkpoint.load(tmp_path / d / "last.pt") for d in ("killed", "straight"))
+    assert resumed["step"] == straight["step"] == STEPS
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=1e-6, atol=1e-7, msg=key)
+    for state, value in straight["optimizer"]["state"].items():
+        torch.testing.assert_close(resumed["optimizer"]["state"][state]["exp_avg_sq"], value["exp_avg_sq"])
+    assert resumed["scheduler"]["last_epoch"] == straight["scheduler"]["last_epoch"] == STEPS
+    assert resumed["test"] == straight["test"] and resumed["val"] == straight["val"]

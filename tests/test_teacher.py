@@ -1,0 +1,143 @@
+"""Teachers: a real (tiny, random-weight) open_clip model end to end, Tip-Adapter-F, precomputed logits."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from trainer_fixtures import register_tiny_clip, tiny_clip_config
+
+from dho_fast.build import build_teacher
+from dho_fast.config import TrainConfig
+from dho_fast.teacher import (
+    DHO_IMAGENET_TEMPLATES,
+    ClipTeacher,
+    LogitsTeacher,
+    TipAdapterHead,
+    ZeroShotHead,
+    class_text_embeddings,
+    create_open_clip,
+    prompt_templates,
+)
+
+CLASSES = ["cat", "dog", "ship"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    name = register_tiny_clip(tmp_path_factory.mktemp("clip"))
+    torch.manual_seed(0)
+    return name, *create_open_clip(name, None)
+
+
+def test_prompt_sets():
+    assert prompt_templates("dho_imagenet") == list(DHO_IMAGENET_TEMPLATES) and len(DHO_IMAGENET_TEMPLATES) == 7
+    assert len(prompt_templates("openai_imagenet")) == 80
+    assert prompt_templates("a photo of a {}, a type of pet.") == ["a photo of a {}, a type of pet."]
+    with pytest.raises(ValueError, match="templates must be"):
+        prompt_templates("a photo")
+
+
+def test_text_embeddings_are_normalised_prompt_ensembles(tiny_clip):
+    _, model, tokenizer, _ = tiny_clip
+    templates = prompt_templates("dho_imagenet")
+    emb = class_text_embeddings(model, tokenizer, CLASSES, templates, classes_per_batch=2)
+    assert emb.shape == (3, 16) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+    with torch.no_grad():
+        prompts = F.normalize(model.encode_text(tokenizer([t.format("dog") for t in templates])), dim=-1)
+    torch.testing.assert_close(emb[1], F.normalize(prompts.mean(0), dim=0))
+
+
+def test_zero_shot_teacher_logits_and_no_grad(tiny_clip):
+    _, model, tokenizer, preprocess = tiny_clip
+    text = class_text_embeddings(model, tokenizer, CLASSES, ["a photo of a {}."])
+    teacher = ClipTeacher(model, ZeroShotHead(text), preprocess)
+    assert teacher.input_size == 16 and len(teacher.mean) == 3
+    images = torch.randn(5, 3, 16, 16, requires_grad=True)
+    teacher.train()  # a teacher stays in eval mode
+    logits = teacher(images, None)
+    assert not teacher.training and logits.shape == (5, 3) and logits.dtype == torch.float32
+    assert not logits.requires_grad and not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        expected = 100 * F.normalize(model.encode_image(images), dim=-1) @ text.T
+    torch.testing.assert_close(logits, expected)
+    with pytest.raises(ValueError, match="images must be given"):
+        teacher(None, torch.arange(5))
+
+
+def test_pretrained_from_local_checkpoint_file(tiny_clip, tmp_path):
+    name, model, _, _ = tiny_clip
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    torch.manual_seed(123)  # a different random init: the file must overwrite it
+    loaded, _, _ = create_open_clip(name, str(path))
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images))
+
+
+def test_build_open_clip_teacher_from_config(tmp_path):
+    torch.manual_seed(0)
+    name = register_tiny_clip(tmp_path)
+    weights = tmp_path / "weights.pt"
+    torch.save(create_open_clip(name, None)[0].state_dict(), weights)
+    config = TrainConfig(
+        train_dir=str(tmp_path),
+        labelled_fraction=0.1,
+        teacher_arch=name,
+        teacher_pretrained=str(weights),
+        open_clip_config=tiny_clip_config(tmp_path),
+        teacher_templates="dho_imagenet",
+    )
+    teacher = build_teacher(config, CLASSES, 10, torch.device("cpu"))
+    assert isinstance(teacher, ClipTeacher) and teacher.needs_images
+    assert teacher(torch.randn(4, 3, 16, 16), None).shape == (4, 3)
+
+
+def tip_checkpoint(d: int = 16, shots: int = 2, classes: int = 3, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    keys = F.normalize(torch.randn(shots * classes, d, generator=g), dim=1)
+    return {
+        "adapter_weight": keys + 0.01 * torch.randn(keys.shape, generator=g),
+        "cache_keys": keys.T,
+        "cache_values": F.one_hot(torch.arange(classes).repeat_interleave(shots), classes).half(),
+        "clip_weights": F.normalize(torch.randn(d, classes, generator=g), dim=0),
+        "best_alpha": 1.5,
+        "best_beta": 5.0,
+    }
+
+
+def test_tip_adapter_logits():
+    ckpt = tip_checkpoint()
+    head = TipAdapterHead(ckpt)
+    f = F.normalize(torch.randn(4, 16), dim=1)
+    # Per class: the zero-shot logit plus alpha times the summed affinities of that class's cache entries.
+    affinity = torch.exp(-5.0 * (1 - f @ ckpt["adapter_weight"].T)).view(4, 3, 2).sum(-1)
+    torch.testing.assert_close(head(f), 100 * f @ ckpt["clip_weights"] + 1.5 * affinity)
+    with pytest.raises(ValueError, match="lacks the keys \\['best_beta'\\]"):
+        TipAdapterHead({k: v for k, v in ckpt.items() if k != "best_beta"})
+    with pytest.raises(ValueError, match="cache_values must be"):
+        TipAdapterHead({**ckpt, "cache_values": ckpt["cache_values"][:, :2]})
+
+
+def test_tip_adapter_teacher_on_open_clip(tiny_clip):
+    _, model, _, preprocess = tiny_clip
+    teacher = ClipTeacher(model, TipAdapterHead(tip_checkpoint()), preprocess)
+    assert teacher(torch.randn(3, 3, 16, 16), None).shape == (3, 3)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npy"])
+def test_logits_teacher(tmp_path, suffix):
+    logits = torch.randn(6, 3)
+    path = tmp_path / f"logits{suffix}"
+    if suffix == ".npy":
+        np.save(path, logits.numpy())
+    else:
+        torch.save({"logits": logits}, path)
+    teacher = LogitsTeacher.from_file(path, 6, 3)
+    assert not teacher.needs_images
+    torch.testing.assert_close(teacher(None, torch.tensor([4, 0])), logits[[4, 0]])
+    with pytest.raises(ValueError, match="one row per train image"):
+        LogitsTeacher.from_file(path, 7, 3)
+    with pytest.raises(FileNotFoundError, match="teacher_logits"):
+        LogitsTeacher.from_file(tmp_path / "missing.pt", 6, 3)

@@ -1,0 +1,213 @@
+"""What can be checked of the Triton kernels' GPU path without a GPU: they compile to sm_80 and sm_90 cubins
+without spilling registers, and torch.compile traces into them (forward and backward) with no graph break.
+
+Runs in the ordinary pytest invocation, without TRITON_INTERPRET (which makes the kernels Python functions).
+"""
+
+import logging
+import os
+import subprocess
+import tempfile
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import dho_fast
+import kernels
+
+pytestmark = pytest.mark.skipif(
+    not kernels.has_triton() or kernels.interpreted(), reason="needs Triton, without TRITON_INTERPRET"
+)
+
+if kernels.has_triton() and not kernels.interpreted():
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+
+    from kernels import blend as triton_blend
+    from kernels import dual_head_loss as triton_loss
+
+# Without a driver, torch cannot ask Triton which arguments a kernel writes and says so at length; it then assumes
+# all of them, which is only less optimal.
+logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
+
+
+def compile_kernel(kernel, args: dict, arch: int, num_warps: int):
+    """The kernel compiled for sm_<arch> with the argument types and constexprs of ``args`` (name -> value)."""
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        value = args[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        else:
+            signature[param.name] = mangle_type(value)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def local_memory_bytes(compiled) -> int | None:
+    """Bytes of local memory (register spills) of a compiled kernel; None when cuobjdump is not at hand."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return sum(int(part.split(":")[1]) for part in usage.split() if part.startswith("LOCAL:"))
+
+
+def t(dtype, *shape):
+    return torch.zeros(*shape or (4,), dtype=dtype)
+
+
+def loss_rows_args(dtype, num_classes: int, chunk: bool):
+    block, single, warps = triton_loss.tile_config(num_classes)
+    x, i64, acc = t(dtype, 2, 8), t(torch.int64), t(torch.promote_types(dtype, torch.float32))
+    args = dict(
+        ce_ptr=x, ce_row_ptr=i64, kd_ptr=x, t_ptr=x, labels_ptr=i64, info_ptr=i64, g_ce_ptr=x, g_kd_ptr=x,
+        row_ce_ptr=acc, row_kl_ptr=acc, status_ptr=t(torch.int32), num_classes=num_classes, num_rows=512,
+        num_labelled=256, ce_rows=256, ignore_index=-100, temperature=2.0, label_smoothing=0.1,
+        ACC=tl.float64 if dtype == torch.float64 else tl.float32, CE_ROW=chunk, COUNT_ON_DEVICE=not chunk,
+        KD_SPLIT=True, SMOOTH=True, CE_GRAD=True, KD_GRAD=True, BLOCK_C=block, SINGLE_TILE=single,
+    )  # fmt: skip
+    return args, warps
+
+
+def kernel_cases():
+    """(name, kernel, args, num_warps, archs) of every kernel in the configurations the ops launch."""
+    i64 = t(torch.int64)
+    args = dict(labels_ptr=i64, info_ptr=i64, n=512, num_classes=1000, ignore_index=-100, BLOCK=1024)
+    cases = [("count_labels", triton_loss._count_labels_kernel, args, 4, (80, 90))]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for c in (1000, 21843):
+            args, warps = loss_rows_args(dtype, c, chunk=False)
+            archs = (80, 90) if dtype in (torch.float32, torch.bfloat16) else (90,)
+            cases.append((f"loss_rows {dtype} C={c}", triton_loss._loss_rows_kernel, args, warps, archs))
+    args, warps = loss_rows_args(torch.bfloat16, 21843, chunk=True)
+    cases.append(("loss_rows chunk", triton_loss._loss_rows_kernel, args, warps, (90,)))
+    for acc in (torch.float32, torch.float64):
+        f = t(acc)
+        args = dict(row_ce_ptr=f, row_kl_ptr=f, status_ptr=t(torch.int32), info_ptr=i64, loss_ptr=f, ce_term_ptr=f,
+                    kd_term_ptr=f, n=512, ce_weight=0.5, kd_weight=0.5, HAS_LOSS=True, BLOCK=1024)  # fmt: skip
+        cases.append((f"reduce_rows {acc}", triton_loss._reduce_rows_kernel, args, 4, (90,)))
+    for dtype, c in ((torch.float32, 1000), (torch.bfloat16, 21843)):
+        block, single, warps = triton_loss.tile_config(c)
+        args = dict(ce_ptr=t(dtype), kd_ptr=t(dtype), out_ptr=t(torch.float32), num_classes=c, alpha=0.5, beta=2.0,
+                    ACC=tl.float32, BLOCK_C=block, SINGLE_TILE=single)  # fmt: skip
+        cases.append((f"predict {dtype} C={c}", triton_blend._predict_kernel, args, warps, (90,)))
+    f32 = t(torch.float32)
+    args = dict(ce_ptr=f32, kd_ptr=f32, labels_ptr=i64, alphas_ptr=f32, betas_ptr=f32, correct_ptr=t(torch.int32),
+                num_rows=50000, num_classes=1000, num_alphas=21, num_betas=7, ACC=tl.float32, BLOCK_C=512, BLOCK_A=32,
+                BLOCK_B=8)  # fmt: skip
+    cases.append(("search", triton_blend._search_kernel, args, 4, (80, 90)))
+    return cases
+
+
+def test_kernels_compile_for_the_default_architectures_without_spilling():
+    for name, kernel, args, warps, archs in kernel_cases():
+        for arch in archs:
+            compiled = compile_kernel(kernel, args, arch, warps)
+            assert compiled.asm["cubin"], f"{name}: no cubin for sm_{arch}"
+            assert local_memory_bytes(compiled) in (0, None), f"{name} spills registers on sm_{arch}"
+
+
+def fake_inputs(mode, n: int, c: int, device: str = "cuda"):
+    with mode:
+        ce = torch.randn(n, c, device=device, requires_grad=True)
+        kd = torch.randn(n, c, device=device, requires_grad=True)
+        teacher = torch.randn(n, c, device=device)
+        labels = torch.randint(0, c, (n,), device=device)
+    return ce, kd, teacher, labels
+
+
+def triton_kernels_in(graph: torch.fx.GraphModule) -> list[str]:
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    return [
+        kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+        for node in graph.graph.nodes
+        if node.op == "call_function" and "triton_kernel_wrapper" in str(node.target)
+    ]
+
+
+LOSS_KERNELS = ["_count_labels_kernel", "_loss_rows_kernel", "_reduce_rows_kernel"]
+# temperature, ce_weight, kd_weight, kd_split, ignore_index, label_smoothing, ce_grad, kd_grad
+OP_SCALARS = (2.0, 0.5, 0.5, True, -100, 0.0, True, True)
+
+
+def trace(fn, *inputs) -> torch.fx.GraphModule:
+    """What AOTAutograd does under torch.compile: functionalise, then trace with fake tensors."""
+    return make_fx(dispatch_functionalize(fn), tracing_mode="fake")(*inputs)
+
+
+def test_public_api_traces_into_the_kernels():
+    def loss(ce, kd, teacher, labels):
+        return dho_fast.fused_dual_head_loss(ce, kd, teacher, labels, backend="triton")
+
+    graph = trace(loss, *fake_inputs(FakeTensorMode(), 8, 1000))
+    assert triton_kernels_in(graph) == LOSS_KERNELS
+    assert "_assert_async" in graph.code  # the value checks, without a host sync
+
+
+def test_backward_only_scales_the_gradients_of_the_forward():
+    # Autograd needs a device for CUDA tensors, even fake ones: CPU fake tensors call the same op and kernels.
+    def step(ce, kd, teacher, labels):
+        terms = torch.ops.dho_fast.dual_head_loss_triton(ce, kd, teacher, labels, *OP_SCALARS)
+        return torch.autograd.grad(terms[0] + 0.5 * terms[1], (ce, kd))
+
+    graph = trace(step, *fake_inputs(FakeTensorMode(), 8, 1000, device="cpu"))
+    assert triton_kernels_in(graph) == LOSS_KERNELS
+    nodes = [node for node in graph.graph.nodes if node.op == "call_function"]
+    last_kernel = max(i for i, node in enumerate(nodes) if "triton_kernel_wrapper" in str(node.target))
+    after = {getattr(node.target, "__name__", str(node.target)).split(".")[0] for node in nodes[last_kernel + 1 :]}
+    assert after <= {"getitem", "select", "eq", "_assert_async", "add", "mul", "ones_like"}, after
+
+
+def test_blend_ops_trace_into_their_kernels():
+    mode = FakeTensorMode()
+    ce, kd, _, labels = fake_inputs(mode, 8, 100)
+
+    def blend(ce, kd, labels, alphas, betas):
+        predict = torch.ops.dho_fast.dual_head_predict_triton(ce, kd, 0.5, 2.0)
+        return predict, torch.ops.dho_fast.blend_search_triton(ce, kd, labels, alphas, betas)
+
+    with mode:
+        alphas = torch.tensor(dho_fast.blend.DEFAULT_ALPHAS, device="cuda")
+        betas = torch.tensor(dho_fast.blend.DEFAULT_BETAS, device="cuda")
+    graph = trace(blend, ce.detach(), kd.detach(), labels, alphas, betas)
+    assert triton_kernels_in(graph) == ["_predict_kernel", "_search_kernel"]
+
+
+def test_compile_captures_the_public_api_in_one_graph(monkeypatch):
+    from torch._dynamo.backends.common import aot_autograd
+
+    # CPU tensors stand in for CUDA ones: the kernels are traced, never run.
+    monkeypatch.setattr(kernels, "supports_device", lambda device: True)
+    graphs = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):  # no GPU to run the kernels on
+            raise Captured
+
+        return run
+
+    def loss(ce, kd, teacher, labels):
+        return dho_fast.fused_dual_head_loss(ce, kd, teacher, labels, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend=aot_autograd(fw_compiler=capture), fullgraph=True)
+    ce, kd = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100, requires_grad=True)
+    with pytest.raises(Captured):
+        compiled(ce, kd, torch.randn(8, 100), torch.randint(0, 100, (8,)))
+    assert triton_kernels_in(graphs[0]) == LOSS_KERNELS
