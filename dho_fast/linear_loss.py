@@ -98,7 +98,21 @@ def fused_linear_dual_head_loss(
     Gradients for ``features``, both weights and both biases are computed during the forward pass, chunk by chunk
     (``d features = dZ_ce W_ce + dZ_kd W_kd``, ``d W += dZ^T features``, weight gradients accumulated in float32 for
     half inputs), when autograd needs them; backward only scales them.
+
+    Under ``torch.autocast`` every floating input is first cast to the autocast dtype, as autocast does for
+    ``nn.Linear``; the gradients flow back through the casts to the parameters' own dtype.
     """
+    if isinstance(features, torch.Tensor) and torch.is_autocast_enabled(features.device.type):
+        # As autocast treats nn.Linear: the GEMMs run in the autocast dtype (the loss still accumulates in float32).
+        dtype = torch.get_autocast_dtype(features.device.type)
+        cast = [t.to(dtype) if t is not None else None for t in (features, ce_weight, ce_bias, kd_weight, kd_bias)]
+        with torch.autocast(features.device.type, enabled=False):
+            return fused_linear_dual_head_loss(
+                *cast, teacher_logits.to(dtype), labels, kd_cosine=kd_cosine, kd_logit_scale=kd_logit_scale,
+                chunk_size=chunk_size, temperature=temperature, ce_loss_weight=ce_loss_weight,
+                kd_loss_weight=kd_loss_weight, kd_reduction=kd_reduction, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, return_terms=return_terms, backend=backend,
+            )  # fmt: skip
     check_linear_loss_args(
         features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels, kd_logit_scale=kd_logit_scale,
         chunk_size=chunk_size, temperature=temperature, ce_loss_weight=ce_loss_weight, kd_loss_weight=kd_loss_weight,

@@ -93,7 +93,18 @@ def fused_dual_head_loss(
     pass when autograd needs them; backward only scales them. Statistics accumulate in float32 (float64 for
     float64 input). NaN or inf in the student logits is not an error: it propagates to the loss, so mixed-precision
     loss scaling can skip the step.
+
+    Under ``torch.autocast`` the three logit tensors are first cast to their common dtype (float32 when the teacher's
+    logits are float32 and the heads' are half), as autocast does for PyTorch's own losses.
     """
+    if isinstance(ce_logits, torch.Tensor) and torch.is_autocast_enabled(ce_logits.device.type):
+        dtype = torch.promote_types(torch.promote_types(ce_logits.dtype, kd_logits.dtype), teacher_logits.dtype)
+        with torch.autocast(ce_logits.device.type, enabled=False):
+            return fused_dual_head_loss(
+                ce_logits.to(dtype), kd_logits.to(dtype), teacher_logits.to(dtype), labels, temperature=temperature,
+                ce_weight=ce_weight, kd_weight=kd_weight, kd_reduction=kd_reduction, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, return_terms=return_terms, backend=backend,
+            )  # fmt: skip
     check_loss_args(
         ce_logits, kd_logits, teacher_logits, labels, temperature=temperature, ce_weight=ce_weight,
         kd_weight=kd_weight, kd_reduction=kd_reduction, label_smoothing=label_smoothing,

@@ -139,8 +139,8 @@ class Student(nn.Module):
         of the labelled rows, weighted by ``ce_weight``.
         """
         features = self.backbone(images)
-        # The heads and the loss run in float32 outside autocast: the fused ops take one dtype for features,
-        # weights and teacher logits, and the heads cost little next to the backbone.
+        # The heads and the loss run in float32 outside autocast: they cost little next to the backbone, and full
+        # precision keeps the two heads' logits comparable for the inference blend.
         with torch.autocast(features.device.type, enabled=False):
             return self._head_loss(features.float(), teacher_logits, labels, loss_args)
 
