@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from helpers import IGNORE, LOSS_TOLERANCES, TOLERANCES, make_inputs
+from helpers import IGNORE, assert_backend_matches_reference, make_inputs, run_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,27 +16,12 @@ SHAPES = [(1, 1), (1, 7), (5, 1), (17, 997), (64, 1000), (8, 21843)]
 KW = dict(temperature=2.0, ce_weight=0.5, kd_weight=0.5)
 
 
-def run(fn, ce, kd, teacher, labels, **kwargs):
-    """Loss terms and both logit gradients of ``fn`` on leaf copies of the inputs."""
-    ce = ce.detach().clone().requires_grad_()
-    kd = kd.detach().clone().requires_grad_()
-    loss, ce_term, kd_term = fn(ce, kd, teacher, labels, **kwargs)
-    loss.backward()
-    return loss.detach(), ce_term.detach(), kd_term.detach(), ce.grad, kd.grad
-
-
 def fused(*args, **kwargs):
     return dho_fast.fused_dual_head_loss(*args, return_terms=True, backend="cpu", **kwargs)
 
 
 def assert_matches_reference(inputs, dtype, **kwargs):
-    got = run(fused, *inputs, **kwargs)
-    want = run(reference.dual_head_loss, *inputs, **kwargs)
-    for name, g, w in zip(("loss", "ce_term", "kd_term"), got[:3], want[:3], strict=True):
-        torch.testing.assert_close(g, w, **LOSS_TOLERANCES[dtype], msg=lambda m, n=name: f"{n}: {m}")
-    for name, g, w in zip(("grad ce_logits", "grad kd_logits"), got[3:], want[3:], strict=True):
-        assert g.dtype == dtype
-        torch.testing.assert_close(g, w, **TOLERANCES[dtype], msg=lambda m, n=name: f"{n}: {m}")
+    assert_backend_matches_reference("cpu", inputs, dtype, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -72,14 +57,14 @@ def test_every_instruction_set_variant(capability, monkeypatch):
 
 def test_no_labelled_rows_gives_zero_ce_term_and_gradient():
     ce, kd, teacher, labels = make_inputs(6, 10, labelled="none")
-    loss, ce_term, kd_term, g_ce, _ = run(fused, ce, kd, teacher, labels, **KW)
+    loss, ce_term, kd_term, g_ce, _ = run_backend("cpu", ce, kd, teacher, labels, **KW)
     assert ce_term.item() == 0.0 and torch.isfinite(loss)
     assert torch.count_nonzero(g_ce) == 0
 
 
 def test_identical_distributions_give_zero_kd():
     ce, kd, _, labels = make_inputs(8, 50, labelled="none")
-    loss, _, kd_term, _, g_kd = run(fused, ce, kd, kd.clone(), labels, **KW)
+    loss, _, kd_term, _, g_kd = run_backend("cpu", ce, kd, kd.clone(), labels, **KW)
     assert abs(kd_term.item()) < 1e-5
     assert g_kd.abs().max() < 1e-6
 
@@ -87,7 +72,7 @@ def test_identical_distributions_give_zero_kd():
 def test_unlabelled_rows_get_no_ce_gradient():
     ce, kd, teacher, labels = make_inputs(10, 20, labelled="mixed")
     labels[0], labels[1] = IGNORE, 3
-    *_, g_ce, _ = run(fused, ce, kd, teacher, labels, **KW)
+    *_, g_ce, _ = run_backend("cpu", ce, kd, teacher, labels, **KW)
     assert torch.count_nonzero(g_ce[labels == IGNORE]) == 0
     assert torch.count_nonzero(g_ce[1]) > 0
 
@@ -146,9 +131,9 @@ def test_result_does_not_depend_on_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run(fused, *inputs, **KW)
+        one = run_backend("cpu", *inputs, **KW)
         torch.set_num_threads(max(2, os.cpu_count() or 2))
-        many = run(fused, *inputs, **KW)
+        many = run_backend("cpu", *inputs, **KW)
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(one, many, strict=True):
@@ -168,8 +153,8 @@ def test_result_does_not_depend_on_thread_count():
 def test_property_matches_reference(n, c, scale, temperature, masked, labelled, seed):
     g = torch.Generator().manual_seed(seed)
     inputs = make_inputs(n, c, scale=scale, masked_fraction=masked, labelled=labelled, generator=g)
-    got = run(fused, *inputs, temperature=temperature)
-    want = run(reference.dual_head_loss, *inputs, temperature=temperature)
+    got = run_backend("cpu", *inputs, temperature=temperature)
+    want = run_backend("reference", *inputs, temperature=temperature)
     # Relative to the size of the loss: at logit spreads of 1e4 the terms are ~1e4 and float32 rounds at ~1e-3.
     for g_, w in zip(got, want, strict=True):
         torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-5 * max(1.0, scale))
@@ -179,5 +164,5 @@ def test_property_matches_reference(n, c, scale, temperature, masked, labelled, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_gradient_element_is_written(labelled, dtype, monkeypatch):
     monkeypatch.setenv("DHO_FAST_POISON_OUTPUTS", "1")
-    *_, g_ce, g_kd = run(fused, *make_inputs(13, 1031, dtype, labelled=labelled), **KW)
+    *_, g_ce, g_kd = run_backend("cpu", *make_inputs(13, 1031, dtype, labelled=labelled), **KW)
     assert torch.isfinite(g_ce).all() and torch.isfinite(g_kd).all()
