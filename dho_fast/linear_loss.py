@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from dho_fast import _ops, reference
 from dho_fast._validation import check_linear_loss_args
-from dho_fast.loss import resolve_backend
+from dho_fast.loss import autocast_active, resolve_backend
 
 # Devices with a kernel of the per-chunk op (on CUDA the compiled one or Triton's, whichever registered itself).
 # Computed once, at import: torch.compile cannot trace the query.
@@ -102,7 +102,7 @@ def fused_linear_dual_head_loss(
     Under ``torch.autocast`` every floating input is first cast to the autocast dtype, as autocast does for
     ``nn.Linear``; the gradients flow back through the casts to the parameters' own dtype.
     """
-    if isinstance(features, torch.Tensor) and torch.is_autocast_enabled(features.device.type):
+    if isinstance(features, torch.Tensor) and autocast_active(features.device):
         # As autocast treats nn.Linear: the GEMMs run in the autocast dtype (the loss still accumulates in float32).
         dtype = torch.get_autocast_dtype(features.device.type)
         cast = [t.to(dtype) if t is not None else None for t in (features, ce_weight, ce_bias, kd_weight, kd_bias)]

@@ -50,6 +50,11 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return "reference"
 
 
+def autocast_active(device: torch.device) -> bool:
+    """Whether torch.autocast is on for ``device`` (devices autocast does not know, e.g. meta, never are)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
 def fused_dual_head_loss(
     ce_logits: torch.Tensor,
     kd_logits: torch.Tensor,
@@ -97,7 +102,7 @@ def fused_dual_head_loss(
     Under ``torch.autocast`` the three logit tensors are first cast to their common dtype (float32 when the teacher's
     logits are float32 and the heads' are half), as autocast does for PyTorch's own losses.
     """
-    if isinstance(ce_logits, torch.Tensor) and torch.is_autocast_enabled(ce_logits.device.type):
+    if isinstance(ce_logits, torch.Tensor) and autocast_active(ce_logits.device):
         dtype = torch.promote_types(torch.promote_types(ce_logits.dtype, kd_logits.dtype), teacher_logits.dtype)
         with torch.autocast(ce_logits.device.type, enabled=False):
             return fused_dual_head_loss(
