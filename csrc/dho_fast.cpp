@@ -11,7 +11,7 @@ TORCH_LIBRARY(dho_fast, m) {
       "float ce_weight, float kd_weight, bool kd_split, int ignore_index, float label_smoothing, bool ce_grad, "
       "bool kd_grad) -> (Tensor loss, Tensor ce_term, Tensor kd_term, Tensor ce_grad_out, Tensor kd_grad_out)");
 
-  // One row chunk of the batch's loss: the per-chunk step of fused_linear_dual_head_loss (dho_fast/_linear_op.py).
+  // One row chunk of the batch's loss: the per-chunk step of fused_linear_dual_head_loss (below).
   //   kd_logits (R, C): the KD logits of rows [start, start + R) of the batch;
   //   ce_logits (L, C): the CE logits of the labelled rows among them, in row order;
   //   teacher_logits (N, C), labels (N,): the whole batch; num_labelled: its labelled rows.
@@ -32,8 +32,9 @@ TORCH_LIBRARY(dho_fast, m) {
       "Tensor? kd_bias, Tensor teacher_logits, Tensor labels, bool kd_cosine, float kd_logit_scale, int chunk_size, "
       "float temperature, float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, "
       "float label_smoothing) -> (Tensor loss, Tensor ce_term, Tensor kd_term)");
-  // Its forward as its autograd kernel runs it: also the unweighted gradients of ce_term (d_*_ce) and kd_term
-  // (d_*_kd) that the grad flags ask for, each a (0,) placeholder when not asked for (or when its bias is None).
+  // Its forward as its autograd kernel runs it: also the gradients (d_*_ce) of s_ce * ce_term and (d_*_kd) of
+  // s_kd * kd_term that the grad flags ask for, each a (0,) placeholder when not asked for (or when its bias is None).
+  // s = the term's loss weight, or 1 where that is 0: the usual loss.backward() then scales nothing.
   m.def(
       "fused_linear_dual_head_loss_with_grads(Tensor features, Tensor ce_weight, Tensor? ce_bias, Tensor kd_weight, "
       "Tensor? kd_bias, Tensor teacher_logits, Tensor labels, bool kd_cosine, float kd_logit_scale, int chunk_size, "

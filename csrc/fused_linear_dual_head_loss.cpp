@@ -1,7 +1,8 @@
 // dho_fast::fused_linear_dual_head_loss, for every device: row chunks of both heads' GEMMs (ATen) around
 // dho_fast::dual_head_loss_chunk, which the dispatcher sends to the tensors' device's kernel. Only one chunk's logits
 // exist at a time. The gradients are computed in the forward pass (grad-in-forward) and the autograd kernel below
-// only scales them. It is C++ rather than Python because the op's fixed cost is part of every training step.
+// only scales them, or returns them as they are in the usual loss.backward(). It is C++ rather than Python because
+// the op's fixed cost is part of every training step.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace dho_fast {
 namespace {
@@ -21,6 +23,11 @@ using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
 // eps of F.normalize: the cosine KD head sees x / max(|x|, eps).
 constexpr double kNormEps = 1e-12;
+
+// The forward returns the gradients of gradient_scale(w) * term rather than of the term, for each head's loss weight
+// w: the scale rides on the GEMMs' alpha for free, and the usual loss.backward() then has nothing left to multiply. A
+// zero weight keeps scale 1, so that the term's own gradient (backward through ce_term or kd_term) stays available.
+double gradient_scale(double loss_weight) { return loss_weight != 0.0 ? loss_weight : 1.0; }
 
 // dual_head_loss_chunk through the dispatcher: the kernel of the logits' device.
 std::tuple<Tensor, Tensor> loss_chunk(Tensor& ce_logits, Tensor& kd_logits, const Tensor& teacher, const Tensor& labels,
@@ -34,13 +41,50 @@ std::tuple<Tensor, Tensor> loss_chunk(Tensor& ce_logits, Tensor& kd_logits, cons
                  label_smoothing, ce_grad, kd_grad);
 }
 
-// scale * (x @ weight.T + bias): a fresh contiguous tensor the chunk kernel may overwrite.
-Tensor head_logits(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, double scale) {
-  if (!bias) {
-    Tensor z = at::mm(x, weight.t());
-    return scale == 1.0 ? z : z.mul_(scale);
+// One chunk of rows [start, stop) and its labelled rows: entries [first, last) of the batch's labelled-row list.
+// When those are consecutive batch rows (a batch of labelled then unlabelled samples, the usual layout) they are
+// rows [first_row, first_row + last - first), which the chunk reads and writes as slices instead of gathering them.
+struct Chunk {
+  int64_t start, stop, first, last;
+  bool consecutive;
+  int64_t first_row;
+};
+
+// The chunks, and the batch's labelled rows in order, from the labels on the host: one device sync for the batch.
+std::vector<Chunk> plan_chunks(const Tensor& labels, int64_t ignore_index, int64_t chunk_size,
+                               std::vector<int64_t>& labelled) {
+  const Tensor y = labels.to(at::kCPU);
+  const int64_t N = y.size(0);
+  const int64_t* label = y.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    if (label[i] != ignore_index) labelled.push_back(i);
   }
-  return at::addmm(*bias, x, weight.t(), scale, scale);
+  std::vector<Chunk> chunks;
+  int64_t first = 0;
+  for (int64_t start = 0; start < N; start += chunk_size) {
+    const int64_t stop = std::min(start + chunk_size, N);
+    int64_t last = first;
+    while (last < static_cast<int64_t>(labelled.size()) && labelled[last] < stop) ++last;
+    const bool none = last == first;
+    const bool consecutive = none || labelled[last - 1] - labelled[first] == last - first - 1;
+    chunks.push_back({start, stop, first, last, consecutive, none ? start : labelled[first]});
+    first = last;
+  }
+  return chunks;
+}
+
+// out = scale * (x @ weight.T + bias), the scale applied by the GEMM.
+void head_logits(Tensor out, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, double scale) {
+  if (bias) {
+    at::addmm_out(out, *bias, x, weight.t(), scale, scale);
+  } else {
+    at::addmm_out(out, out, x, weight.t(), /*beta=*/0.0, scale);
+  }
+}
+
+// out = scale * a @ b, the scale applied by the GEMM. out's previous contents are ignored (beta = 0).
+void scaled_mm_out(Tensor out, const Tensor& a, const Tensor& b, double scale) {
+  at::addmm_out(out, out, a, b, /*beta=*/0.0, scale);
 }
 
 // grad_weight = beta * grad_weight + scale * dz^T x and grad_bias = beta * grad_bias + scale * sum_rows dz, with
@@ -58,8 +102,8 @@ void accumulate(Tensor& grad_weight, Tensor& grad_bias, const Tensor& dz, const 
 }
 
 // d/dx of scale * (x / max(|x|, eps)) given g = d/d(that) / scale: scale * (g - u (u . g)) / |x|, or scale * g / eps
-// where the clamp is active (the norm is then a constant). In float32 for half inputs: the tangential part can be
-// much smaller than g.
+// where the clamp is active (the norm is then a constant). Row-wise, so it applies to any chunk of rows. In float32
+// for half inputs: the tangential part can be much smaller than g.
 Tensor normalize_backward(const Tensor& grad, const Tensor& x_unit, const Tensor& norm, double scale) {
   const Tensor g = grad.to(norm.scalar_type()), u = x_unit.to(norm.scalar_type());
   const Tensor radial = at::where(norm > kNormEps, (u * g).sum(1, /*keepdim=*/true), 0.0);
@@ -74,6 +118,9 @@ Outputs fused_linear_forward(const Tensor& features, const Tensor& ce_weight, co
                              bool grad_features, bool grad_ce_head, bool grad_kd_head) {
   TORCH_CHECK(features.dim() == 2 && ce_weight.dim() == 2 && ce_weight.size(1) == features.size(1),
               "features must be (N, D) and ce_weight (C, D), got ", features.sizes(), " and ", ce_weight.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) && labels.scalar_type() == at::kLong,
+              "labels must be an int64 (N,) tensor with N = features.size(0) = ", features.size(0), ", got ",
+              labels.scalar_type(), " ", labels.sizes());
   TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   const int64_t N = features.size(0), D = features.size(1), C = ce_weight.size(0);
   const auto acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -83,11 +130,21 @@ Outputs fused_linear_forward(const Tensor& features, const Tensor& ce_weight, co
     norm = at::linalg_vector_norm(x.to(acc), 2, at::IntArrayRef{1}, /*keepdim=*/true);
     kd_x = (x / norm.clamp_min(kNormEps)).to(x.scalar_type());
   }
+  const double ce_scale = gradient_scale(ce_loss_weight), kd_scale = gradient_scale(kd_loss_weight);
 
-  // Unweighted gradients of ce_term and kd_term; undefined: not asked for (or no bias).
+  std::vector<int64_t> labelled;
+  const std::vector<Chunk> chunks = plan_chunks(y, ignore_index, chunk_size, labelled);
+  const int64_t num_labelled = static_cast<int64_t>(labelled.size());
+  // Every chunk's logits of both heads, overwritten by their gradients, live in one workspace allocated once.
+  int64_t max_ce_rows = 0;
+  for (const Chunk& c : chunks) max_ce_rows = std::max(max_ce_rows, c.last - c.first);
+  const int64_t max_rows = std::min(chunk_size, N);
+  const Tensor workspace = at::empty({max_ce_rows + max_rows, C}, x.options());
+
+  // Gradients of ce_scale * ce_term and kd_scale * kd_term; undefined: not asked for (or no bias).
   Tensor d_x_ce, d_x_kd, d_w_ce, d_b_ce, d_w_kd, d_b_kd;
   if (grad_features) {
-    d_x_ce = at::zeros({N, D}, x.options());  // unlabelled rows get no CE gradient
+    d_x_ce = at::empty({N, D}, x.options());
     d_x_kd = at::empty({N, D}, x.options());
   }
   const auto acc_options = x.options().dtype(acc);
@@ -104,38 +161,53 @@ Outputs fused_linear_forward(const Tensor& features, const Tensor& ce_weight, co
     if (kd_bias) d_b_kd = accumulator({C});
   }
 
-  // Batch indices of the labelled rows, and where each chunk's begin in that list: one host sync for all chunks.
-  const Tensor labelled_rows = (y != ignore_index).nonzero().squeeze(1);
-  const int64_t num_chunks = (N + chunk_size - 1) / chunk_size;
-  const Tensor chunk_starts = at::arange(0, num_chunks + 1, y.options()).mul_(chunk_size).clamp_max_(N);
-  const Tensor bounds = at::searchsorted(labelled_rows, chunk_starts).to(at::kCPU);
-  const int64_t* b = bounds.const_data_ptr<int64_t>();
+  // The labelled rows' indices on the device, for the chunks that gather them.
+  Tensor labelled_rows;
+  if (std::any_of(chunks.begin(), chunks.end(), [](const Chunk& c) { return !c.consecutive; })) {
+    labelled_rows = at::tensor(labelled, y.options().device(at::kCPU)).to(y.device());
+  }
 
   Tensor ce_term = at::zeros({}, acc_options), kd_term = at::zeros({}, acc_options);
-  for (int64_t k = 0; k < num_chunks; ++k) {
-    const int64_t start = k * chunk_size, stop = std::min(start + chunk_size, N);
-    const Tensor rows = labelled_rows.slice(0, b[k], b[k + 1]);
-    const Tensor x_ce = x.index_select(0, rows), x_kd = kd_x.slice(0, start, stop);
-    Tensor z_ce = head_logits(x_ce, ce_weight, ce_bias, 1.0);
-    Tensor z_kd = head_logits(x_kd, kd_weight, kd_bias, kd_logit_scale);
+  for (const Chunk& c : chunks) {
+    const int64_t num_ce = c.last - c.first;
+    Tensor rows, x_ce;
+    if (c.consecutive) {
+      x_ce = x.slice(0, c.first_row, c.first_row + num_ce);
+    } else {
+      rows = labelled_rows.slice(0, c.first, c.last);
+      x_ce = x.index_select(0, rows);
+    }
+    const Tensor x_kd = kd_x.slice(0, c.start, c.stop);
+    Tensor z_ce = workspace.narrow(0, 0, num_ce), z_kd = workspace.narrow(0, max_ce_rows, c.stop - c.start);
+    head_logits(z_ce, x_ce, ce_weight, ce_bias, 1.0);
+    head_logits(z_kd, x_kd, kd_weight, kd_bias, kd_logit_scale);
     const auto [ce_sum, kd_sum] =
-        loss_chunk(z_ce, z_kd, teacher, y, start, labelled_rows.size(0), temperature, kd_split, ignore_index,
+        loss_chunk(z_ce, z_kd, teacher, y, c.start, num_labelled, temperature, kd_split, ignore_index,
                    label_smoothing, grad_features || grad_ce_head, grad_features || grad_kd_head);
     ce_term.add_(ce_sum);
     kd_term.add_(kd_sum);
     // z_ce and z_kd now hold d ce_term / d z_ce and d kd_term / d z_kd.
     if (grad_features) {
-      d_x_ce.index_copy_(0, rows, at::mm(z_ce, ce_weight));
-      Tensor d_x_kd_rows = d_x_kd.slice(0, start, stop);
-      at::mm_out(d_x_kd_rows, z_kd, kd_weight);
+      // Unlabelled rows get no CE gradient.
+      if (c.consecutive) {
+        scaled_mm_out(d_x_ce.slice(0, c.first_row, c.first_row + num_ce), z_ce, ce_weight, ce_scale);
+        d_x_ce.slice(0, c.start, c.first_row).zero_();
+        d_x_ce.slice(0, c.first_row + num_ce, c.stop).zero_();
+      } else {
+        d_x_ce.slice(0, c.start, c.stop).zero_();
+        d_x_ce.index_add_(0, rows, at::mm(z_ce, ce_weight), ce_scale);
+      }
+      const Tensor d_x_kd_rows = d_x_kd.slice(0, c.start, c.stop);
+      if (kd_cosine) {
+        d_x_kd_rows.copy_(normalize_backward(at::mm(z_kd, kd_weight), x_kd, norm.slice(0, c.start, c.stop),
+                                             kd_logit_scale * kd_scale));
+      } else {
+        scaled_mm_out(d_x_kd_rows, z_kd, kd_weight, kd_logit_scale * kd_scale);
+      }
     }
-    if (grad_ce_head) accumulate(d_w_ce, d_b_ce, z_ce, x_ce, 1.0, k == 0);
-    if (grad_kd_head) accumulate(d_w_kd, d_b_kd, z_kd, x_kd, kd_logit_scale, k == 0);
-  }
-  if (grad_features && kd_cosine) {
-    d_x_kd = normalize_backward(d_x_kd, kd_x, norm, kd_logit_scale);
-  } else if (grad_features && kd_logit_scale != 1.0) {
-    d_x_kd.mul_(kd_logit_scale);
+    const bool first = c.start == 0;
+    if (grad_ce_head) accumulate(d_w_ce, d_b_ce, z_ce, x_ce, ce_scale, first);
+    if (grad_kd_head) accumulate(d_w_kd, d_b_kd, z_kd, x_kd, kd_logit_scale * kd_scale, first);
   }
 
   // A gradient not asked for is returned as a (0,) placeholder; weight gradients in their weights' dtype.
@@ -222,34 +294,50 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
                             c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
     const bool in_place = !traced && !torch::autograd::get_current_graph_task_keep_graph();
     const Tensor& grad_loss = grad_outputs[0];
+    // The factor for the saved gradients of gradient_scale(w) * term: d loss / d term / gradient_scale(w) with
+    // d loss / d term = grad_loss * w + grad_term. It is grad_loss itself in the usual backward of the loss alone.
     // Undefined: no gradient reaches that term.
-    auto term_scale = [&](double loss_weight, const Tensor& grad_term) {
-      if (!grad_loss.defined()) return grad_term;
-      const Tensor from_loss = grad_loss * loss_weight;
-      return grad_term.defined() ? from_loss + grad_term : from_loss;
+    auto term_factor = [&](double loss_weight, const Tensor& grad_term) {
+      const double scale = gradient_scale(loss_weight);
+      Tensor factor;
+      if (grad_loss.defined()) factor = loss_weight == scale ? grad_loss : grad_loss * (loss_weight / scale);
+      if (grad_term.defined()) factor = factor.defined() ? factor + grad_term / scale : grad_term / scale;
+      return factor;
     };
-    const Tensor s_ce = term_scale(ctx->saved_data["ce_loss_weight"].toDouble(), grad_outputs[1]);
-    const Tensor s_kd = term_scale(ctx->saved_data["kd_loss_weight"].toDouble(), grad_outputs[2]);
+    const Tensor f_ce = term_factor(ctx->saved_data["ce_loss_weight"].toDouble(), grad_outputs[1]);
+    const Tensor f_kd = term_factor(ctx->saved_data["kd_loss_weight"].toDouble(), grad_outputs[2]);
+    // grad * factor, overwriting grad when `reuse`; free for a factor of exactly 1 on the CPU (loss.backward()).
+    auto times = [&](const Tensor& grad, const Tensor& factor, bool reuse) -> Tensor {
+      if (!reuse) return grad * factor;
+      if (factor.is_cpu() && factor.item<double>() == 1.0) return grad;
+      return grad.mul_(factor);
+    };
     // needs_input_grad counts the tensor inputs only: an absent bias has no entry.
     const bool present[5] = {true, true, ctx->saved_data["has_ce_bias"].toBool(), true,
                              ctx->saved_data["has_kd_bias"].toBool()};
-    auto scaled = [&](size_t input, const Tensor& term_grad, const Tensor& scale) -> Tensor {
-      const size_t tensor_index = std::count(present, present + input, true);
-      if (!present[input] || !ctx->needs_input_grad(tensor_index) || !scale.defined()) return Tensor();
-      return in_place ? term_grad.mul_(scale) : term_grad * scale;
+    auto wanted = [&](size_t input) {
+      return present[input] && ctx->needs_input_grad(std::count(present, present + input, true));
     };
-    Tensor d_features = scaled(0, saved[0], s_ce);
-    if (d_features.defined() && s_kd.defined()) {
-      d_features.addcmul_(saved[1], s_kd);
-    } else if (s_kd.defined()) {
-      d_features = scaled(0, saved[1], s_kd);
+    auto scaled = [&](size_t input, const Tensor& grad, const Tensor& factor) -> Tensor {
+      return wanted(input) && factor.defined() ? times(grad, factor, in_place) : Tensor();
+    };
+    // d features = f_ce * d_x_ce + f_kd * d_x_kd, with one factor for both in the usual case.
+    Tensor d_features;
+    if (wanted(0) && f_ce.defined() && f_kd.defined()) {
+      if (f_ce.is_same(f_kd)) {
+        d_features = times(in_place ? saved[0].add_(saved[1]) : saved[0] + saved[1], f_ce, !traced);
+      } else {
+        d_features = saved[0] * f_ce + saved[1] * f_kd;
+      }
+    } else {
+      d_features = f_ce.defined() ? scaled(0, saved[0], f_ce) : scaled(0, saved[1], f_kd);
     }
     torch::autograd::variable_list grads(19);
     grads[0] = d_features;
-    grads[1] = scaled(1, saved[2], s_ce);
-    grads[2] = scaled(2, saved[3], s_ce);
-    grads[3] = scaled(3, saved[4], s_kd);
-    grads[4] = scaled(4, saved[5], s_kd);
+    grads[1] = scaled(1, saved[2], f_ce);
+    grads[2] = scaled(2, saved[3], f_ce);
+    grads[3] = scaled(3, saved[4], f_kd);
+    grads[4] = scaled(4, saved[5], f_kd);
     return grads;
   }
 };

@@ -34,8 +34,9 @@ def make_inputs(
 ):
     """Random (ce_logits, kd_logits, teacher_logits, labels) of shape (n, c).
 
-    labelled: "all", "none" or "mixed" (about half the rows, at random). masked_fraction: share of teacher entries
-    set to -inf (every row keeps at least one finite entry).
+    labelled: "all", "none", "mixed" (about half the rows, at random) or "block" (rows [n/4, 3n/4): consecutive
+    labelled rows, as in a batch of labelled then unlabelled samples, with unlabelled rows before and after them).
+    masked_fraction: share of teacher entries set to -inf (every row keeps at least one finite entry).
     """
     g = generator or torch.Generator().manual_seed(torch.seed() % (2**31))
     ce = (torch.randn(n, c, generator=g) * scale).to(dtype)
@@ -51,6 +52,9 @@ def make_inputs(
         labels[:] = IGNORE
     elif labelled == "mixed":
         labels[torch.rand(n, generator=g) < 0.5] = IGNORE
+    elif labelled == "block":
+        labels[: n // 4] = IGNORE
+        labels[3 * n // 4 :] = IGNORE
     elif labelled != "all":
         raise ValueError(labelled)
     return ce.to(device), kd.to(device), teacher.to(device), labels.to(device)

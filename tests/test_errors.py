@@ -113,8 +113,18 @@ def test_compiled_op_checks_its_own_inputs(inputs):
         torch.ops.dho_fast.dual_head_loss(ce, kd, teacher, labels, 0.0, 0.5, 0.5, True, -100, 0.0, False, False)
 
 
-def test_student_non_finite_logits_propagate(inputs):
-    # Not an error: mixed-precision loss scaling relies on seeing the inf/NaN and skipping the step.
-    ce, kd, teacher, labels = inputs
-    kd[0, 0] = math.nan
-    assert torch.isnan(call("cpu", ce, kd, teacher, labels))
+@pytest.mark.parametrize("head", ["ce", "kd"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_student_non_finite_logits_propagate(head, value):
+    # Not an error: mixed-precision loss scaling (GradScaler) looks for inf/NaN in the gradients to skip the step.
+    # C = 40 puts the bad logit inside a vector of the CPU kernel's exp, which maps NaN to a finite value.
+    ce, kd, teacher, labels = make_inputs(3, 40, labelled="all")
+    (ce if head == "ce" else kd)[1, 20] = value
+    ce.requires_grad_()
+    kd.requires_grad_()
+    loss = call("cpu", ce, kd, teacher, labels)
+    loss.backward()
+    assert torch.isnan(loss)
+    grad = ce.grad if head == "ce" else kd.grad
+    assert not grad[1].isfinite().any()
+    assert grad[[0, 2]].isfinite().all()

@@ -89,7 +89,8 @@ def assert_matches_eager(params, teacher, labels, dtype, output=0, **kwargs):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kd_cosine", [False, True], ids=["linear", "cosine"])
-@pytest.mark.parametrize("labelled", ["all", "none", "mixed"])
+# "block": chunks whose labelled rows are consecutive, begin or end inside them, or are all or none of their rows
+@pytest.mark.parametrize("labelled", ["all", "none", "mixed", "block"])
 @pytest.mark.parametrize("chunk_size", [8, 7, None], ids=["divides", "remainder", "default"])
 def test_matches_eager(dtype, kd_cosine, labelled, chunk_size):
     params, teacher, labels = make_linear_inputs(24, 16, 37, dtype, labelled=labelled)
@@ -130,6 +131,26 @@ def test_without_biases():
 def test_gradient_of_each_term(output):
     params, teacher, labels = make_linear_inputs(15, 8, 9)
     assert_matches_eager(params, teacher, labels, torch.float32, output=output, kd_cosine=True, chunk_size=4)
+
+
+@pytest.mark.parametrize("labelled", ["mixed", "block"])
+@pytest.mark.parametrize("loss_weights", [(0.3, 1.7), (0.0, 1.0), (1.0, 0.0)], ids=str)
+def test_loss_weights_and_any_combination_of_outputs(labelled, loss_weights):
+    # The forward folds nonzero loss weights into the gradients it saves; the backward must undo that for gradients
+    # that reach ce_term or kd_term directly, and scale by the incoming gradient when it is not 1.
+    params, teacher, labels = make_linear_inputs(15, 8, 9, labelled=labelled)
+    weights = dict(ce_loss_weight=loss_weights[0], kd_loss_weight=loss_weights[1], chunk_size=4)
+    leaves = [p for p in params if p is not None]
+    for combine in (
+        lambda loss, ce, kd: 3.0 * loss,
+        lambda loss, ce, kd: loss + 0.7 * ce - 0.4 * kd,
+        lambda loss, ce, kd: 2.0 * ce,
+        lambda loss, ce, kd: kd,
+    ):
+        unused_are_zero = dict(allow_unused=True, materialize_grads=True)
+        got = torch.autograd.grad(combine(*fused_loss(*params, teacher, labels, **weights)), leaves, **unused_are_zero)
+        want = torch.autograd.grad(combine(*eager_loss(*params, teacher, labels, **weights)), leaves, **unused_are_zero)
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
 
 
 def test_gradients_only_where_required():
