@@ -15,13 +15,16 @@ TORCH_LIBRARY(dho_fast, m) {
   //   kd_logits (R, C): the KD logits of rows [start, start + R) of the batch;
   //   ce_logits (L, C): the CE logits of the labelled rows among them, in row order;
   //   teacher_logits (N, C), labels (N,): the whole batch; num_labelled: its labelled rows.
+  //   ce_bias, kd_bias (C,) or None: added to every row of ce_logits / kd_logits (the heads' biases, so that the
+  //   GEMMs producing the logits need not add them).
   // Returns this chunk's contributions to ce_term and kd_term (the batch's terms are their sums over the chunks)
-  // and, when ce_grad / kd_grad, overwrites ce_logits / kd_logits with d ce_term / d ce_logits and
-  // d kd_term / d kd_logits. All tensors contiguous, logits and teacher of one dtype.
+  // and, when ce_grad / kd_grad, overwrites ce_logits / kd_logits with ce_grad_scale * d ce_term / d ce_logits and
+  // kd_grad_scale * d kd_term / d kd_logits. All tensors contiguous, logits, biases and teacher of one dtype.
   m.def(
       "dual_head_loss_chunk(Tensor(a!) ce_logits, Tensor(b!) kd_logits, Tensor teacher_logits, Tensor labels, "
       "int start, int num_labelled, float temperature, bool kd_split, int ignore_index, float label_smoothing, "
-      "bool ce_grad, bool kd_grad) -> (Tensor ce_term, Tensor kd_term)");
+      "bool ce_grad, bool kd_grad, Tensor? ce_bias=None, Tensor? kd_bias=None, float ce_grad_scale=1.0, "
+      "float kd_grad_scale=1.0) -> (Tensor ce_term, Tensor kd_term)");
 
   // The DHO loss of two linear heads over shared features, in row chunks (csrc/fused_linear_dual_head_loss.cpp):
   //   ce_logits = features @ ce_weight.T + ce_bias,

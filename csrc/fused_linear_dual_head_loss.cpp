@@ -25,20 +25,25 @@ using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 constexpr double kNormEps = 1e-12;
 
 // The forward returns the gradients of gradient_scale(w) * term rather than of the term, for each head's loss weight
-// w: the scale rides on the GEMMs' alpha for free, and the usual loss.backward() then has nothing left to multiply. A
+// w: the chunk kernel applies the scale as it writes the logits' gradients, and the usual loss.backward() then has
+// nothing left to multiply. A
 // zero weight keeps scale 1, so that the term's own gradient (backward through ce_term or kd_term) stays available.
 double gradient_scale(double loss_weight) { return loss_weight != 0.0 ? loss_weight : 1.0; }
 
 // dual_head_loss_chunk through the dispatcher: the kernel of the logits' device.
 std::tuple<Tensor, Tensor> loss_chunk(Tensor& ce_logits, Tensor& kd_logits, const Tensor& teacher, const Tensor& labels,
                                       int64_t start, int64_t num_labelled, double temperature, bool kd_split,
-                                      int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("dho_fast::dual_head_loss_chunk", "")
-                             .typed<std::tuple<Tensor, Tensor>(Tensor&, Tensor&, const Tensor&, const Tensor&, int64_t,
-                                                               int64_t, double, bool, int64_t, double, bool, bool)>();
+                                      int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad,
+                                      const std::optional<Tensor>& ce_bias, const std::optional<Tensor>& kd_bias,
+                                      double ce_grad_scale, double kd_grad_scale) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dho_fast::dual_head_loss_chunk", "")
+          .typed<std::tuple<Tensor, Tensor>(Tensor&, Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, double,
+                                            bool, int64_t, double, bool, bool, const std::optional<Tensor>&,
+                                            const std::optional<Tensor>&, double, double)>();
   return op.call(ce_logits, kd_logits, teacher, labels, start, num_labelled, temperature, kd_split, ignore_index,
-                 label_smoothing, ce_grad, kd_grad);
+                 label_smoothing, ce_grad, kd_grad, ce_bias, kd_bias, ce_grad_scale, kd_grad_scale);
 }
 
 // One chunk of rows [start, stop) and its labelled rows: entries [first, last) of the batch's labelled-row list.
@@ -73,18 +78,13 @@ std::vector<Chunk> plan_chunks(const Tensor& labels, int64_t ignore_index, int64
   return chunks;
 }
 
-// out = scale * (x @ weight.T + bias), the scale applied by the GEMM.
-void head_logits(Tensor out, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, double scale) {
-  if (bias) {
-    at::addmm_out(out, *bias, x, weight.t(), scale, scale);
-  } else {
-    at::addmm_out(out, out, x, weight.t(), /*beta=*/0.0, scale);
-  }
-}
-
 // out = scale * a @ b, the scale applied by the GEMM. out's previous contents are ignored (beta = 0).
 void scaled_mm_out(Tensor out, const Tensor& a, const Tensor& b, double scale) {
-  at::addmm_out(out, out, a, b, /*beta=*/0.0, scale);
+  if (scale == 1.0) {
+    at::mm_out(out, a, b);
+  } else {
+    at::addmm_out(out, out, a, b, /*beta=*/0.0, scale);
+  }
 }
 
 // grad_weight = beta * grad_weight + scale * dz^T x and grad_bias = beta * grad_bias + scale * sum_rows dz, with
@@ -93,12 +93,12 @@ void accumulate(Tensor& grad_weight, Tensor& grad_bias, const Tensor& dz, const 
   const Tensor dz_acc = dz.to(grad_weight.scalar_type());
   grad_weight.addmm_(dz_acc.t(), x.to(grad_weight.scalar_type()), first ? 0.0 : 1.0, scale);
   if (!grad_bias.defined()) return;
-  const Tensor column_sum = dz_acc.sum(0);
-  if (first) {
-    at::mul_out(grad_bias, column_sum, scale);
-  } else {
-    grad_bias.add_(column_sum, scale);
+  if (!first) {
+    grad_bias.add_(dz_acc.sum(0), scale);
+    return;
   }
+  at::sum_out(grad_bias, dz_acc, 0);
+  if (scale != 1.0) grad_bias.mul_(scale);
 }
 
 // d/dx of scale * (x / max(|x|, eps)) given g = d/d(that) / scale: scale * (g - u (u . g)) / |x|, or scale * g / eps
@@ -131,6 +131,11 @@ Outputs fused_linear_forward(const Tensor& features, const Tensor& ce_weight, co
     kd_x = (x / norm.clamp_min(kNormEps)).to(x.scalar_type());
   }
   const double ce_scale = gradient_scale(ce_loss_weight), kd_scale = gradient_scale(kd_loss_weight);
+  // The biases are added by the chunk kernel, which reads the logits anyway, rather than by the GEMMs; the KD head's
+  // as kd_logit_scale * kd_bias, since the KD logits are kd_logit_scale * (x @ kd_weight.T + kd_bias).
+  std::optional<Tensor> ce_bias_c, kd_bias_c;
+  if (ce_bias) ce_bias_c = ce_bias->contiguous();
+  if (kd_bias) kd_bias_c = kd_logit_scale == 1.0 ? kd_bias->contiguous() : *kd_bias * kd_logit_scale;
 
   std::vector<int64_t> labelled;
   const std::vector<Chunk> chunks = plan_chunks(y, ignore_index, chunk_size, labelled);
@@ -179,35 +184,35 @@ Outputs fused_linear_forward(const Tensor& features, const Tensor& ce_weight, co
     }
     const Tensor x_kd = kd_x.slice(0, c.start, c.stop);
     Tensor z_ce = workspace.narrow(0, 0, num_ce), z_kd = workspace.narrow(0, max_ce_rows, c.stop - c.start);
-    head_logits(z_ce, x_ce, ce_weight, ce_bias, 1.0);
-    head_logits(z_kd, x_kd, kd_weight, kd_bias, kd_logit_scale);
-    const auto [ce_sum, kd_sum] =
-        loss_chunk(z_ce, z_kd, teacher, y, c.start, num_labelled, temperature, kd_split, ignore_index,
-                   label_smoothing, grad_features || grad_ce_head, grad_features || grad_kd_head);
+    scaled_mm_out(z_ce, x_ce, ce_weight.t(), 1.0);
+    scaled_mm_out(z_kd, x_kd, kd_weight.t(), kd_logit_scale);
+    const auto [ce_sum, kd_sum] = loss_chunk(z_ce, z_kd, teacher, y, c.start, num_labelled, temperature, kd_split,
+                                             ignore_index, label_smoothing, grad_features || grad_ce_head,
+                                             grad_features || grad_kd_head, ce_bias_c, kd_bias_c, ce_scale, kd_scale);
     ce_term.add_(ce_sum);
     kd_term.add_(kd_sum);
-    // z_ce and z_kd now hold d ce_term / d z_ce and d kd_term / d z_kd.
+    // z_ce and z_kd now hold ce_scale * d ce_term / d z_ce and kd_scale * d kd_term / d z_kd.
     if (grad_features) {
       // Unlabelled rows get no CE gradient.
       if (c.consecutive) {
-        scaled_mm_out(d_x_ce.slice(0, c.first_row, c.first_row + num_ce), z_ce, ce_weight, ce_scale);
+        scaled_mm_out(d_x_ce.slice(0, c.first_row, c.first_row + num_ce), z_ce, ce_weight, 1.0);
         d_x_ce.slice(0, c.start, c.first_row).zero_();
         d_x_ce.slice(0, c.first_row + num_ce, c.stop).zero_();
       } else {
         d_x_ce.slice(0, c.start, c.stop).zero_();
-        d_x_ce.index_add_(0, rows, at::mm(z_ce, ce_weight), ce_scale);
+        d_x_ce.index_add_(0, rows, at::mm(z_ce, ce_weight));
       }
       const Tensor d_x_kd_rows = d_x_kd.slice(0, c.start, c.stop);
       if (kd_cosine) {
         d_x_kd_rows.copy_(normalize_backward(at::mm(z_kd, kd_weight), x_kd, norm.slice(0, c.start, c.stop),
-                                             kd_logit_scale * kd_scale));
+                                             kd_logit_scale));
       } else {
-        scaled_mm_out(d_x_kd_rows, z_kd, kd_weight, kd_logit_scale * kd_scale);
+        scaled_mm_out(d_x_kd_rows, z_kd, kd_weight, kd_logit_scale);
       }
     }
     const bool first = c.start == 0;
-    if (grad_ce_head) accumulate(d_w_ce, d_b_ce, z_ce, x_ce, ce_scale, first);
-    if (grad_kd_head) accumulate(d_w_kd, d_b_kd, z_kd, x_kd, kd_logit_scale * kd_scale, first);
+    if (grad_ce_head) accumulate(d_w_ce, d_b_ce, z_ce, x_ce, 1.0, first);
+    if (grad_kd_head) accumulate(d_w_kd, d_b_kd, z_kd, x_kd, kd_logit_scale, first);
   }
 
   // A gradient not asked for is returned as a (0,) placeholder; weight gradients in their weights' dtype.

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "row_math.h"
 
@@ -48,6 +49,17 @@ inline void check_chunk_inputs(const at::Tensor& ce, const at::Tensor& kd, const
   }
   TORCH_CHECK(labels.is_contiguous(), "labels must be contiguous");
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+}
+
+// A chunk's optional bias: (C,), contiguous, of the logits' dtype and device.
+inline void check_chunk_bias(const char* name, const std::optional<at::Tensor>& bias, const at::Tensor& logits) {
+  if (!bias) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == logits.size(1), name, " must have shape (", logits.size(1),
+              ",), got ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == logits.scalar_type(), name, " must have the dtype of the logits (",
+              logits.scalar_type(), "), got ", bias->scalar_type());
+  TORCH_CHECK(bias->device() == logits.device(), name, " must be on ", logits.device(), ", got ", bias->device());
+  TORCH_CHECK(bias->is_contiguous(), name, " must be contiguous");
 }
 
 // labels[row] = label must be ignore_index or a class index.

@@ -39,7 +39,7 @@ def dual_head_loss_fake(
 
 def dual_head_loss_chunk_fake(
     ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, kd_split, ignore_index,
-    label_smoothing, ce_grad, kd_grad,
+    label_smoothing, ce_grad, kd_grad, ce_bias=None, kd_bias=None, ce_grad_scale=1.0, kd_grad_scale=1.0,
 ):  # fmt: skip
     scalar = kd_logits.new_empty((), dtype=_accumulate_dtype(kd_logits.dtype))
     return scalar, scalar.clone()

@@ -52,13 +52,18 @@ def _count_labels_kernel(labels_ptr, info_ptr, n, num_classes, ignore_index, BLO
 
 
 @triton.jit
-def _load_tile(ce_row, kd_row, t_row, cols, num_classes, do_ce, inv_t, ACC: tl.constexpr):
-    """A column tile of the three rows in ACC, -inf outside the row (and for x when the row has no CE head);
-    a = teacher / T, b = student / T; bad marks NaN or +inf teacher entries."""
+def _load_tile(ce_row, kd_row, t_row, ce_bias, kd_bias, cols, num_classes, do_ce, inv_t, ACC: tl.constexpr,
+               HAS_CE_BIAS: tl.constexpr, HAS_KD_BIAS: tl.constexpr):  # fmt: skip
+    """A column tile of the three rows in ACC, the biases added, -inf outside the row (and for x when the row has no
+    CE head); a = teacher / T, b = student / T; bad marks NaN or +inf teacher entries."""
     inside = cols < num_classes
     x = tl.load(ce_row + cols, mask=inside & do_ce, other=float("-inf")).to(ACC)
     t = tl.load(t_row + cols, mask=inside, other=float("-inf")).to(ACC)
     z = tl.load(kd_row + cols, mask=inside, other=float("-inf")).to(ACC)
+    if HAS_CE_BIAS:
+        x += tl.load(ce_bias + cols, mask=inside, other=0.0).to(ACC)
+    if HAS_KD_BIAS:
+        z += tl.load(kd_bias + cols, mask=inside, other=0.0).to(ACC)
     bad = tl.max(((t != t) | (t == float("inf"))).to(tl.int32), 0)
     return x, t * inv_t, z * inv_t, bad
 
@@ -66,15 +71,17 @@ def _load_tile(ce_row, kd_row, t_row, cols, num_classes, do_ce, inv_t, ACC: tl.c
 @triton.jit
 def _loss_rows_kernel(
     ce_ptr, ce_row_ptr, kd_ptr, t_ptr, labels_ptr, info_ptr, g_ce_ptr, g_kd_ptr, row_ce_ptr, row_kl_ptr, status_ptr,
-    num_classes, num_rows, num_labelled, ce_rows, ignore_index, temperature, label_smoothing,
+    ce_bias_ptr, kd_bias_ptr, num_classes, num_rows, num_labelled, ce_rows, ignore_index, temperature,
+    label_smoothing, ce_grad_scale, kd_grad_scale,
     ACC: tl.constexpr, CE_ROW: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, KD_SPLIT: tl.constexpr,
     SMOOTH: tl.constexpr, CE_GRAD: tl.constexpr, KD_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
-    SINGLE_TILE: tl.constexpr,
+    SINGLE_TILE: tl.constexpr, HAS_CE_BIAS: tl.constexpr, HAS_KD_BIAS: tl.constexpr,
 ):  # fmt: skip
     """Row r of kd/teacher/labels: its weighted CE and KL values, teacher status and gradients.
 
     CE_ROW: row r's CE logits (and CE gradient) are row ce_row[r] of ce, -1 for none; else row r. num_labelled and
     num_rows describe the whole batch (row weights); COUNT_ON_DEVICE reads num_labelled from info[0] instead.
+    HAS_*_BIAS: the (C,) bias is added to every row of ce / kd; the gradients written are times *_grad_scale.
     """
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
@@ -97,7 +104,10 @@ def _loss_rows_kernel(
     x = tl.full((BLOCK_C,), float("-inf"), ACC)
     a, b = x, x
     for c0 in range(0, num_classes, BLOCK_C):
-        x, a, b, tile_bad = _load_tile(ce_row, kd_row, t_row, c0 + cols, num_classes, do_ce, inv_t, ACC)
+        x, a, b, tile_bad = _load_tile(
+            ce_row, kd_row, t_row, ce_bias_ptr, kd_bias_ptr, c0 + cols, num_classes, do_ce, inv_t, ACC, HAS_CE_BIAS,
+            HAS_KD_BIAS,
+        )  # fmt: skip
         if do_ce:
             m_ce, s_ce = rm.softmax_update(m_ce, s_ce, x)
             target += tl.sum(tl.where(c0 + cols == label, x, 0.0), 0)
@@ -119,14 +129,19 @@ def _loss_rows_kernel(
     tl.store(status_ptr + row, rm.teacher_row_status(bad, ma))
 
     if CE_GRAD or KD_GRAD:
-        # d ce_term / d x = w_ce (softmax(x) - eps / C - (1 - eps) onehot(y)); d kd_term / d z = w_kd (q - p) / T.
+        # d ce_term / d x = w_ce (softmax(x) - eps / C - (1 - eps) onehot(y)); d kd_term / d z = w_kd (q - p) / T;
+        # written times the gradient scales.
+        w_ce, w_kd = w_ce * ce_grad_scale, w_kd * kd_grad_scale
         ce_base, ce_scale = rm.exp_base(m_ce), w_ce / s_ce
         ce_off, ce_target = w_ce * eps / num_classes, w_ce * (1.0 - eps)
         base_a, p_scale = rm.exp_base(ma), w_kd * inv_t / sa
         base_b, q_scale = rm.exp_base(mb), w_kd * inv_t / sb
         for c0 in range(0, num_classes, BLOCK_C):
             if not SINGLE_TILE:
-                x, a, b, _ = _load_tile(ce_row, kd_row, t_row, c0 + cols, num_classes, do_ce, inv_t, ACC)
+                x, a, b, _ = _load_tile(
+                    ce_row, kd_row, t_row, ce_bias_ptr, kd_bias_ptr, c0 + cols, num_classes, do_ce, inv_t, ACC,
+                    HAS_CE_BIAS, HAS_KD_BIAS,
+                )  # fmt: skip
             inside = c0 + cols < num_classes
             if CE_GRAD:
                 g = tl.exp(x - ce_base) * ce_scale - ce_off - tl.where(c0 + cols == label, ce_target, 0.0)
@@ -181,9 +196,11 @@ def _empty_like_grad(x: torch.Tensor, wanted: bool) -> torch.Tensor:
 
 
 def _launch_rows(ce, ce_row, kd, t, labels, info, g_ce, g_kd, row_ce, row_kl, status, *, num_rows, num_labelled,
-                 temperature, kd_split, ignore_index, label_smoothing, ce_grad, kd_grad):  # fmt: skip
+                 temperature, kd_split, ignore_index, label_smoothing, ce_grad, kd_grad, ce_bias=None, kd_bias=None,
+                 ce_grad_scale=1.0, kd_grad_scale=1.0):  # fmt: skip
     """_loss_rows_kernel over the rows of kd. ce_row None: row r's CE logits are ce[r]; num_labelled None: the
-    count is read from info[0]. Unwanted gradients and an absent ce_row get a placeholder pointer (labels)."""
+    count is read from info[0]. Unwanted gradients, absent biases and an absent ce_row get a placeholder pointer
+    (labels)."""
     rows, num_classes = kd.shape
     if rows == 0:
         return
@@ -193,11 +210,13 @@ def _launch_rows(ce, ce_row, kd, t, labels, info, g_ce, g_kd, row_ce, row_kl, st
     block, single, warps = tile_config(num_classes)
     wrap_triton(_loss_rows_kernel)[(rows,)](
         ce, labels if ce_row is None else ce_row, kd, t, labels, info, g_ce if ce_grad else labels,
-        g_kd if kd_grad else labels, row_ce, row_kl, status, num_classes, num_rows, num_labelled or 0, ce_rows,
-        ignore_index, temperature, label_smoothing, ACC=tl.float64 if kd.dtype == torch.float64 else tl.float32,
-        CE_ROW=ce_row is not None, COUNT_ON_DEVICE=num_labelled is None, KD_SPLIT=kd_split,
-        SMOOTH=label_smoothing != 0, CE_GRAD=ce_grad, KD_GRAD=kd_grad, BLOCK_C=block, SINGLE_TILE=single,
-        num_warps=warps,
+        g_kd if kd_grad else labels, row_ce, row_kl, status, labels if ce_bias is None else ce_bias,
+        labels if kd_bias is None else kd_bias, num_classes, num_rows, num_labelled or 0, ce_rows, ignore_index,
+        temperature, label_smoothing, ce_grad_scale, kd_grad_scale,
+        ACC=tl.float64 if kd.dtype == torch.float64 else tl.float32, CE_ROW=ce_row is not None,
+        COUNT_ON_DEVICE=num_labelled is None, KD_SPLIT=kd_split, SMOOTH=label_smoothing != 0, CE_GRAD=ce_grad,
+        KD_GRAD=kd_grad, BLOCK_C=block, SINGLE_TILE=single, HAS_CE_BIAS=ce_bias is not None,
+        HAS_KD_BIAS=kd_bias is not None, num_warps=warps,
     )  # fmt: skip
 
 
@@ -266,12 +285,14 @@ _ops.register_loss_autograd("dho_fast::dual_head_loss_triton")
 
 _CHUNK_SCHEMA = (
     "(Tensor(a!) ce_logits, Tensor(b!) kd_logits, Tensor teacher_logits, Tensor labels, int start, int num_labelled, "
-    "float temperature, bool kd_split, int ignore_index, float label_smoothing, bool ce_grad, bool kd_grad) -> "
+    "float temperature, bool kd_split, int ignore_index, float label_smoothing, bool ce_grad, bool kd_grad, "
+    "Tensor? ce_bias=None, Tensor? kd_bias=None, float ce_grad_scale=1.0, float kd_grad_scale=1.0) -> "
     "(Tensor ce_term, Tensor kd_term)"
 )
 
 
-def _check_chunk_shapes(ce: torch.Tensor, kd: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, start: int) -> None:
+def _check_chunk_shapes(ce: torch.Tensor, kd: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, start: int,
+                        ce_bias: torch.Tensor | None, kd_bias: torch.Tensor | None) -> None:  # fmt: skip
     """The layout dual_head_loss_chunk requires (see csrc/dho_fast.cpp); the caller builds it, so no messages
     beyond the argument names."""
     n, c = t.shape
@@ -287,19 +308,26 @@ def _check_chunk_shapes(ce: torch.Tensor, kd: torch.Tensor, t: torch.Tensor, lab
             raise ValueError(f"{name} must be contiguous {t.dtype} (as teacher_logits), got {x.dtype}, {x.stride()}")
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    for name, bias in (("ce_bias", ce_bias), ("kd_bias", kd_bias)):
+        if bias is not None and (bias.shape != (c,) or bias.dtype != t.dtype or bias.device != t.device
+                                 or not bias.is_contiguous()):  # fmt: skip
+            raise ValueError(f"{name} must be contiguous {t.dtype} of shape ({c},) on {t.device}, got {bias.dtype} "
+                             f"of shape {tuple(bias.shape)} on {bias.device}")  # fmt: skip
 
 
 @triton_op("dho_fast::dual_head_loss_chunk_triton", mutates_args={"ce_logits", "kd_logits"}, schema=_CHUNK_SCHEMA)
 def dual_head_loss_chunk_triton(
     ce_logits: torch.Tensor, kd_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, start: int,
     num_labelled: int, temperature: float, kd_split: bool, ignore_index: int, label_smoothing: float, ce_grad: bool,
-    kd_grad: bool,
+    kd_grad: bool, ce_bias: torch.Tensor | None = None, kd_bias: torch.Tensor | None = None,
+    ce_grad_scale: float = 1.0, kd_grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """dho_fast::dual_head_loss_chunk in Triton: the (ce_term, kd_term) contributions of batch rows
     [start, start + R) whose KD logits are kd_logits (R, C) and whose labelled rows' CE logits are ce_logits
-    (L, C); overwrites ce_logits / kd_logits with d ce_term / d ce_logits and d kd_term / d kd_logits when
-    ce_grad / kd_grad. The row weights are those of the whole batch (teacher_logits (N, C), num_labelled)."""
-    _check_chunk_shapes(ce_logits, kd_logits, teacher_logits, labels, start)
+    (L, C), each plus its (C,) bias when given; overwrites ce_logits / kd_logits with ce_grad_scale *
+    d ce_term / d ce_logits and kd_grad_scale * d kd_term / d kd_logits when ce_grad / kd_grad. The row weights are
+    those of the whole batch (teacher_logits (N, C), num_labelled)."""
+    _check_chunk_shapes(ce_logits, kd_logits, teacher_logits, labels, start, ce_bias, kd_bias)
     rows, c = kd_logits.shape
     n = teacher_logits.shape[0]
     t = teacher_logits.contiguous()[start : start + rows]
@@ -316,7 +344,8 @@ def dual_head_loss_chunk_triton(
     _launch_rows(
         ce_logits, ce_row, kd_logits, t, y, info, ce_logits, kd_logits, row_ce, row_kl, status, num_rows=n,
         num_labelled=num_labelled, temperature=temperature, kd_split=kd_split, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, ce_grad=ce_grad, kd_grad=kd_grad,
+        label_smoothing=label_smoothing, ce_grad=ce_grad, kd_grad=kd_grad, ce_bias=ce_bias, kd_bias=kd_bias,
+        ce_grad_scale=ce_grad_scale, kd_grad_scale=kd_grad_scale,
     )  # fmt: skip
     wrap_triton(_reduce_rows_kernel)[(1,)](
         row_ce, row_kl, status, info, ce_term, ce_term, kd_term, rows, 0.0, 0.0, HAS_LOSS=False, BLOCK=_SCAN_BLOCK

@@ -120,16 +120,22 @@ def test_bad_values_raise_naming_the_argument(backend, edit, message):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("c", [130, 1000, 21843])
-def test_chunk_op_matches_the_cpu_chunk_op(backend, dtype, c):
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "biased"])
+def test_chunk_op_matches_the_cpu_chunk_op(backend, dtype, c, biased):
     ce, kd, teacher, labels = cuda_inputs(37, c, dtype, labelled="mixed", masked_fraction=0.2)
     num_labelled = int((labels != IGNORE).sum())
+    ce_bias, kd_bias = (torch.randn(c).to(dtype) for _ in range(2))
     for start, stop in ((0, 16), (16, 37)):
         rows = labels[start:stop] != IGNORE
         outputs = []
         for op, device in ((CHUNK_OPS[backend], "cuda"), ("dual_head_loss_chunk", "cpu")):
             z_ce, z_kd = ce[start:stop][rows].to(device), kd[start:stop].clone().to(device)
             args = (teacher.to(device), labels.to(device), start, num_labelled, 2.0, True, IGNORE, 0.1, True, True)
-            terms = getattr(torch.ops.dho_fast, op)(z_ce, z_kd, *args)
+            biases = {}
+            if biased:
+                biases = dict(ce_bias=ce_bias.to(device), kd_bias=kd_bias.to(device), ce_grad_scale=0.25,
+                              kd_grad_scale=1.5)  # fmt: skip
+            terms = getattr(torch.ops.dho_fast, op)(z_ce, z_kd, *args, **biases)
             outputs.append((torch.stack(terms).cpu(), z_ce.cpu(), z_kd.cpu()))
         (terms, g_ce, g_kd), (want_terms, want_ce, want_kd) = outputs
         torch.testing.assert_close(terms, want_terms, rtol=1e-5, atol=1e-5)

@@ -224,10 +224,43 @@ def chunk_op_args(dtype=torch.float32, start=3, rows=6, grad=True):
     return (ce_chunk, kd_chunk, teacher, labels, start, num_labelled, 2.0, True, IGNORE, 0.1, grad, grad)
 
 
+def chunk_biases(c, dtype=torch.float32):
+    """Keyword arguments of the chunk op: both heads' biases and gradient scales."""
+    ce_bias, kd_bias = torch.randn(c).to(dtype), torch.randn(c).to(dtype)
+    return dict(ce_bias=ce_bias, kd_bias=kd_bias, ce_grad_scale=0.3, kd_grad_scale=2.5)
+
+
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "biased"])
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_opcheck_chunk_op(grad, dtype):
-    torch.library.opcheck(torch.ops.dho_fast.dual_head_loss_chunk.default, chunk_op_args(dtype, grad=grad))
+def test_opcheck_chunk_op(grad, dtype, biased):
+    kwargs = chunk_biases(9, dtype) if biased else {}
+    torch.library.opcheck(
+        torch.ops.dho_fast.dual_head_loss_chunk.default, chunk_op_args(dtype, grad=grad), kwargs=kwargs
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunk_op_adds_biases_and_scales_gradients(dtype):
+    # With biases and gradient scales: the terms of the logits plus the biases, and the scaled gradients. The oracle
+    # is the op without them in float64 on the same values (the kernel adds the bias in its float32 or float64).
+    args = chunk_op_args(dtype)
+    kwargs = chunk_biases(9, dtype)
+    biased = [t.clone() for t in args[:2]]
+    got = torch.ops.dho_fast.dual_head_loss_chunk(*biased, *args[2:], **kwargs)
+    plus_bias = [t.double() + kwargs[name].double() for t, name in zip(args[:2], ("ce_bias", "kd_bias"), strict=True)]
+    want = torch.ops.dho_fast.dual_head_loss_chunk(*plus_bias, args[2].double(), *args[3:])
+    torch.testing.assert_close([t.double() for t in got], want, **LOSS_TOLERANCES[dtype])
+    for g, w, scale in zip(biased, plus_bias, (kwargs["ce_grad_scale"], kwargs["kd_grad_scale"]), strict=True):
+        torch.testing.assert_close(g, (w * scale).to(dtype), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("name", ["ce_bias", "kd_bias"])
+def test_chunk_op_rejects_a_bias_of_the_wrong_shape(name):
+    kwargs = chunk_biases(9)
+    kwargs[name] = torch.zeros(8)
+    with pytest.raises(RuntimeError, match=f"{name} must have shape \\(9,\\)"):
+        torch.ops.dho_fast.dual_head_loss_chunk(*chunk_op_args(), **kwargs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -149,8 +149,9 @@ def test_bad_values_raise_naming_the_argument(edit, message):
         dho_fast.fused_dual_head_loss(ce, kd, teacher, labels, backend="triton")
 
 
-def chunked(op: str, inputs_, chunk: int, **kwargs):
-    """ce_term, kd_term and both gradients of the batch through the chunk op `op`, `chunk` rows at a time."""
+def chunked(op: str, inputs_, chunk: int, biases=None, **kwargs):
+    """ce_term, kd_term and both gradients of the batch through the chunk op `op`, `chunk` rows at a time;
+    biases: the op's keyword arguments ce_bias, kd_bias, ce_grad_scale, kd_grad_scale."""
     ce, kd, teacher, labels = inputs_
     n = labels.shape[0]
     num_labelled = int((labels != IGNORE).sum())
@@ -159,19 +160,26 @@ def chunked(op: str, inputs_, chunk: int, **kwargs):
         rows = slice(start, min(n, start + chunk))
         z_ce, z_kd = ce[rows][labels[rows] != IGNORE].clone(), kd[rows].clone()
         args = (z_ce, z_kd, teacher, labels, start, num_labelled, kwargs["temperature"], kwargs["kd_split"], IGNORE)
-        terms += torch.stack(getattr(torch.ops.dho_fast, op)(*args, kwargs["label_smoothing"], True, True)).cpu()
+        op_call = getattr(torch.ops.dho_fast, op)
+        terms += torch.stack(op_call(*args, kwargs["label_smoothing"], True, True, **(biases or {}))).cpu()
         g_ce.append(z_ce)
         g_kd.append(z_kd)
     return terms, torch.cat(g_ce), torch.cat(g_kd)
 
 
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "biased"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_chunk_op_matches_the_cpu_chunk_op(dtype, chunk):
+def test_chunk_op_matches_the_cpu_chunk_op(dtype, chunk, biased):
     data = inputs(37, 130, dtype, labelled="mixed", masked_fraction=0.2)
     kwargs = dict(temperature=2.0, kd_split=True, label_smoothing=0.1)
-    got = chunked("dual_head_loss_chunk_triton", data, chunk, **kwargs)
-    want = chunked("dual_head_loss_chunk", tuple(t.cpu() for t in data), chunk, **kwargs)
+    biases = None
+    if biased:
+        ce_bias, kd_bias = (torch.randn(130).to(DEVICE, dtype) for _ in range(2))
+        biases = dict(ce_bias=ce_bias, kd_bias=kd_bias, ce_grad_scale=0.25, kd_grad_scale=1.5)
+    got = chunked("dual_head_loss_chunk_triton", data, chunk, biases, **kwargs)
+    cpu_biases = biases and {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in biases.items()}
+    want = chunked("dual_head_loss_chunk", tuple(t.cpu() for t in data), chunk, cpu_biases, **kwargs)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     for g, w in zip(got[1:], want[1:], strict=True):
         torch.testing.assert_close(g.cpu(), w, **TOLERANCES[dtype])

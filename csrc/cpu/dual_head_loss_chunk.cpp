@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -18,8 +19,13 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logit
                                                             const at::Tensor& teacher_logits, const at::Tensor& labels,
                                                             int64_t start, int64_t num_labelled, double temperature,
                                                             bool kd_split, int64_t ignore_index,
-                                                            double label_smoothing, bool ce_grad, bool kd_grad) {
+                                                            double label_smoothing, bool ce_grad, bool kd_grad,
+                                                            const std::optional<at::Tensor>& ce_bias,
+                                                            const std::optional<at::Tensor>& kd_bias,
+                                                            double ce_grad_scale, double kd_grad_scale) {
   check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature);
+  check_chunk_bias("ce_bias", ce_bias, ce_logits);
+  check_chunk_bias("kd_bias", kd_bias, kd_logits);
   const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1), R = kd_logits.size(0);
   const int64_t* y = labels.const_data_ptr<int64_t>() + start;
   std::vector<int64_t> ce_row(R);
@@ -28,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logit
               chunk_labelled, "), got ", ce_logits.size(0));
   TORCH_CHECK(chunk_labelled <= num_labelled, "num_labelled = ", num_labelled, " is less than the chunk's ",
               chunk_labelled, " labelled rows");
-  const LossParams p{N, C, num_labelled, ignore_index, temperature, label_smoothing, kd_split};
+  const LossParams p{N, C, num_labelled, ignore_index, temperature, label_smoothing, kd_split, ce_grad_scale,
+                     kd_grad_scale};
 
   std::vector<double> row_ce(R), row_kl(R);
   std::vector<int> status(R);
@@ -45,7 +52,9 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logit
                               kd_grad ? kd : nullptr,
                               row_ce.data(),
                               row_kl.data(),
-                              status.data()};
+                              status.data(),
+                              ce_bias ? ce_bias->const_data_ptr<scalar_t>() : nullptr,
+                              kd_bias ? kd_bias->const_data_ptr<scalar_t>() : nullptr};
     run_rows(io, p);
   });
 

@@ -30,13 +30,15 @@ constexpr int64_t kBlock = 512;
 
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> ce, kd, teacher;               // converted inputs (reduced-precision dtypes only)
+  std::vector<acc_t> ce, kd, teacher;               // converted inputs, or logits plus bias
   std::vector<acc_t> exp_ce, exp_kd, exp_teacher;   // exp(x - running max) per column, finalised in place
   std::vector<acc_t> block_max;                      // running maxima used for each block: 3 per block
-  explicit RowScratch(int64_t C, bool convert) : block_max(3 * ((C + kBlock - 1) / kBlock)) {
-    if (convert) {
+  RowScratch(int64_t C, bool convert, bool biased) : block_max(3 * ((C + kBlock - 1) / kBlock)) {
+    if (convert || biased) {
       ce.resize(C);
       kd.resize(C);
+    }
+    if (convert) {
       teacher.resize(C);
       exp_ce.resize(C);
       exp_kd.resize(C);
@@ -44,6 +46,33 @@ struct RowScratch {
     exp_teacher.resize(C);
   }
 };
+
+// Row x plus bias (nullptr: none) in acc_t: x itself when that needs neither, else written into `scratch`.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* load_row(const scalar_t* x, const acc_t* bias, std::vector<acc_t>& scratch, int64_t C) {
+  using V = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (!bias) return x;
+    at::vec::map2([](V a, V b) { return a + b; }, scratch.data(), x, bias, C);
+  } else {
+    at::vec::convert(x, scratch.data(), C);
+    if (bias) at::vec::map2([](V a, V b) { return a + b; }, scratch.data(), scratch.data(), bias, C);
+  }
+  return scratch.data();
+}
+
+// A bias (nullptr: none) in acc_t: itself when it already is, else converted into `storage`.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* bias_in_acc(const scalar_t* bias, std::vector<acc_t>& storage, int64_t C) {
+  if (!bias) return nullptr;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return bias;
+  } else {
+    storage.resize(C);
+    at::vec::convert(bias, storage.data(), C);
+    return storage.data();
+  }
+}
 
 template <typename acc_t>
 inline acc_t lane_sum(Vectorized<acc_t> v) {
@@ -184,24 +213,25 @@ RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_
     result.ce = double(rm::cross_entropy_value(lse, target_logit, ce_logit_sum, acc_t(p.label_smoothing), C));
   }
 
-  // Pass 2: finalise the gradients in place (rows are cache-resident by now).
+  // Pass 2: finalise the gradients in place (rows are cache-resident by now), times the gradient scales.
   using V = Vectorized<acc_t>;
+  const acc_t gw_ce = w.ce * acc_t(p.ce_grad_scale), gw_kd = w.kd * acc_t(p.kd_grad_scale);
   if (g_ce) {
     if (!do_ce) {
       std::fill(g_ce, g_ce + C, acc_t(0));
     } else {
-      const acc_t off = w.ce * acc_t(p.label_smoothing) / acc_t(C);
+      const acc_t off = gw_ce * acc_t(p.label_smoothing) / acc_t(C);
       for (int64_t b0 = 0, blk = 0; b0 < C; b0 += kBlock, ++blk) {
         const int64_t n = std::min(kBlock, C - b0);
-        const V f(w.ce * rm::probability_factor(bmax[3 * blk], ce_stat)), o(off);
+        const V f(gw_ce * rm::probability_factor(bmax[3 * blk], ce_stat)), o(off);
         at::vec::map([&](V e) { return e * f - o; }, g_ce + b0, g_ce + b0, n);
       }
-      g_ce[label] -= w.ce * (acc_t(1) - acc_t(p.label_smoothing));
+      g_ce[label] -= gw_ce * (acc_t(1) - acc_t(p.label_smoothing));
     }
   }
   if (g_kd) {
     // d(kd_term)/d(z) = kd_row * (q - p) / T
-    const acc_t scale = w.kd * inv_t;
+    const acc_t scale = gw_kd * inv_t;
     for (int64_t b0 = 0, blk = 0; b0 < C; b0 += kBlock, ++blk) {
       const int64_t n = std::min(kBlock, C - b0);
       const V fb(scale * rm::probability_factor(bmax[3 * blk + 1], kl_stat.student));
@@ -223,6 +253,11 @@ void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
   // has at least min_rows rows, enough to amortise its scratch allocation.
   const int64_t min_rows = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   const int64_t num_tasks = std::clamp<int64_t>(io.rows / min_rows, 1, at::get_num_threads());
+  // The biases in acc_t, converted once for all rows.
+  std::vector<acc_t> ce_bias_storage, kd_bias_storage;
+  const acc_t* ce_bias = bias_in_acc(io.ce_bias, ce_bias_storage, C);
+  const acc_t* kd_bias = bias_in_acc(io.kd_bias, kd_bias_storage, C);
+  const bool biased = ce_bias || kd_bias;
   auto process_row = [&](int64_t i, RowScratch<acc_t>& scratch) {
     const int64_t off = i * C;
     const int64_t ce_i = io.ce_row ? io.ce_row[i] : i;
@@ -230,21 +265,14 @@ void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
     const scalar_t* ce_in = ce_i >= 0 ? io.ce + ce_i * C : nullptr;
     scalar_t* g_ce_out = io.g_ce && ce_i >= 0 ? io.g_ce + ce_i * C : nullptr;
     scalar_t* g_kd_out = io.g_kd ? io.g_kd + off : nullptr;
-    const acc_t *ce_row = nullptr, *kd_row, *t_row;
+    const acc_t* ce_row = ce_in ? load_row(ce_in, ce_bias, scratch.ce, C) : nullptr;
+    const acc_t* kd_row = load_row(io.kd + off, kd_bias, scratch.kd, C);
+    const acc_t* t_row = load_row(io.teacher + off, static_cast<const acc_t*>(nullptr), scratch.teacher, C);
     acc_t *gce_row = nullptr, *gkd_row = nullptr;
     if constexpr (convert) {
-      if (ce_in) at::vec::convert(ce_in, scratch.ce.data(), C);
-      at::vec::convert(io.kd + off, scratch.kd.data(), C);
-      at::vec::convert(io.teacher + off, scratch.teacher.data(), C);
-      ce_row = ce_in ? scratch.ce.data() : nullptr;
-      kd_row = scratch.kd.data();
-      t_row = scratch.teacher.data();
       if (g_ce_out) gce_row = scratch.exp_ce.data();
       if (g_kd_out) gkd_row = scratch.exp_kd.data();
     } else {
-      ce_row = ce_in;
-      kd_row = io.kd + off;
-      t_row = io.teacher + off;
       gce_row = g_ce_out;
       gkd_row = g_kd_out;
     }
@@ -258,7 +286,7 @@ void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
     }
   };
   at::parallel_for(0, num_tasks, 1, [&](int64_t first_task, int64_t end_task) {
-    RowScratch<acc_t> scratch(C, convert);
+    RowScratch<acc_t> scratch(C, convert, biased);
     for (int64_t task = first_task; task < end_task; ++task) {
       for (int64_t i = task; i < io.rows; i += num_tasks) process_row(i, scratch);
     }

@@ -20,6 +20,9 @@ struct LossParams {
   double temperature;
   double label_smoothing;
   bool kd_split;
+  // Factors of the gradients written (the chunk op's ce_grad_scale, kd_grad_scale); the loss terms are unscaled.
+  double ce_grad_scale = 1.0;
+  double kd_grad_scale = 1.0;
 };
 
 // The rows one kernel call processes (the whole batch, or a chunk of it), each of num_classes columns.
@@ -40,6 +43,9 @@ struct RowsIO {
   double* row_ce;   // (rows,) CE of each labelled row
   double* row_kl;   // (rows,) KL of each row
   int* row_status;  // (rows,) row_math::TeacherRowStatus
+  // (C,) added to every row of ce / kd before the loss (nullptr: none).
+  const scalar_t* ce_bias = nullptr;
+  const scalar_t* kd_bias = nullptr;
 };
 
 #define DHO_FAST_DECLARE_ROWS(NS)                                           \

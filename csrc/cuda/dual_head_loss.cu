@@ -80,6 +80,9 @@ struct RowsArgs {
   int64_t rows, cols, batch_rows, ignore_index;
   acc_t temperature, inv_t, eps;
   bool kd_split;
+  const scalar_t* ce_bias = nullptr;  // (C,) added to every row of ce / kd (nullptr: none; chunk op only)
+  const scalar_t* kd_bias = nullptr;
+  acc_t ce_grad_scale = 1, kd_grad_scale = 1;  // factors of the gradients written (chunk op only)
 };
 
 // One row's pointers (nullptr: absent), whether each starts 16-byte aligned, its label and weights.
@@ -88,8 +91,9 @@ struct Row {
   const scalar_t *ce, *kd, *t;
   scalar_t *g_ce, *g_kd;
   bool ce_vec, kd_vec, t_vec, g_ce_vec, g_kd_vec;
+  const scalar_t *ce_bias, *kd_bias;
   int64_t label;
-  rm::RowWeights<acc_type<scalar_t>> w;
+  rm::RowWeights<acc_type<scalar_t>> w, grad_w;  // weights of the row's loss values and of its gradients
 };
 
 __device__ __forceinline__ bool aligned16(const void* p) {
@@ -119,15 +123,21 @@ __device__ __forceinline__ Row<scalar_t> row_of(const RowsArgs<scalar_t>& p, int
   row.g_ce_vec = aligned16(row.g_ce);
   row.g_kd_vec = aligned16(row.g_kd);
   row.label = label;
+  row.ce_bias = p.ce_bias;
+  row.kd_bias = p.kd_bias;
   row.w = rm::row_weights<acc_t>(labelled, n_lab, p.batch_rows, p.kd_split, p.temperature);
+  row.grad_w = row.w;
+  row.grad_w.ce *= p.ce_grad_scale;
+  row.grad_w.kd *= p.kd_grad_scale;
   return row;
 }
 
-// Columns [col, col + E) of a row times `scale` into out (E a multiple of the vector width); -inf past the end
-// of the row, and everywhere for a row that is nullptr.
+// Columns [col, col + E) of a row plus bias (nullptr: none), times `scale`, into out (E a multiple of the vector
+// width); -inf past the end of the row, and everywhere for a row that is nullptr.
 template <int E, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_cols(const scalar_t* row, bool vec, int64_t col, int64_t C, acc_t scale,
-                                          acc_t* out) {
+__device__ __forceinline__ void load_cols(const scalar_t* row, const scalar_t* bias, bool vec, int64_t col,
+                                          int64_t C, acc_t scale, acc_t* out) {
+  auto plus_bias = [&](acc_t x, int64_t c) { return bias ? x + static_cast<acc_t>(bias[c]) : x; };
   constexpr int V = kVec<scalar_t>;
   static_assert(E % V == 0, "E must be whole vectors");
 #pragma unroll
@@ -135,12 +145,13 @@ __device__ __forceinline__ void load_cols(const scalar_t* row, bool vec, int64_t
     if (row != nullptr && vec && col + g + V <= C) {
       const Pack<scalar_t> pack = *reinterpret_cast<const Pack<scalar_t>*>(row + col + g);
 #pragma unroll
-      for (int j = 0; j < V; ++j) out[g + j] = static_cast<acc_t>(pack.v[j]) * scale;
+      for (int j = 0; j < V; ++j) out[g + j] = plus_bias(static_cast<acc_t>(pack.v[j]), col + g + j) * scale;
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const bool inside = row != nullptr && col + g + j < C;
-        out[g + j] = inside ? static_cast<acc_t>(row[col + g + j]) * scale : rm::neg_inf<acc_t>();
+        out[g + j] = inside ? plus_bias(static_cast<acc_t>(row[col + g + j]), col + g + j) * scale
+                            : rm::neg_inf<acc_t>();
       }
     }
   }
@@ -241,9 +252,9 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) warp_rows_kernel(const
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int64_t col = int64_t(lane + 32 * k) * V;
-    load_cols<V>(row.ce, row.ce_vec, col, C, acc_t(1), x + k * V);
-    load_cols<V>(row.t, row.t_vec, col, C, p.inv_t, a + k * V);
-    load_cols<V>(row.kd, row.kd_vec, col, C, p.inv_t, b + k * V);
+    load_cols<V>(row.ce, row.ce_bias, row.ce_vec, col, C, acc_t(1), x + k * V);
+    load_cols<V>(row.t, static_cast<const scalar_t*>(nullptr), row.t_vec, col, C, p.inv_t, a + k * V);
+    load_cols<V>(row.kd, row.kd_bias, row.kd_vec, col, C, p.inv_t, b + k * V);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       if (col + j < C) valid |= 1u << (k * V + j);
@@ -254,7 +265,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) warp_rows_kernel(const
   s = warp_merge(s);
   if (lane == 0) write_row_values(p, r, row, s);
   if (!row.g_ce && !row.g_kd) return;
-  const rm::GradScales<acc_t> g = rm::grad_scales(s, row.w, p.eps, C, p.inv_t);
+  const rm::GradScales<acc_t> g = rm::grad_scales(s, row.grad_w, p.eps, C, p.inv_t);
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int slot = target_slot - k * V;  // the label's slot within this vector, if it is here
@@ -274,9 +285,9 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>) block_rows_kernel(co
   rm::RowStat<acc_t> s = rm::row_empty<acc_t>();
   for (int64_t col = first; col < C; col += step) {
     acc_t x[E], a[E], b[E];
-    load_cols<E>(row.ce, row.ce_vec, col, C, acc_t(1), x);
-    load_cols<E>(row.t, row.t_vec, col, C, p.inv_t, a);
-    load_cols<E>(row.kd, row.kd_vec, col, C, p.inv_t, b);
+    load_cols<E>(row.ce, row.ce_bias, row.ce_vec, col, C, acc_t(1), x);
+    load_cols<E>(row.t, static_cast<const scalar_t*>(nullptr), row.t_vec, col, C, p.inv_t, a);
+    load_cols<E>(row.kd, row.kd_bias, row.kd_vec, col, C, p.inv_t, b);
     uint32_t valid = 0;
 #pragma unroll
     for (int j = 0; j < E; ++j) valid |= (col + j < C ? 1u : 0u) << j;
@@ -286,14 +297,14 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>) block_rows_kernel(co
   s = block_merge(s, partial);
   if (threadIdx.x == 0) write_row_values(p, r, row, s);
   if (!row.g_ce && !row.g_kd) return;
-  const rm::GradScales<acc_t> g = rm::grad_scales(s, row.w, p.eps, C, p.inv_t);
+  const rm::GradScales<acc_t> g = rm::grad_scales(s, row.grad_w, p.eps, C, p.inv_t);
   // Same columns per thread as above: with the gradients written over the logits (chunk op), every element is
   // read by the thread that overwrites it, before it does.
   for (int64_t col = first; col < C; col += step) {
     acc_t x[E], a[E], b[E];
-    load_cols<E>(row.ce, row.ce_vec, col, C, acc_t(1), x);
-    load_cols<E>(row.t, row.t_vec, col, C, p.inv_t, a);
-    load_cols<E>(row.kd, row.kd_vec, col, C, p.inv_t, b);
+    load_cols<E>(row.ce, row.ce_bias, row.ce_vec, col, C, acc_t(1), x);
+    load_cols<E>(row.t, static_cast<const scalar_t*>(nullptr), row.t_vec, col, C, p.inv_t, a);
+    load_cols<E>(row.kd, row.kd_bias, row.kd_vec, col, C, p.inv_t, b);
     const int64_t target = row.label - col;
     store_grads<E>(row, col, C, x, a, b, target >= 0 && target < E ? int(target) : -1, g);
   }
@@ -494,8 +505,13 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
                                                              const at::Tensor& labels, int64_t start,
                                                              int64_t num_labelled, double temperature, bool kd_split,
                                                              int64_t ignore_index, double label_smoothing,
-                                                             bool ce_grad, bool kd_grad) {
+                                                             bool ce_grad, bool kd_grad,
+                                                             const std::optional<at::Tensor>& ce_bias,
+                                                             const std::optional<at::Tensor>& kd_bias,
+                                                             double ce_grad_scale, double kd_grad_scale) {
   check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature);
+  check_chunk_bias("ce_bias", ce_bias, ce_logits);
+  check_chunk_bias("kd_bias", kd_bias, kd_logits);
   check_device("ce_logits", ce_logits, kd_logits);
   check_device("teacher_logits", teacher_logits, kd_logits);
   check_device("labels", labels, kd_logits);
@@ -529,6 +545,10 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
     p.row_kl = row_kl.mutable_data_ptr<acc_t>();
     p.status = status.mutable_data_ptr<int>();
     p.num_labelled = num_labelled;
+    p.ce_bias = ce_bias ? ce_bias->const_data_ptr<scalar_t>() : nullptr;
+    p.kd_bias = kd_bias ? kd_bias->const_data_ptr<scalar_t>() : nullptr;
+    p.ce_grad_scale = acc_t(ce_grad_scale);
+    p.kd_grad_scale = acc_t(kd_grad_scale);
     launch_rows(p, stream);
     launch_reduce<acc_t>(row_ce, row_kl, status, 0, 0, nullptr, ce_term, kd_term, info, stream);
   });
