@@ -55,7 +55,8 @@ struct Chunk {
   int64_t first_row;
 };
 
-// The chunks, and the batch's labelled rows in order, from the labels on the host: one device sync for the batch.
+// The chunks, and the batch's labelled rows in order, from the labels on the host (one copy of them; on CUDA the
+// chunk op itself still synchronises once per chunk to report bad values).
 std::vector<Chunk> plan_chunks(const Tensor& labels, int64_t ignore_index, int64_t chunk_size,
                                std::vector<int64_t>& labelled) {
   const Tensor y = labels.to(at::kCPU);

@@ -29,8 +29,20 @@ inline void check_loss_inputs(const at::Tensor& ce, const at::Tensor& kd, const 
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
 }
 
+// A chunk's optional bias: (C,), contiguous, of the logits' dtype and device.
+inline void check_chunk_bias(const char* name, const std::optional<at::Tensor>& bias, const at::Tensor& logits) {
+  if (!bias) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == logits.size(1), name, " must have shape (", logits.size(1),
+              ",), got ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == logits.scalar_type(), name, " must have the dtype of the logits (",
+              logits.scalar_type(), "), got ", bias->scalar_type());
+  TORCH_CHECK(bias->device() == logits.device(), name, " must be on ", logits.device(), ", got ", bias->device());
+  TORCH_CHECK(bias->is_contiguous(), name, " must be contiguous");
+}
+
 inline void check_chunk_inputs(const at::Tensor& ce, const at::Tensor& kd, const at::Tensor& t,
-                               const at::Tensor& labels, int64_t start, int64_t num_labelled, double temperature) {
+                               const at::Tensor& labels, int64_t start, int64_t num_labelled, double temperature,
+                               const std::optional<at::Tensor>& ce_bias, const std::optional<at::Tensor>& kd_bias) {
   TORCH_CHECK(t.dim() == 2 && t.size(1) >= 1, "teacher_logits must have shape (N, C) with C >= 1, got ", t.sizes());
   const int64_t N = t.size(0), C = t.size(1);
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == N,
@@ -49,17 +61,16 @@ inline void check_chunk_inputs(const at::Tensor& ce, const at::Tensor& kd, const
   }
   TORCH_CHECK(labels.is_contiguous(), "labels must be contiguous");
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  check_chunk_bias("ce_bias", ce_bias, ce);
+  check_chunk_bias("kd_bias", kd_bias, kd);
 }
 
-// A chunk's optional bias: (C,), contiguous, of the logits' dtype and device.
-inline void check_chunk_bias(const char* name, const std::optional<at::Tensor>& bias, const at::Tensor& logits) {
-  if (!bias) return;
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == logits.size(1), name, " must have shape (", logits.size(1),
-              ",), got ", bias->sizes());
-  TORCH_CHECK(bias->scalar_type() == logits.scalar_type(), name, " must have the dtype of the logits (",
-              logits.scalar_type(), "), got ", bias->scalar_type());
-  TORCH_CHECK(bias->device() == logits.device(), name, " must be on ", logits.device(), ", got ", bias->device());
-  TORCH_CHECK(bias->is_contiguous(), name, " must be contiguous");
+// The chunk's labelled rows, counted from its labels: one row of ce_logits each, and no more than the batch's.
+inline void check_chunk_labelled(const at::Tensor& ce, int64_t chunk_labelled, int64_t num_labelled) {
+  TORCH_CHECK(ce.size(0) == chunk_labelled, "ce_logits must have one row per labelled row of the chunk (",
+              chunk_labelled, "), got ", ce.size(0));
+  TORCH_CHECK(chunk_labelled <= num_labelled, "num_labelled = ", num_labelled, " is less than the chunk's ",
+              chunk_labelled, " labelled rows");
 }
 
 // labels[row] = label must be ignore_index or a class index.

@@ -7,6 +7,19 @@ from dho_fast.blend import dual_head_predict
 from dho_fast.linear_loss import dual_head_logits, fused_linear_dual_head_loss
 
 
+@torch.no_grad()
+def init_linears_from_text(heads: tuple[nn.Linear, ...], text_embeddings: torch.Tensor) -> None:
+    """Copies (C, D) class text embeddings into each linear head's weight and zeroes its bias."""
+    weight = heads[0].weight
+    if not isinstance(text_embeddings, torch.Tensor) or text_embeddings.shape != weight.shape:
+        got = tuple(text_embeddings.shape) if isinstance(text_embeddings, torch.Tensor) else type(text_embeddings)
+        want = f"{tuple(weight.shape)} (num_classes, in_features)"
+        raise ValueError(f"text_embeddings must be a tensor of shape {want}, got {got}")
+    for head in heads:
+        head.weight.copy_(text_embeddings)
+        head.bias.zero_()
+
+
 class DualHead(nn.Module):
     """The CE head ``z_ce = W_ce f + b_ce`` and the KD head ``z_kd = s (W_kd g(f) + b_kd)`` of a DHO student.
 
@@ -69,14 +82,7 @@ class DualHead(nn.Module):
     def init_from_text(self, text_embeddings: torch.Tensor) -> None:
         """Copies (C, D) class text embeddings into both heads' weights and zeroes both biases (METHOD.md's
         CLIP-student initialisation; the embeddings are used as given, normalise them first if wanted)."""
-        weight = self.ce_head.weight
-        if not isinstance(text_embeddings, torch.Tensor) or text_embeddings.shape != weight.shape:
-            got = tuple(text_embeddings.shape) if isinstance(text_embeddings, torch.Tensor) else type(text_embeddings)
-            want = f"{tuple(weight.shape)} (num_classes, in_features)"
-            raise ValueError(f"text_embeddings must be a tensor of shape {want}, got {got}")
-        for head in (self.ce_head, self.kd_head):
-            head.weight.copy_(text_embeddings)
-            head.bias.zero_()
+        init_linears_from_text((self.ce_head, self.kd_head), text_embeddings)
 
     def predict(self, features: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
         """(N, C) blended probabilities ``alpha * softmax(z_ce) + (1 - alpha) * softmax(z_kd / beta)``

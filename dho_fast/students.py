@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dho_fast.heads import DualHead, init_linears_from_text
 from dho_fast.loss import fused_dual_head_loss
 from dho_fast.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -101,8 +102,6 @@ class Student(nn.Module):
             raise ValueError(f"method must be 'dho', 'kd' or 'ce', got {method!r}")
         self.backbone, self.method, self.mean, self.std = backbone, method, mean, std
         if method == "dho":
-            from dho_fast.heads import DualHead
-
             self.head = DualHead(feature_dim, num_classes, kd_cosine=kd_cosine, kd_logit_scale=kd_logit_scale)
         else:
             self.head = nn.Linear(feature_dim, num_classes)
@@ -110,11 +109,8 @@ class Student(nn.Module):
     @torch.no_grad()
     def init_from_text(self, text_embeddings: torch.Tensor) -> None:
         """Head weights from class text embeddings (C, D), biases zero (METHOD.md's CLIP-student init)."""
-        if self.method == "dho":
-            self.head.init_from_text(text_embeddings)
-        else:
-            self.head.weight.copy_(text_embeddings)
-            self.head.bias.zero_()
+        heads = (self.head.ce_head, self.head.kd_head) if self.method == "dho" else (self.head,)
+        init_linears_from_text(heads, text_embeddings)
 
     def logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ce_logits, kd_logits), each (N, C) float32; the single head's logits twice for the KD and CE baselines.

@@ -108,6 +108,8 @@ class _Trainer:
         self.alpha, self.beta = config.alpha, config.beta
         self.history: list[dict] = []
         self.val_metrics: dict | None = None
+        # (step, metrics) of the last test-split evaluation, which the final test reuses when it ran at the last step.
+        self.last_test: tuple[int, dict] | None = None
         self.use_unlabelled = config.method != "ce"
         if config.resume:
             self._load_checkpoint()
@@ -182,6 +184,8 @@ class _Trainer:
             self.val_metrics = metrics
             if self.config.method == "dho":
                 self.alpha, self.beta = metrics["alpha"], metrics["beta"]
+        else:
+            self.last_test = (self.step, metrics)
         record = {"split": split, "epoch": self.step / self.steps_per_epoch, **metrics}
         self.history.append({"step": self.step, **record})
         self.log.log("eval", self.step, record)
@@ -265,7 +269,8 @@ class _Trainer:
         progress.close()
         test = None
         if self.data.splits.test:
-            test = self._evaluate("test", search=False)
+            at_last_step = self.last_test is not None and self.last_test[0] == self.step
+            test = self.last_test[1] if at_last_step else self._evaluate("test", search=False)
             self.log.log("test", self.step, test)
         self._save_checkpoint(test)
         self.log.close()

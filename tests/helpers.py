@@ -60,6 +60,18 @@ def make_inputs(
     return ce.to(device), kd.to(device), teacher.to(device), labels.to(device)
 
 
+def run_steps(step, model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int = 3):
+    """``steps`` optimizer steps on the loss ``step(model)``: (the losses, copies of the parameters after them)."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = step(model)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
 def run_backend(backend: str, ce, kd, teacher, labels, **kwargs):
     """(loss, ce_term, kd_term, grad ce_logits, grad kd_logits) of fused_dual_head_loss on leaf copies of the
     logits, backward from the loss."""

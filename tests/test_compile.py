@@ -1,7 +1,7 @@
 """torch.compile traces a training step that calls the fused op, with no graph break."""
 
 import torch
-from helpers import make_inputs
+from helpers import make_inputs, run_steps
 
 import dho_fast
 
@@ -25,14 +25,7 @@ def test_compiled_training_step_matches_eager():
         model = make_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         compiled = wrap(forward)
-        losses = []
-        for _ in range(3):
-            opt.zero_grad()
-            loss = compiled(model, backend)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+        results.append(run_steps(lambda m, compiled=compiled, backend=backend: compiled(m, backend), model, opt))
     (ref_losses, ref_params), (losses, params) = results
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(params, ref_params, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ tests/cpp/test_row_fold.cpp (CUDA) and tests/test_triton.py (Triton, interpreted
 
 import pytest
 import torch
-from helpers import IGNORE, TOLERANCES, assert_backend_matches_reference, make_inputs, run_backend
+from helpers import IGNORE, TOLERANCES, assert_backend_matches_reference, make_inputs, run_backend, run_steps
 
 import dho_fast
 import kernels
@@ -158,12 +158,7 @@ def test_compiled_training_step_matches_eager(backend):
             ce_logits, kd_logits = model(features).chunk(2, dim=1)
             return dho_fast.fused_dual_head_loss(ce_logits, kd_logits, teacher, labels, backend=name)
 
-        compiled = wrap(step)
-        for _ in range(3):
-            opt.zero_grad()
-            compiled(model).backward()
-            opt.step()
-        results.append([p.detach().clone() for p in model.parameters()])
+        results.append(run_steps(wrap(step), model, opt)[1])
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
 
 

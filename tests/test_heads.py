@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LOSS_TOLERANCES, TOLERANCES, make_inputs
+from helpers import LOSS_TOLERANCES, TOLERANCES, make_inputs, run_steps
 
 import dho_fast
 from dho_fast import reference
@@ -86,14 +86,7 @@ def test_compiled_training_step_matches_eager():
     for step in (eager_step, torch.compile(fused_step, fullgraph=True)):
         model = Student()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        losses = []
-        for _ in range(3):
-            opt.zero_grad()
-            loss = step(model)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+        results.append(run_steps(step, model, opt))
     (want_losses, want_params), (losses, params) = results
     torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(params, want_params, rtol=1e-5, atol=1e-6)

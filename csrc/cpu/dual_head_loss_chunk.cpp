@@ -23,17 +23,13 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logit
                                                             const std::optional<at::Tensor>& ce_bias,
                                                             const std::optional<at::Tensor>& kd_bias,
                                                             double ce_grad_scale, double kd_grad_scale) {
-  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature);
-  check_chunk_bias("ce_bias", ce_bias, ce_logits);
-  check_chunk_bias("kd_bias", kd_bias, kd_logits);
+  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, ce_bias,
+                     kd_bias);
   const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1), R = kd_logits.size(0);
   const int64_t* y = labels.const_data_ptr<int64_t>() + start;
   std::vector<int64_t> ce_row(R);
   const int64_t chunk_labelled = index_labelled(y, R, C, ignore_index, start, ce_row.data());
-  TORCH_CHECK(ce_logits.size(0) == chunk_labelled, "ce_logits must have one row per labelled row of the chunk (",
-              chunk_labelled, "), got ", ce_logits.size(0));
-  TORCH_CHECK(chunk_labelled <= num_labelled, "num_labelled = ", num_labelled, " is less than the chunk's ",
-              chunk_labelled, " labelled rows");
+  check_chunk_labelled(ce_logits, chunk_labelled, num_labelled);
   const LossParams p{N, C, num_labelled, ignore_index, temperature, label_smoothing, kd_split, ce_grad_scale,
                      kd_grad_scale};
 

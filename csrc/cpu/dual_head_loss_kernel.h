@@ -265,7 +265,9 @@ void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
     const scalar_t* ce_in = ce_i >= 0 ? io.ce + ce_i * C : nullptr;
     scalar_t* g_ce_out = io.g_ce && ce_i >= 0 ? io.g_ce + ce_i * C : nullptr;
     scalar_t* g_kd_out = io.g_kd ? io.g_kd + off : nullptr;
-    const acc_t* ce_row = ce_in ? load_row(ce_in, ce_bias, scratch.ce, C) : nullptr;
+    // An unlabelled row's CE logits are never read (the whole-batch op still writes its zero CE gradient).
+    const bool labelled = io.labels[i] != p.ignore_index;
+    const acc_t* ce_row = ce_in && labelled ? load_row(ce_in, ce_bias, scratch.ce, C) : nullptr;
     const acc_t* kd_row = load_row(io.kd + off, kd_bias, scratch.kd, C);
     const acc_t* t_row = load_row(io.teacher + off, static_cast<const acc_t*>(nullptr), scratch.teacher, C);
     acc_t *gce_row = nullptr, *gkd_row = nullptr;

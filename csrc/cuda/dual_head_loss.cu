@@ -91,7 +91,6 @@ struct Row {
   const scalar_t *ce, *kd, *t;
   scalar_t *g_ce, *g_kd;
   bool ce_vec, kd_vec, t_vec, g_ce_vec, g_kd_vec;
-  const scalar_t *ce_bias, *kd_bias;
   int64_t label;
   rm::RowWeights<acc_type<scalar_t>> w, grad_w;  // weights of the row's loss values and of its gradients
 };
@@ -123,8 +122,6 @@ __device__ __forceinline__ Row<scalar_t> row_of(const RowsArgs<scalar_t>& p, int
   row.g_ce_vec = aligned16(row.g_ce);
   row.g_kd_vec = aligned16(row.g_kd);
   row.label = label;
-  row.ce_bias = p.ce_bias;
-  row.kd_bias = p.kd_bias;
   row.w = rm::row_weights<acc_t>(labelled, n_lab, p.batch_rows, p.kd_split, p.temperature);
   row.grad_w = row.w;
   row.grad_w.ce *= p.ce_grad_scale;
@@ -252,9 +249,9 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) warp_rows_kernel(const
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int64_t col = int64_t(lane + 32 * k) * V;
-    load_cols<V>(row.ce, row.ce_bias, row.ce_vec, col, C, acc_t(1), x + k * V);
+    load_cols<V>(row.ce, p.ce_bias, row.ce_vec, col, C, acc_t(1), x + k * V);
     load_cols<V>(row.t, static_cast<const scalar_t*>(nullptr), row.t_vec, col, C, p.inv_t, a + k * V);
-    load_cols<V>(row.kd, row.kd_bias, row.kd_vec, col, C, p.inv_t, b + k * V);
+    load_cols<V>(row.kd, p.kd_bias, row.kd_vec, col, C, p.inv_t, b + k * V);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       if (col + j < C) valid |= 1u << (k * V + j);
@@ -285,9 +282,9 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>) block_rows_kernel(co
   rm::RowStat<acc_t> s = rm::row_empty<acc_t>();
   for (int64_t col = first; col < C; col += step) {
     acc_t x[E], a[E], b[E];
-    load_cols<E>(row.ce, row.ce_bias, row.ce_vec, col, C, acc_t(1), x);
+    load_cols<E>(row.ce, p.ce_bias, row.ce_vec, col, C, acc_t(1), x);
     load_cols<E>(row.t, static_cast<const scalar_t*>(nullptr), row.t_vec, col, C, p.inv_t, a);
-    load_cols<E>(row.kd, row.kd_bias, row.kd_vec, col, C, p.inv_t, b);
+    load_cols<E>(row.kd, p.kd_bias, row.kd_vec, col, C, p.inv_t, b);
     uint32_t valid = 0;
 #pragma unroll
     for (int j = 0; j < E; ++j) valid |= (col + j < C ? 1u : 0u) << j;
@@ -302,9 +299,9 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>) block_rows_kernel(co
   // read by the thread that overwrites it, before it does.
   for (int64_t col = first; col < C; col += step) {
     acc_t x[E], a[E], b[E];
-    load_cols<E>(row.ce, row.ce_bias, row.ce_vec, col, C, acc_t(1), x);
+    load_cols<E>(row.ce, p.ce_bias, row.ce_vec, col, C, acc_t(1), x);
     load_cols<E>(row.t, static_cast<const scalar_t*>(nullptr), row.t_vec, col, C, p.inv_t, a);
-    load_cols<E>(row.kd, row.kd_bias, row.kd_vec, col, C, p.inv_t, b);
+    load_cols<E>(row.kd, p.kd_bias, row.kd_vec, col, C, p.inv_t, b);
     const int64_t target = row.label - col;
     store_grads<E>(row, col, C, x, a, b, target >= 0 && target < E ? int(target) : -1, g);
   }
@@ -509,9 +506,8 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
                                                              const std::optional<at::Tensor>& ce_bias,
                                                              const std::optional<at::Tensor>& kd_bias,
                                                              double ce_grad_scale, double kd_grad_scale) {
-  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature);
-  check_chunk_bias("ce_bias", ce_bias, ce_logits);
-  check_chunk_bias("kd_bias", kd_bias, kd_logits);
+  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, ce_bias,
+                     kd_bias);
   check_device("ce_logits", ce_logits, kd_logits);
   check_device("teacher_logits", teacher_logits, kd_logits);
   check_device("labels", labels, kd_logits);
@@ -553,10 +549,7 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
     launch_reduce<acc_t>(row_ce, row_kl, status, 0, 0, nullptr, ce_term, kd_term, info, stream);
   });
   const int64_t chunk_labelled = raise_flagged_errors(info, y, start, C, ignore_index);
-  TORCH_CHECK(ce_logits.size(0) == chunk_labelled, "ce_logits must have one row per labelled row of the chunk (",
-              chunk_labelled, "), got ", ce_logits.size(0));
-  TORCH_CHECK(chunk_labelled <= num_labelled, "num_labelled = ", num_labelled, " is less than the chunk's ",
-              chunk_labelled, " labelled rows");
+  check_chunk_labelled(ce_logits, chunk_labelled, num_labelled);
   return {ce_term, kd_term};
 }
 
