@@ -24,8 +24,8 @@ import torch
 from eager import eager_dual_head_loss
 
 import dho_fast
-import kernels
-from dho_fast import _ops
+from dho_fast import kernels
+from dho_fast.ops import extension
 
 SHAPES = [(512, 1000), (512, 21843), (8192, 1000), (8192, 21843)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -52,7 +52,7 @@ def liger_loss():
 
 def providers() -> dict:
     found = {}
-    if _ops.has_cuda_kernels():
+    if extension.has_cuda_kernels():
         found["fused-cuda"] = lambda *a: dho_fast.fused_dual_head_loss(*a, backend="cuda")
     if kernels.has_triton():
         found["fused-triton"] = lambda *a: dho_fast.fused_dual_head_loss(*a, backend="triton")

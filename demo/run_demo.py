@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # prepare_data beside 
 from prepare_data import SOURCES, PreparedData, prepare  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dho_fast.config import TrainConfig  # noqa: E402
-from dho_fast.data import scan_image_folder  # noqa: E402
-from dho_fast.train import train  # noqa: E402
+from dho_fast.train.config import TrainConfig  # noqa: E402
+from dho_fast.train.data import scan_image_folder  # noqa: E402
+from dho_fast.train.trainer import train  # noqa: E402
 
 METHODS = ("dho", "kd", "ce")
 FRACTIONS = (0.01, 0.1)
@@ -49,8 +49,8 @@ STUDENT_SETTINGS = dict(
     warmup_fraction=0.1,
     lr_decay="linear",
     temperature=2.0,
-    ce_weight=0.5,
-    kd_weight=0.5,
+    ce_loss_weight=0.5,
+    kd_loss_weight=0.5,
     eval_batch_size=500,
     checkpoint_every=10_000,
     progress=False,

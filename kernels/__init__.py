@@ -1,6 +1,8 @@
-"""Triton kernels of dho_fast's ops, registered with ``torch.library.triton_op`` so torch.compile can see into them.
+"""Triton kernels of dho_fast's ops (installed as ``dho_fast.kernels``): ``@triton.jit`` code and its launchers.
 
-Everything here is optional: without Triton (or with a torch older than ``torch.library.triton_op``) the ops run
+A leaf: it imports only torch, triton and itself. dho_fast.ops.registry registers the launchers as torch ops with
+``torch.library.triton_op``, so torch.compile can see into them, and raises the errors they flag. Everything here is
+optional: without Triton (or with a torch older than ``torch.library.triton_op``) the ops run
 on the other backends and importing this package still works. The kernels run on CUDA tensors, and on CPU
 tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set before ``triton`` is imported), which is how
 they are tested on machines without a GPU.

@@ -9,9 +9,6 @@ log(sum_b)`` never subtracts two large logsumexps. Columns outside the row are -
 import triton
 import triton.language as tl
 
-#: row_math::TeacherRowStatus of a teacher row that is -inf in every class (1: it holds NaN or +inf, 0: valid).
-TEACHER_ALL_MASKED = 2
-
 
 @triton.jit
 def exp_base(m):

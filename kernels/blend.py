@@ -1,17 +1,18 @@
-"""Triton kernels of DHO's inference blend: ``dho_fast::dual_head_predict_triton`` and ``blend_search_triton``.
+"""Triton launchers of DHO's inference blend, registered by dho_fast.ops.registry as
+``dho_fast::dual_head_predict_triton`` and ``dho_fast::blend_search_triton``.
 
-``p = alpha * softmax(ce) + (1 - alpha) * softmax(kd / beta)`` (dho_fast.blend). The search reads each row of the
-logits once into a softmax statistic per head and beta, then scores every (alpha, beta) pair of the grid on the
-row's tiles; rows are spread over a bounded number of programs, each adding its hit counts to the table once.
+``p = alpha * softmax(ce) + (1 - alpha) * softmax(kd / beta)`` (dho_fast.dual_head_predict). The search reads each
+row of the logits once into a softmax statistic per head and beta, then scores every (alpha, beta) pair of the grid
+on the row's tiles; rows are spread over a bounded number of programs, each adding its hit counts to the table once.
 """
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from kernels import _row_math as rm
-from kernels.dual_head_loss import MAX_TILE, tile_config
+from . import _row_math as rm
+from .dual_head_loss import MAX_TILE, tile_config
 
 # Programs of the search: enough to fill a large GPU; each adds its counts to the (A, B) table once.
 _SEARCH_PROGRAMS = 2048
@@ -97,12 +98,9 @@ def _search_kernel(ce_ptr, kd_ptr, labels_ptr, alphas_ptr, betas_ptr, correct_pt
     tl.atomic_add(correct_ptr + a_idx[:, None] * num_betas + b_idx[None, :], counts, mask=valid)
 
 
-@triton_op("dho_fast::dual_head_predict_triton", mutates_args=())
-def dual_head_predict_triton(
-    ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float, beta: float
-) -> torch.Tensor:
+def dual_head_predict(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """``alpha * softmax(ce_logits) + (1 - alpha) * softmax(kd_logits / beta)`` of (N, C) logits, as float32
-    (float64 for float64 input); arguments as validated by dho_fast.dual_head_predict."""
+    (float64 for float64 input); arguments as validated by dho_fast.ops.blend."""
     ce, kd = ce_logits.contiguous(), kd_logits.contiguous()
     n, c = ce.shape
     acc = torch.promote_types(ce.dtype, torch.float32)
@@ -116,13 +114,12 @@ def dual_head_predict_triton(
     return out
 
 
-@triton_op("dho_fast::blend_search_triton", mutates_args=())
-def blend_search_triton(
+def blend_search(
     ce_logits: torch.Tensor, kd_logits: torch.Tensor, labels: torch.Tensor, alphas: torch.Tensor, betas: torch.Tensor
 ) -> torch.Tensor:
     """(A, B) int64 counts of rows whose ``dual_head_predict(ce, kd, alphas[a], betas[b]).argmax(1)`` equals the
     label; ``alphas`` (A,), ``betas`` (B,) in the logits' accumulation dtype; labels in [0, C) (checked by
-    dho_fast.search_alpha_beta)."""
+    dho_fast.ops.blend)."""
     ce, kd, y = ce_logits.contiguous(), kd_logits.contiguous(), labels.contiguous()
     n, c = ce.shape
     num_alphas, num_betas = alphas.shape[0], betas.shape[0]

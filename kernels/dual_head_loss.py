@@ -1,6 +1,7 @@
-"""Triton kernels of the fused DHO loss: ``dho_fast::dual_head_loss_triton`` and ``dual_head_loss_chunk_triton``.
+"""Triton launchers of the fused DHO loss: :func:`dual_head_loss` and :func:`dual_head_loss_chunk`.
 
-Same schemas and semantics as the compiled ops ``dho_fast::dual_head_loss`` and ``dual_head_loss_chunk``
+dho_fast.ops.registry registers them as ``dho_fast::dual_head_loss_triton`` and ``dual_head_loss_chunk_triton``,
+with the schemas and semantics of the compiled ops ``dho_fast::dual_head_loss`` and ``dual_head_loss_chunk``
 (csrc/dho_fast.cpp). Three launches per call:
 
 1. ``_count_labels_kernel`` (one program): the number of labelled rows, which every row's weight needs before its
@@ -13,8 +14,8 @@ Same schemas and semantics as the compiled ops ``dho_fast::dual_head_loss`` and 
    finds the first invalid teacher row.
 
 Value errors (labels out of range, NaN/+inf teacher entries, teacher rows that are -inf everywhere) are flagged on
-the device and raised after the kernels: eagerly that costs one device-to-host copy of four integers (a sync);
-under torch.compile they become ``torch._assert_async`` device asserts, which do not say which row failed.
+the device in a small ``info`` tensor that the launchers return; the registered op raises them (eagerly that costs
+one device-to-host copy of four integers, a sync; under torch.compile they become device asserts).
 """
 
 import os
@@ -22,11 +23,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from dho_fast import _ops
-from dho_fast._validation import label_error, teacher_row_error
-from kernels import _row_math as rm
+from . import _row_math as rm
 
 #: Widest column tile. A row of at most this many classes is read once; a wider one is read twice.
 MAX_TILE = 4096
@@ -158,7 +157,7 @@ def _loss_rows_kernel(
 
 @triton.jit
 def _reduce_rows_kernel(row_ce_ptr, row_kl_ptr, status_ptr, info_ptr, loss_ptr, ce_term_ptr, kd_term_ptr, n,
-                        ce_weight, kd_weight, HAS_LOSS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                        ce_loss_weight, kd_loss_weight, HAS_LOSS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """ce_term, kd_term (and loss) from the weighted row values, summed in float64 in a fixed order;
     info[2] = first row with a bad teacher status (n when none), info[3] = its status."""
     acc_ce = tl.zeros((BLOCK,), tl.float64)
@@ -177,7 +176,7 @@ def _reduce_rows_kernel(row_ce_ptr, row_kl_ptr, status_ptr, info_ptr, loss_ptr, 
     tl.store(ce_term_ptr, ce_term.to(out_ty))
     tl.store(kd_term_ptr, kd_term.to(out_ty))
     if HAS_LOSS:
-        tl.store(loss_ptr, (ce_weight * ce_term + kd_weight * kd_term).to(out_ty))
+        tl.store(loss_ptr, (ce_loss_weight * ce_term + kd_loss_weight * kd_term).to(out_ty))
     tl.store(info_ptr + 2, first_bad)
     tl.store(info_ptr + 3, tl.load(status_ptr + first_bad, mask=first_bad < n, other=0).to(tl.int64))
 
@@ -220,45 +219,16 @@ def _launch_rows(ce, ce_row, kd, t, labels, info, g_ce, g_kd, row_ce, row_kl, st
     )  # fmt: skip
 
 
-def _traced(t: torch.Tensor) -> bool:
-    """A tensor allocated by the op is a plain Tensor when it runs eagerly, a fake/functional one when traced."""
-    return type(t) is not torch.Tensor
-
-
-def _raise_value_errors(
-    info: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int, first_row: int = 0
-) -> int | None:
-    """Raises the error the kernels flagged in info (see the kernels); labels are the rows the kernels saw, which
-    are rows first_row, ... of the batch. Returns the number of labelled rows, None when traced."""
-    n = labels.shape[0]
-    if _traced(info):
-        torch._assert_async(info[1] == n, "labels: a label is neither ignore_index nor in [0, num_classes)")
-        torch._assert_async(info[2] == n, "teacher_logits: a row contains NaN or +inf, or is -inf in every class")
-        return None
-    num_labelled, bad_label, bad_row, status = info.tolist()  # the one host sync of the op
-    if bad_label < n:
-        raise ValueError(label_error(first_row + bad_label, int(labels[bad_label]), num_classes, ignore_index))
-    if bad_row < n:
-        raise ValueError(teacher_row_error(first_row + bad_row, all_masked=status == rm.TEACHER_ALL_MASKED))
-    return num_labelled
-
-
-_LOSS_SCHEMA = (
-    "(Tensor ce_logits, Tensor kd_logits, Tensor teacher_logits, Tensor labels, float temperature, float ce_weight, "
-    "float kd_weight, bool kd_split, int ignore_index, float label_smoothing, bool ce_grad, bool kd_grad) -> "
-    "(Tensor loss, Tensor ce_term, Tensor kd_term, Tensor ce_grad_out, Tensor kd_grad_out)"
-)
-
-
-@triton_op("dho_fast::dual_head_loss_triton", mutates_args=(), schema=_LOSS_SCHEMA)
-def dual_head_loss_triton(
+def dual_head_loss(
     ce_logits: torch.Tensor, kd_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-    temperature: float, ce_weight: float, kd_weight: float, kd_split: bool, ignore_index: int,
+    temperature: float, ce_loss_weight: float, kd_loss_weight: float, kd_split: bool, ignore_index: int,
     label_smoothing: float, ce_grad: bool, kd_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """dho_fast::dual_head_loss in Triton: (loss, ce_term, kd_term, d ce_term / d ce_logits, d kd_term /
-    d kd_logits); arguments as validated by dho_fast.fused_dual_head_loss. Scalars are float32 in the kernels
-    (exact for the usual temperatures); statistics accumulate in float32, float64 for float64 input."""
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """(loss, ce_term, kd_term, d ce_term / d ce_logits, d kd_term / d kd_logits, info) of (N, C) logits; the
+    arguments as dho_fast::dual_head_loss takes them (validated by the caller). info (4,) int64: the number of
+    labelled rows, the first row with a bad label (N if none), the first bad teacher row (N if none) and its
+    row_math::TeacherRowStatus; the caller raises the errors. Scalars are float32 in the kernels (exact for the usual
+    temperatures); statistics accumulate in float32, float64 for float64 input."""
     ce, kd, t, y = ce_logits.contiguous(), kd_logits.contiguous(), teacher_logits.contiguous(), labels.contiguous()
     n, c = ce.shape
     acc = torch.promote_types(ce.dtype, torch.float32)
@@ -275,59 +245,23 @@ def dual_head_loss_triton(
         ce_grad=ce_grad, kd_grad=kd_grad,
     )  # fmt: skip
     wrap_triton(_reduce_rows_kernel)[(1,)](
-        row_ce, row_kl, status, info, loss, ce_term, kd_term, n, ce_weight, kd_weight, HAS_LOSS=True, BLOCK=_SCAN_BLOCK
-    )
-    _raise_value_errors(info, y, c, ignore_index)
-    return loss, ce_term, kd_term, g_ce, g_kd
+        row_ce, row_kl, status, info, loss, ce_term, kd_term, n, ce_loss_weight, kd_loss_weight, HAS_LOSS=True,
+        BLOCK=_SCAN_BLOCK,
+    )  # fmt: skip
+    return loss, ce_term, kd_term, g_ce, g_kd, info
 
 
-_ops.register_loss_autograd("dho_fast::dual_head_loss_triton")
-
-_CHUNK_SCHEMA = (
-    "(Tensor(a!) ce_logits, Tensor(b!) kd_logits, Tensor teacher_logits, Tensor labels, int start, int num_labelled, "
-    "float temperature, bool kd_split, int ignore_index, float label_smoothing, bool ce_grad, bool kd_grad, "
-    "Tensor? ce_bias=None, Tensor? kd_bias=None, float ce_grad_scale=1.0, float kd_grad_scale=1.0) -> "
-    "(Tensor ce_term, Tensor kd_term)"
-)
-
-
-def _check_chunk_shapes(ce: torch.Tensor, kd: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, start: int,
-                        ce_bias: torch.Tensor | None, kd_bias: torch.Tensor | None) -> None:  # fmt: skip
-    """The layout dual_head_loss_chunk requires (see csrc/dho_fast.cpp); the caller builds it, so no messages
-    beyond the argument names."""
-    n, c = t.shape
-    if kd.dim() != 2 or kd.shape[1] != c or not 0 <= start <= start + kd.shape[0] <= n:
-        raise ValueError(
-            f"kd_logits must be rows [start, start + R) of the batch's (N, C) = {(n, c)} logits, "
-            f"got shape {tuple(kd.shape)} at start {start}"
-        )
-    if ce.dim() != 2 or ce.shape[1] != c:
-        raise ValueError(f"ce_logits must have shape (L, {c}), got {tuple(ce.shape)}")
-    for name, x in (("ce_logits", ce), ("kd_logits", kd)):
-        if x.dtype != t.dtype or not x.is_contiguous():
-            raise ValueError(f"{name} must be contiguous {t.dtype} (as teacher_logits), got {x.dtype}, {x.stride()}")
-    if labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    for name, bias in (("ce_bias", ce_bias), ("kd_bias", kd_bias)):
-        if bias is not None and (bias.shape != (c,) or bias.dtype != t.dtype or bias.device != t.device
-                                 or not bias.is_contiguous()):  # fmt: skip
-            raise ValueError(f"{name} must be contiguous {t.dtype} of shape ({c},) on {t.device}, got {bias.dtype} "
-                             f"of shape {tuple(bias.shape)} on {bias.device}")  # fmt: skip
-
-
-@triton_op("dho_fast::dual_head_loss_chunk_triton", mutates_args={"ce_logits", "kd_logits"}, schema=_CHUNK_SCHEMA)
-def dual_head_loss_chunk_triton(
+def dual_head_loss_chunk(
     ce_logits: torch.Tensor, kd_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, start: int,
     num_labelled: int, temperature: float, kd_split: bool, ignore_index: int, label_smoothing: float, ce_grad: bool,
     kd_grad: bool, ce_bias: torch.Tensor | None = None, kd_bias: torch.Tensor | None = None,
     ce_grad_scale: float = 1.0, kd_grad_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """dho_fast::dual_head_loss_chunk in Triton: the (ce_term, kd_term) contributions of batch rows
-    [start, start + R) whose KD logits are kd_logits (R, C) and whose labelled rows' CE logits are ce_logits
-    (L, C), each plus its (C,) bias when given; overwrites ce_logits / kd_logits with ce_grad_scale *
-    d ce_term / d ce_logits and kd_grad_scale * d kd_term / d kd_logits when ce_grad / kd_grad. The row weights are
-    those of the whole batch (teacher_logits (N, C), num_labelled)."""
-    _check_chunk_shapes(ce_logits, kd_logits, teacher_logits, labels, start, ce_bias, kd_bias)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(ce_term, kd_term, info) contributions of batch rows [start, start + R) whose KD logits are kd_logits (R, C)
+    and whose labelled rows' CE logits are ce_logits (L, C), each plus its (C,) bias when given; overwrites
+    ce_logits / kd_logits with ce_grad_scale * d ce_term / d ce_logits and kd_grad_scale * d kd_term / d kd_logits
+    when ce_grad / kd_grad. The row weights are those of the whole batch (teacher_logits (N, C), num_labelled).
+    info as in :func:`dual_head_loss`, for the chunk's rows (the layout is validated by the caller)."""
     rows, c = kd_logits.shape
     n = teacher_logits.shape[0]
     t = teacher_logits.contiguous()[start : start + rows]
@@ -350,16 +284,4 @@ def dual_head_loss_chunk_triton(
     wrap_triton(_reduce_rows_kernel)[(1,)](
         row_ce, row_kl, status, info, ce_term, ce_term, kd_term, rows, 0.0, 0.0, HAS_LOSS=False, BLOCK=_SCAN_BLOCK
     )
-    chunk_labelled = _raise_value_errors(info, y, c, ignore_index, first_row=start)
-    if chunk_labelled is not None:
-        if ce_logits.shape[0] != chunk_labelled or chunk_labelled > num_labelled:
-            raise ValueError(
-                f"ce_logits must have one row per labelled row of the chunk ({chunk_labelled}, at most "
-                f"num_labelled = {num_labelled}), got {ce_logits.shape[0]}"
-            )
-    return ce_term, kd_term
-
-
-if _ops.has_extension() and not _ops.has_cuda_kernels():
-    # Without compiled CUDA kernels, the chunk op of fused_linear_dual_head_loss runs in Triton on CUDA tensors.
-    torch.library.impl("dho_fast::dual_head_loss_chunk", "CUDA")(dual_head_loss_chunk_triton)
+    return ce_term, kd_term, info

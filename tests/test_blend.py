@@ -5,7 +5,7 @@ import torch
 
 import dho_fast
 from dho_fast import reference
-from dho_fast.blend import DEFAULT_ALPHAS, DEFAULT_BETAS
+from dho_fast.ops.blend import DEFAULT_ALPHAS, DEFAULT_BETAS
 
 
 def test_default_grid_is_methods():
@@ -38,7 +38,7 @@ def test_search_equals_brute_force(n, c):
 
 
 def test_search_reads_large_sets_in_chunks(monkeypatch):
-    monkeypatch.setattr(dho_fast.blend, "_BLEND_ELEMENTS_PER_CHUNK", 21 * 7 * 13 * 3)  # 3 rows per chunk
+    monkeypatch.setattr(dho_fast.ops.reference, "BLEND_ELEMENTS_PER_CHUNK", 21 * 7 * 13 * 3)  # 3 rows per chunk
     ce, kd = torch.randn(40, 13), torch.randn(40, 13)
     labels = torch.randint(0, 13, (40,))
     chunked = dho_fast.search_alpha_beta(ce, kd, labels)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from trainer_fixtures import digits_trees
 
-from dho_fast.data import (
+from dho_fast.train.data import (
     IGNORE_INDEX,
     ImageDataset,
     class_balanced_indices,
@@ -17,8 +17,8 @@ from dho_fast.data import (
     load_coop_splits,
     load_image_folder_splits,
 )
-from dho_fast.sampling import PairedBatchSampler, steps_per_epoch
-from dho_fast.transforms import PairedTransform
+from dho_fast.train.sampling import PairedBatchSampler, steps_per_epoch
+from dho_fast.train.transforms import PairedTransform
 
 
 def imagenet_like_labels(seed: int = 0) -> np.ndarray:

@@ -16,9 +16,9 @@ from trainer_fixtures import (
     tiny_clip_config,
 )
 
-from dho_fast import checkpoint
-from dho_fast.config import TrainConfig
-from dho_fast.train import train
+from dho_fast.train import checkpoint
+from dho_fast.train.config import TrainConfig
+from dho_fast.train.trainer import train
 
 
 def _free_port() -> int:

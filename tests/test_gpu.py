@@ -12,16 +12,16 @@ import torch
 from helpers import IGNORE, TOLERANCES, assert_backend_matches_reference, make_inputs, run_backend, run_steps
 
 import dho_fast
-import kernels
-from dho_fast import _ops, blend
+from dho_fast import kernels
+from dho_fast.ops import blend, extension
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 
-BACKENDS = (["cuda"] if _ops.has_cuda_kernels() else []) + (["triton"] if kernels.has_triton() else [])
+BACKENDS = (["cuda"] if extension.has_cuda_kernels() else []) + (["triton"] if kernels.has_triton() else [])
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # Around the warp-per-row limit (1024 columns; 512 for float64), odd C (rows not 16-byte aligned), ImageNet-21k.
 SHAPES = [(1, 1), (5, 7), (33, 512), (33, 513), (64, 1000), (17, 1024), (17, 1025), (9, 21843), (300, 997)]
-KW = dict(temperature=2.0, ce_weight=0.5, kd_weight=0.5)
+KW = dict(temperature=2.0, ce_loss_weight=0.5, kd_loss_weight=0.5)
 CHUNK_OPS = {"cuda": "dual_head_loss_chunk", "triton": "dual_head_loss_chunk_triton"}
 
 
@@ -41,7 +41,7 @@ def test_matches_reference(backend, shape, dtype, labelled):
 @pytest.mark.parametrize("kd_reduction", ["split", "mean"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_options_match_reference(backend, kd_reduction, label_smoothing):
-    kwargs = dict(temperature=4.0, ce_weight=1.0, kd_weight=0.3, kd_reduction=kd_reduction)
+    kwargs = dict(temperature=4.0, ce_loss_weight=1.0, kd_loss_weight=0.3, kd_reduction=kd_reduction)
     inputs = cuda_inputs(40, 3333, labelled="mixed")
     assert_backend_matches_reference(backend, inputs, torch.float32, label_smoothing=label_smoothing, **kwargs)
 

@@ -29,7 +29,7 @@ def test_loss_matches_eager_heads(kd_cosine):
     head = make_head(kd_cosine=kd_cosine, kd_logit_scale=5.0)
     _, _, teacher, labels = make_inputs(13, 11, labelled="mixed")
     features = torch.randn(13, 8, requires_grad=True)
-    kwargs = dict(temperature=3.0, ce_weight=1.0, kd_weight=0.25, label_smoothing=0.1)
+    kwargs = dict(temperature=3.0, ce_loss_weight=1.0, kd_loss_weight=0.25, label_smoothing=0.1)
     loss, ce_term, kd_term = head.loss(features, teacher, labels, return_terms=True, chunk_size=4, **kwargs)
     params = [features, *head.parameters()]
     grads = torch.autograd.grad(loss, params)

@@ -35,7 +35,7 @@ def eager_loss(features, ce_weight, ce_bias, kd_weight, kd_bias, teacher, labels
     kd_features = F.normalize(features, dim=1) if kd_cosine else features
     kd_logits = kd_logit_scale * F.linear(kd_features, kd_weight, kd_bias)
     return reference.dual_head_loss(
-        ce_logits, kd_logits, teacher, labels, ce_weight=ce_loss_weight, kd_weight=kd_loss_weight, **loss_args
+        ce_logits, kd_logits, teacher, labels, ce_loss_weight=ce_loss_weight, kd_loss_weight=kd_loss_weight, **loss_args
     )
 
 

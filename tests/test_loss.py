@@ -13,7 +13,7 @@ from dho_fast import reference
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (1, 7), (5, 1), (17, 997), (64, 1000), (8, 21843)]
-KW = dict(temperature=2.0, ce_weight=0.5, kd_weight=0.5)
+KW = dict(temperature=2.0, ce_loss_weight=0.5, kd_loss_weight=0.5)
 
 
 def fused(*args, **kwargs):
@@ -34,7 +34,7 @@ def test_matches_reference(shape, dtype, labelled):
 @pytest.mark.parametrize("kd_reduction", ["split", "mean"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_options_match_reference(kd_reduction, label_smoothing):
-    kwargs = dict(temperature=4.0, ce_weight=1.0, kd_weight=0.3, kd_reduction=kd_reduction)
+    kwargs = dict(temperature=4.0, ce_loss_weight=1.0, kd_loss_weight=0.3, kd_reduction=kd_reduction)
     inputs = make_inputs(40, 333, labelled="mixed")
     assert_matches_reference(inputs, torch.float32, label_smoothing=label_smoothing, **kwargs)
 
@@ -120,7 +120,7 @@ def test_opcheck(requires_grad):
 def test_backend_from_environment(monkeypatch):
     monkeypatch.setenv("DHO_FAST_BACKEND", "reference")
     inputs = make_inputs(3, 4)
-    assert dho_fast.loss.resolve_backend(None, inputs[0].device) == "reference"
+    assert dho_fast.ops.backends.resolve("dual_head_loss", None, inputs[0].device) == "reference"
     monkeypatch.setenv("DHO_FAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="backend"):
         dho_fast.fused_dual_head_loss(*inputs)

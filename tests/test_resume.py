@@ -11,13 +11,13 @@ import torch
 import yaml
 from trainer_fixtures import count_train_images, digits_trees, random_teacher_logits, run_settings
 
-from dho_fast import checkpoint
+from dho_fast.train import checkpoint
 
 STEPS, EVERY, KILL_AFTER = 100, 10, 20
 
 
 def _command(config_path, *flags) -> list[str]:
-    return [sys.executable, "-m", "dho_fast.cli", "train", "--config", str(config_path), *flags]
+    return [sys.executable, "-m", "dho_fast.train.cli", "train", "--config", str(config_path), *flags]
 
 
 def _env() -> dict[str, str]:

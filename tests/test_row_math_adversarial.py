@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import IGNORE, LOSS_TOLERANCES, assert_backend_matches_reference
 
-KW = dict(temperature=2.0, ce_weight=0.5, kd_weight=0.5, label_smoothing=0.1)
+KW = dict(temperature=2.0, ce_loss_weight=0.5, kd_loss_weight=0.5, label_smoothing=0.1)
 NEG_INF = float("-inf")
 
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from trainer_fixtures import register_tiny_clip, tiny_clip_config
 
-from dho_fast.build import build_teacher
-from dho_fast.config import TrainConfig
-from dho_fast.teacher import (
+from dho_fast.train.build import build_teacher
+from dho_fast.train.config import TrainConfig
+from dho_fast.train.teacher import (
     DHO_IMAGENET_TEMPLATES,
     ClipTeacher,
     LogitsTeacher,

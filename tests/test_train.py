@@ -18,12 +18,12 @@ from trainer_fixtures import (
     tiny_clip_config,
 )
 
-from dho_fast import checkpoint, cli
-from dho_fast.build import build_run_student
-from dho_fast.config import TrainConfig, load_config
-from dho_fast.students import build_student
-from dho_fast.teacher import class_text_embeddings, create_open_clip, prompt_templates
-from dho_fast.train import train
+from dho_fast.train import checkpoint, cli
+from dho_fast.train.build import build_run_student
+from dho_fast.train.config import TrainConfig, load_config
+from dho_fast.train.students import build_student
+from dho_fast.train.teacher import class_text_embeddings, create_open_clip, prompt_templates
+from dho_fast.train.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

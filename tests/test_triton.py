@@ -11,8 +11,8 @@ import torch
 from helpers import IGNORE, TOLERANCES, assert_backend_matches_reference, make_inputs, run_backend
 
 import dho_fast
-import kernels
-from dho_fast import blend
+from dho_fast import kernels
+from dho_fast.ops import blend
 
 RUNNABLE = kernels.has_triton() and (kernels.interpreted() or torch.cuda.is_available())
 DEVICE = "cpu" if kernels.interpreted() or not torch.cuda.is_available() else "cuda"
@@ -25,12 +25,12 @@ pytestmark = [
 ]
 
 if RUNNABLE:
-    from kernels import dual_head_loss as triton_loss
+    from dho_fast.kernels import dual_head_loss as triton_loss
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (1, 7), (5, 1), (17, 997), (16, 1000), (3, 21843)]
 # Temperatures and weights exact in float32, the precision of the kernels' scalar arguments (float64 inputs).
-KW = dict(temperature=2.0, ce_weight=0.5, kd_weight=0.5)
+KW = dict(temperature=2.0, ce_loss_weight=0.5, kd_loss_weight=0.5)
 
 
 def inputs(*args, **kwargs):
@@ -51,7 +51,7 @@ def test_matches_reference(shape, dtype, labelled):
 @pytest.mark.parametrize("kd_reduction", ["split", "mean"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_options_match_reference(kd_reduction, label_smoothing):
-    kwargs = dict(temperature=4.0, ce_weight=1.0, kd_weight=0.3, kd_reduction=kd_reduction)
+    kwargs = dict(temperature=4.0, ce_loss_weight=1.0, kd_loss_weight=0.3, kd_reduction=kd_reduction)
     matches(inputs(40, 333, labelled="mixed"), torch.float32, label_smoothing=label_smoothing, **kwargs)
 
 
@@ -215,5 +215,5 @@ def test_search_counts_match_the_torch_grid(c):
 
 
 def test_auto_backend_on_cpu_stays_the_cpu_kernel():
-    assert dho_fast.loss.resolve_backend("auto", torch.device("cpu")) in ("cpu", "reference")
-    assert dho_fast.loss.resolve_backend("triton", torch.device(DEVICE)) == "triton"
+    assert dho_fast.ops.backends.resolve("dual_head_loss", "auto", torch.device("cpu")) in ("cpu", "reference")
+    assert dho_fast.ops.backends.resolve("dual_head_loss", "triton", torch.device(DEVICE)) == "triton"

@@ -16,7 +16,7 @@ from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import dho_fast
-import kernels
+from dho_fast import kernels
 
 pytestmark = pytest.mark.skipif(
     not kernels.has_triton() or kernels.interpreted(), reason="needs Triton, without TRITON_INTERPRET"
@@ -29,8 +29,8 @@ if kernels.has_triton() and not kernels.interpreted():
     from triton.compiler import ASTSource
     from triton.runtime.jit import mangle_type
 
-    from kernels import blend as triton_blend
-    from kernels import dual_head_loss as triton_loss
+    from dho_fast.kernels import blend as triton_blend
+    from dho_fast.kernels import dual_head_loss as triton_loss
 
 # Without a driver, torch cannot ask Triton which arguments a kernel writes and says so at length; it then assumes
 # all of them, which is only less optimal.
@@ -97,7 +97,7 @@ def kernel_cases():
     for acc in (torch.float32, torch.float64):
         f = t(acc)
         args = dict(row_ce_ptr=f, row_kl_ptr=f, status_ptr=t(torch.int32), info_ptr=i64, loss_ptr=f, ce_term_ptr=f,
-                    kd_term_ptr=f, n=512, ce_weight=0.5, kd_weight=0.5, HAS_LOSS=True, BLOCK=1024)  # fmt: skip
+                    kd_term_ptr=f, n=512, ce_loss_weight=0.5, kd_loss_weight=0.5, HAS_LOSS=True, BLOCK=1024)  # fmt: skip
         cases.append((f"reduce_rows {acc}", triton_loss._reduce_rows_kernel, args, 4, (90,)))
     for dtype, c in ((torch.float32, 1000), (torch.bfloat16, 21843)):
         block, single, warps = triton_loss.tile_config(c)
@@ -181,8 +181,8 @@ def test_blend_ops_trace_into_their_kernels():
         return predict, torch.ops.dho_fast.blend_search_triton(ce, kd, labels, alphas, betas)
 
     with mode:
-        alphas = torch.tensor(dho_fast.blend.DEFAULT_ALPHAS, device="cuda")
-        betas = torch.tensor(dho_fast.blend.DEFAULT_BETAS, device="cuda")
+        alphas = torch.tensor(dho_fast.ops.blend.DEFAULT_ALPHAS, device="cuda")
+        betas = torch.tensor(dho_fast.ops.blend.DEFAULT_BETAS, device="cuda")
     graph = trace(blend, ce.detach(), kd.detach(), labels, alphas, betas)
     assert triton_kernels_in(graph) == ["_predict_kernel", "_search_kernel"]
 

@@ -3,11 +3,11 @@
 from pathlib import Path
 from typing import Any
 
-from dho_fast import checkpoint
-from dho_fast.build import build_data, build_run_student, eval_dataset
-from dho_fast.config import TrainConfig
-from dho_fast.distributed import init_distributed, shutdown
-from dho_fast.evaluate import head_metrics, predict_logits
+from dho_fast.train import checkpoint
+from dho_fast.train.build import build_data, build_run_student, eval_dataset
+from dho_fast.train.config import TrainConfig
+from dho_fast.train.distributed import init_distributed, shutdown
+from dho_fast.train.evaluate import head_metrics, predict_logits
 
 
 def evaluate_checkpoint(

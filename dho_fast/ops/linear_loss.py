@@ -1,22 +1,10 @@
 """The public fused linear dual-head loss: both heads' GEMMs and the DHO loss without materialising the logits."""
 
-import warnings
-
 import torch
-import torch.nn.functional as F
 
-from dho_fast import _ops, reference
-from dho_fast._validation import check_linear_loss_args
-from dho_fast.loss import autocast_active, resolve_backend
-
-# Devices with a kernel of the per-chunk op (on CUDA the compiled one or Triton's, whichever registered itself).
-# Computed once, at import: torch.compile cannot trace the query.
-_CHUNK_KERNEL_DEVICES = frozenset(
-    device
-    for device in ("cpu", "cuda")
-    if _ops.has_extension()
-    and torch._C._dispatch_has_kernel_for_dispatch_key("dho_fast::dual_head_loss_chunk", device.upper())
-)
+from dho_fast.ops import backends
+from dho_fast.ops.loss import autocast_active
+from dho_fast.ops.validation import check_linear_loss_args
 
 # Chunk rows: at least this many, so the GEMMs stay efficient on small D ...
 _MIN_CHUNK_ROWS = 128
@@ -28,22 +16,6 @@ _MAX_CHUNK_LOGITS = 1 << 24
 def default_chunk_size(num_rows: int, num_classes: int, in_features: int) -> int:
     """Rows per chunk: ``min(N, max(128, min(D, 2^24 // C)))``."""
     return max(1, min(num_rows, max(_MIN_CHUNK_ROWS, min(in_features, _MAX_CHUNK_LOGITS // num_classes))))
-
-
-def dual_head_logits(
-    features: torch.Tensor,
-    ce_weight: torch.Tensor,
-    ce_bias: torch.Tensor | None,
-    kd_weight: torch.Tensor,
-    kd_bias: torch.Tensor | None,
-    *,
-    kd_cosine: bool = False,
-    kd_logit_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (N, C) logits :func:`fused_linear_dual_head_loss` never materialises, with an ordinary autograd graph:
-    ``(features @ ce_weight.T + ce_bias, kd_logit_scale * (g(features) @ kd_weight.T + kd_bias))``."""
-    kd_features = F.normalize(features, dim=1) if kd_cosine else features
-    return F.linear(features, ce_weight, ce_bias), kd_logit_scale * F.linear(kd_features, kd_weight, kd_bias)
 
 
 def fused_linear_dual_head_loss(
@@ -85,11 +57,10 @@ def fused_linear_dual_head_loss(
         kd_logit_scale: s > 0 multiplying the KD head's logits (100 in the CLIP-student recipe).
         chunk_size: rows per chunk; None picks :func:`default_chunk_size`. Extra memory is O(chunk_size * C).
         temperature, kd_reduction, ignore_index, label_smoothing, return_terms, backend: as in
-            :func:`dho_fast.fused_dual_head_loss`. Backend "reference" materialises the logits (eager PyTorch);
-            the others run the chunked op, whose per-chunk step is the kernel the device has (CPU: compiled; CUDA:
-            compiled or Triton, whichever is registered).
-        ce_loss_weight, kd_loss_weight: w_ce, w_kd >= 0 (``ce_weight`` / ``kd_weight`` of
-            ``fused_dual_head_loss``; here those names are the heads' weight matrices).
+            :func:`dho_fast.fused_dual_head_loss`. Backend "reference" materialises the logits (eager PyTorch,
+            :func:`dho_fast.reference.dual_head_logits`); the others run the chunked op, whose per-chunk step is
+            the kernel of the device (CPU: compiled; CUDA: compiled, or Triton's in a build without CUDA kernels).
+        ce_loss_weight, kd_loss_weight: the loss weights w_ce, w_kd >= 0, as in ``fused_dual_head_loss``.
 
     Returns:
         ``loss = w_ce * ce_term + w_kd * kd_term`` as a float32 scalar (float64 for float64 input), or
@@ -118,30 +89,12 @@ def fused_linear_dual_head_loss(
         chunk_size=chunk_size, temperature=temperature, ce_loss_weight=ce_loss_weight, kd_loss_weight=kd_loss_weight,
         kd_reduction=kd_reduction, label_smoothing=label_smoothing,
     )  # fmt: skip
-    name = resolve_backend(backend, features.device)
-    if name != "reference" and features.device.type not in _CHUNK_KERNEL_DEVICES:
-        warnings.warn(
-            f"dho_fast: fused_linear_dual_head_loss has no kernel for {features.device.type} tensors, using the "
-            "slower reference backend",
-            stacklevel=2,
-        )
-        name = "reference"
-    if name == "reference":
-        ce_logits, kd_logits = dual_head_logits(
-            features, ce_weight, ce_bias, kd_weight, kd_bias, kd_cosine=kd_cosine, kd_logit_scale=kd_logit_scale
-        )
-        result = reference.dual_head_loss(
-            ce_logits, kd_logits, teacher_logits, labels, temperature=temperature, ce_weight=ce_loss_weight,
-            kd_weight=kd_loss_weight, kd_reduction=kd_reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-        )  # fmt: skip
-        return result if return_terms else result[0]
-
+    name = backends.resolve("fused_linear_dual_head_loss", backend, features.device)
     n, d = features.shape
-    loss, ce_term, kd_term = torch.ops.dho_fast.fused_linear_dual_head_loss(
-        features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels, bool(kd_cosine),
-        float(kd_logit_scale), chunk_size or default_chunk_size(n, ce_weight.shape[0], d), float(temperature),
-        float(ce_loss_weight), float(kd_loss_weight), kd_reduction == "split", int(ignore_index),
+    loss, ce_term, kd_term = backends.run(
+        "fused_linear_dual_head_loss", name, features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels,
+        bool(kd_cosine), float(kd_logit_scale), chunk_size or default_chunk_size(n, ce_weight.shape[0], d),
+        float(temperature), float(ce_loss_weight), float(kd_loss_weight), kd_reduction == "split", int(ignore_index),
         float(label_smoothing),
     )  # fmt: skip
     return (loss, ce_term, kd_term) if return_terms else loss

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import torch._inductor.config
 
+from dho_fast import kernels
+
 CACHE_KEY_ENTRY = "torch.ops.dho_fast"
 
 
 def installation_files() -> list[Path]:
-    """The files that define the ops' behaviour: the compiled extension and the Python of dho_fast and kernels."""
-    import kernels  # the Triton ops; imported here because kernels imports dho_fast
-
-    files = []
+    """The files that define the ops' behaviour: the compiled extension, dho_fast.ops and dho_fast.kernels."""
+    package = Path(__file__).parent.parent
+    files = [p for p in package.iterdir() if p.suffix in (".so", ".pyd")]
     for root in (Path(__file__).parent, Path(kernels.__file__).parent):
-        files += [p for p in root.iterdir() if p.suffix in (".py", ".so", ".pyd")]
+        files += [p for p in root.iterdir() if p.suffix == ".py"]
     return sorted(files)
 
 

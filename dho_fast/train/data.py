@@ -202,7 +202,7 @@ def pil_loader(path: str, mode: str = "RGB") -> Image.Image:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images of a list of samples through a :class:`~dho_fast.transforms.PairedTransform`.
+    """Images of a list of samples through a :class:`~dho_fast.train.transforms.PairedTransform`.
 
     ``dataset[key]``: ``key`` is an index, or ``(index, draw_seed, labelled)`` from the training batch sampler,
     where ``draw_seed`` seeds this draw's augmentation (so a resumed run draws the same crops) and ``labelled`` is

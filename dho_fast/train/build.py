@@ -1,4 +1,4 @@
-"""Builds a run's pieces from its :class:`~dho_fast.config.TrainConfig`: data splits, datasets, teacher, student."""
+"""Builds a run's pieces from its :class:`~dho_fast.train.config.TrainConfig`: splits, datasets, teacher, student."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dho_fast.config import TrainConfig
-from dho_fast.data import (
+from dho_fast.train.config import TrainConfig
+from dho_fast.train.data import (
     DatasetSplits,
     ImageDataset,
     Sample,
@@ -19,8 +19,8 @@ from dho_fast.data import (
     load_coop_splits,
     load_image_folder_splits,
 )
-from dho_fast.students import Student, build_student
-from dho_fast.teacher import (
+from dho_fast.train.students import Student, build_student
+from dho_fast.train.teacher import (
     ClipTeacher,
     LogitsTeacher,
     TipAdapterHead,
@@ -29,7 +29,7 @@ from dho_fast.teacher import (
     create_open_clip,
     prompt_templates,
 )
-from dho_fast.transforms import PairedTransform
+from dho_fast.train.transforms import PairedTransform
 
 
 @dataclass

@@ -1,4 +1,10 @@
-"""Argument checks shared by every backend: each error names the argument, the expectation and what was given."""
+"""Argument checks shared by every backend: each error names the argument, the expectation and what was given.
+
+One vocabulary: a bad value, shape or device raises ``ValueError``, a wrong dtype ``TypeError``, on every backend
+(the C++ ops raise the same types from csrc/op_checks.h). The value errors a kernel finds while it reads the data
+(labels out of range, invalid teacher rows) have one message each, :func:`label_error` and :func:`teacher_row_error`;
+the compiled ops raise the same text (tests/test_errors.py compares them).
+"""
 
 import torch
 
@@ -17,8 +23,8 @@ def check_loss_args(
     labels: torch.Tensor,
     *,
     temperature: float,
-    ce_weight: float,
-    kd_weight: float,
+    ce_loss_weight: float,
+    kd_loss_weight: float,
     kd_reduction: str,
     label_smoothing: float,
 ) -> None:
@@ -26,12 +32,11 @@ def check_loss_args(
     if not isinstance(ce_logits, torch.Tensor) or ce_logits.dim() != 2 or ce_logits.shape[1] < 1:
         got = _describe(ce_logits) if isinstance(ce_logits, torch.Tensor) else type(ce_logits).__name__
         raise ValueError(f"ce_logits must be a tensor of shape (N, C) with C >= 1, got {got}")
-    if ce_logits.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"ce_logits must be float32, float64, bfloat16 or float16, got {_describe(ce_logits)}")
+    _check_float_dtype("ce_logits", ce_logits)
     for name, t in (("kd_logits", kd_logits), ("teacher_logits", teacher_logits)):
         _check_like(name, t, "ce_logits", ce_logits, ce_logits.shape)
     _check_labels(labels, ce_logits.shape[0], ce_logits.device)
-    weights = (("ce_weight", ce_weight), ("kd_weight", kd_weight))
+    weights = (("ce_loss_weight", ce_loss_weight), ("kd_loss_weight", kd_loss_weight))
     _check_loss_scalars(temperature, weights, kd_reduction, label_smoothing)
 
 
@@ -56,8 +61,7 @@ def check_linear_loss_args(
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         got = _describe(features) if isinstance(features, torch.Tensor) else type(features).__name__
         raise ValueError(f"features must be a tensor of shape (N, D), got {got}")
-    if features.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"features must be float32, float64, bfloat16 or float16, got {_describe(features)}")
+    _check_float_dtype("features", features)
     n, d = features.shape
     if not isinstance(ce_weight, torch.Tensor) or ce_weight.dim() != 2 or ce_weight.shape[0] < 1:
         got = _describe(ce_weight) if isinstance(ce_weight, torch.Tensor) else type(ce_weight).__name__
@@ -78,24 +82,30 @@ def check_linear_loss_args(
     _check_loss_scalars(temperature, weights, kd_reduction, label_smoothing)
 
 
+def _check_float_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {_describe(t)}")
+
+
 def _check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, shape: tuple[int, ...]) -> None:
-    """``t`` must have the given shape and the dtype and device of ``ref``."""
+    """``t`` must have the given shape (ValueError), the device (ValueError) and the dtype (TypeError) of ``ref``."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.shape != shape or t.dtype != ref.dtype or t.device != ref.device:
-        want = f"{str(ref.dtype).removeprefix('torch.')} of shape {tuple(shape)} on {ref.device} (as {ref_name})"
+    want = f"{str(ref.dtype).removeprefix('torch.')} of shape {tuple(shape)} on {ref.device} (as {ref_name})"
+    if t.shape != shape or t.device != ref.device:
         raise ValueError(f"{name} must be {want}, got {_describe(t)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must be {want}, got {_describe(t)}")
 
 
 def _check_labels(labels: torch.Tensor, n: int, device: torch.device) -> None:
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.dtype != torch.int64
-        or labels.shape != (n,)
-        or labels.device != device
-    ):
-        got = _describe(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must be int64 of shape ({n},) on {device}, got {got}")
+    want = f"labels must be int64 of shape ({n},) on {device}"
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{want}, got {type(labels).__name__}")
+    if labels.shape != (n,) or labels.device != device:
+        raise ValueError(f"{want}, got {_describe(labels)}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{want}, got {_describe(labels)}")
 
 
 def _check_loss_scalars(
@@ -145,3 +155,74 @@ def teacher_row_error(row: int, *, all_masked: bool) -> str:
     if all_masked:
         return f"teacher_logits row {row} is -inf in every class: the teacher distribution is undefined"
     return f"teacher_logits row {row} contains NaN or +inf (only -inf is allowed, for masked classes)"
+
+
+#: row_math::TeacherRowStatus (csrc/row_math.h) of a teacher row, as the kernels report it.
+TEACHER_VALID, TEACHER_NON_FINITE, TEACHER_ALL_MASKED = 0, 1, 2
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """A tensor allocated by an op is a plain Tensor when it runs eagerly, a fake/functional one when traced."""
+    return type(t) is not torch.Tensor
+
+
+def raise_flagged_values(
+    info: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int, first_row: int = 0
+) -> int | None:
+    """Raises the value error a Triton launcher flagged in ``info`` (dho_fast.kernels.dual_head_loss): ``labels`` are
+    the rows the kernels saw, rows ``first_row, ...`` of the batch. Returns the number of labelled rows, None when
+    traced (then the checks become device asserts, which cannot say which row failed)."""
+    n = labels.shape[0]
+    if _traced(info):
+        torch._assert_async(info[1] == n, "labels: a label is neither ignore_index nor in [0, num_classes)")
+        torch._assert_async(info[2] == n, "teacher_logits: a row contains NaN or +inf, or is -inf in every class")
+        return None
+    num_labelled, bad_label, bad_row, status = info.tolist()  # the one host sync of the op
+    if bad_label < n:
+        raise ValueError(label_error(first_row + bad_label, int(labels[bad_label]), num_classes, ignore_index))
+    if bad_row < n:
+        raise ValueError(teacher_row_error(first_row + bad_row, all_masked=status == TEACHER_ALL_MASKED))
+    return num_labelled
+
+
+def check_chunk_layout(
+    ce: torch.Tensor,
+    kd: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    start: int,
+    ce_bias: torch.Tensor | None,
+    kd_bias: torch.Tensor | None,
+) -> None:
+    """The layout dual_head_loss_chunk requires (csrc/dho_fast.cpp, checked for the compiled op by op_checks.h)."""
+    n, c = t.shape
+    if kd.dim() != 2 or kd.shape[1] != c or not 0 <= start <= start + kd.shape[0] <= n:
+        raise ValueError(
+            f"kd_logits must be rows [start, start + R) of the batch's (N, C) = {(n, c)} logits, "
+            f"got shape {tuple(kd.shape)} at start {start}"
+        )
+    if ce.dim() != 2 or ce.shape[1] != c:
+        raise ValueError(f"ce_logits must have shape (L, {c}), got {tuple(ce.shape)}")
+    for name, x in (("ce_logits", ce), ("kd_logits", kd)):
+        if x.dtype != t.dtype:
+            raise TypeError(f"{name} must be {t.dtype} (as teacher_logits), got {x.dtype}")
+        if not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {x.stride()}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    for name, bias in (("ce_bias", ce_bias), ("kd_bias", kd_bias)):
+        if bias is None:
+            continue
+        if bias.dtype != t.dtype:
+            raise TypeError(f"{name} must be {t.dtype} (as teacher_logits), got {bias.dtype}")
+        if bias.shape != (c,) or bias.device != t.device or not bias.is_contiguous():
+            raise ValueError(f"{name} must be contiguous of shape ({c},) on {t.device}, got {_describe(bias)}")
+
+
+def check_chunk_labelled(ce_rows: int, chunk_labelled: int, num_labelled: int) -> None:
+    """The chunk's labelled rows, counted by the kernel: one row of ce_logits each, no more than the batch's."""
+    if ce_rows != chunk_labelled or chunk_labelled > num_labelled:
+        raise ValueError(
+            f"ce_logits must have one row per labelled row of the chunk ({chunk_labelled}, at most "
+            f"num_labelled = {num_labelled}), got {ce_rows}"
+        )

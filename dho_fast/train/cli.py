@@ -1,8 +1,8 @@
 """``dho-fast``: ``train`` a student from a YAML config and flags, ``eval`` a checkpoint.
 
-Every setting of :class:`~dho_fast.config.TrainConfig` is a flag (``lr`` is ``--lr``, ``train_dir`` is
+Every setting of :class:`~dho_fast.train.config.TrainConfig` is a flag (``lr`` is ``--lr``, ``train_dir`` is
 ``--train-dir``; ``none`` unsets an optional one); flags override the YAML file given with ``--config``.
-Multi-GPU: ``torchrun --nproc_per_node 8 -m dho_fast.cli train --config ...``.
+Multi-GPU: ``torchrun --nproc_per_node 8 -m dho_fast.train.cli train --config ...``.
 """
 
 import argparse
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dho_fast.config import TrainConfig, field_types, load_config
+from dho_fast.train.config import TrainConfig, field_types, load_config
 
 
 def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports
     try:
         if args.command == "train":
-            from dho_fast.train import train
+            from dho_fast.train.trainer import train
 
             result = train(load_config(args.config, _settings(args)))
             if not reports:
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _print_metrics("test", result.test)
             print(f"checkpoint: {result.checkpoint}")
         else:
-            from dho_fast.eval_checkpoint import evaluate_checkpoint
+            from dho_fast.train.eval_checkpoint import evaluate_checkpoint
 
             metrics = evaluate_checkpoint(args.checkpoint, args.split, _settings(args))
             if not reports:

@@ -30,7 +30,7 @@ def steps_per_epoch(num_labelled: int, num_unlabelled: int, labelled_batch: int,
 class PairedBatchSampler(Sampler[list[tuple[int, int, bool]]]):
     """The micro-batches of one rank from ``start_step`` to ``total_steps``, ``accumulation_steps`` per step.
 
-    Yields lists of ``(pool_index, draw_seed, labelled)`` keys for :class:`~dho_fast.data.ImageDataset`: first the
+    Yields lists of ``(pool_index, draw_seed, labelled)`` keys for :class:`~dho_fast.train.data.ImageDataset`: first the
     labelled rows, then the unlabelled ones. ``labelled``/``unlabelled``: int64 indices into the train pool.
     ``labelled_batch``/``unlabelled_batch``: global rows per optimizer step; each must divide by
     ``world_size * accumulation_steps``. ``use_unlabelled=False`` (CE-only training) keeps the epoch length of

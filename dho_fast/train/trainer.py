@@ -12,15 +12,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from dho_fast import checkpoint
-from dho_fast.build import build_data, build_run_student, build_teacher, eval_dataset, train_dataset
-from dho_fast.config import RESUMABLE_CHANGES, TrainConfig
-from dho_fast.data import IGNORE_INDEX
-from dho_fast.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
-from dho_fast.evaluate import autocast, head_metrics, predict_logits
-from dho_fast.metrics_log import MetricsLog
-from dho_fast.sampling import PairedBatchSampler, steps_per_epoch
-from dho_fast.schedule import build_scheduler
+from dho_fast.train import checkpoint
+from dho_fast.train.build import build_data, build_run_student, build_teacher, eval_dataset, train_dataset
+from dho_fast.train.config import RESUMABLE_CHANGES, TrainConfig
+from dho_fast.train.data import IGNORE_INDEX
+from dho_fast.train.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
+from dho_fast.train.evaluate import autocast, head_metrics, predict_logits
+from dho_fast.train.metrics_log import MetricsLog
+from dho_fast.train.sampling import PairedBatchSampler, steps_per_epoch
+from dho_fast.train.schedule import build_scheduler
 
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_VERSION = 1
@@ -221,8 +221,8 @@ class _Trainer:
             model = DistributedDataParallel(self.student, device_ids=device_ids)
         loss_args = dict(
             temperature=cfg.temperature,
-            ce_weight=cfg.ce_weight,
-            kd_weight=cfg.kd_weight,
+            ce_loss_weight=cfg.ce_loss_weight,
+            kd_loss_weight=cfg.kd_loss_weight,
             label_smoothing=cfg.label_smoothing,
             ignore_index=IGNORE_INDEX,
         )

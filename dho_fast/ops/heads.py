@@ -3,8 +3,9 @@
 import torch
 from torch import nn
 
-from dho_fast.blend import dual_head_predict
-from dho_fast.linear_loss import dual_head_logits, fused_linear_dual_head_loss
+from dho_fast.ops.blend import dual_head_predict
+from dho_fast.ops.linear_loss import fused_linear_dual_head_loss
+from dho_fast.ops.reference import dual_head_logits
 
 
 @torch.no_grad()
@@ -62,20 +63,20 @@ class DualHead(nn.Module):
         teacher_logits: torch.Tensor,
         labels: torch.Tensor,
         *,
-        ce_weight: float = 0.5,
-        kd_weight: float = 0.5,
+        ce_loss_weight: float = 0.5,
+        kd_loss_weight: float = 0.5,
         **loss_args,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The DHO loss of both heads on (N, D) features, fused with the heads' GEMMs.
 
         ``teacher_logits`` (N, C) and ``labels`` (N,) as in :func:`dho_fast.fused_dual_head_loss`, whose keyword
-        arguments ``loss_args`` takes (``ce_weight`` and ``kd_weight`` are the loss weights w_ce, w_kd), plus
-        ``chunk_size``; see :func:`dho_fast.fused_linear_dual_head_loss`.
+        arguments ``loss_args`` takes (``ce_loss_weight`` and ``kd_loss_weight`` are the loss weights w_ce, w_kd),
+        plus ``chunk_size``; see :func:`dho_fast.fused_linear_dual_head_loss`.
         """
         return fused_linear_dual_head_loss(
             features, self.ce_head.weight, self.ce_head.bias, self.kd_head.weight, self.kd_head.bias, teacher_logits,
-            labels, kd_cosine=self.kd_cosine, kd_logit_scale=self.kd_logit_scale, ce_loss_weight=ce_weight,
-            kd_loss_weight=kd_weight, **loss_args,
+            labels, kd_cosine=self.kd_cosine, kd_logit_scale=self.kd_logit_scale, ce_loss_weight=ce_loss_weight,
+            kd_loss_weight=kd_loss_weight, **loss_args,
         )  # fmt: skip
 
     @torch.no_grad()

@@ -83,8 +83,8 @@ class TrainConfig:
     accumulation_steps: int = 1
     grad_clip: float | None = None
     temperature: float = 2.0
-    ce_weight: float = 0.5
-    kd_weight: float = 0.5
+    ce_loss_weight: float = 0.5
+    kd_loss_weight: float = 0.5
     label_smoothing: float = 0.0
 
     # Evaluation: alpha and beta fixed (both given) or searched on the validation split.
@@ -167,7 +167,7 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("ce_weight", "kd_weight"):
+        for name in ("ce_loss_weight", "kd_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing <= 1:

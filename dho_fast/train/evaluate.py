@@ -5,9 +5,9 @@ import contextlib
 import torch
 from torch.utils.data import DataLoader
 
-from dho_fast.blend import dual_head_predict, search_alpha_beta
-from dho_fast.distributed import DistInfo, gather_interleaved
-from dho_fast.students import Student
+from dho_fast.ops import dual_head_predict, search_alpha_beta
+from dho_fast.train.distributed import DistInfo, gather_interleaved
+from dho_fast.train.students import Student
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

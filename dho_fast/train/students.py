@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dho_fast.heads import DualHead, init_linears_from_text
-from dho_fast.loss import fused_dual_head_loss
-from dho_fast.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dho_fast.ops import DualHead, fused_dual_head_loss, init_linears_from_text
+from dho_fast.train.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 TORCHVISION_STUDENTS = ("resnet18", "mobilenet_v2")
 
@@ -129,10 +128,10 @@ class Student(nn.Module):
 
         images: (N, ...) labelled and unlabelled rows in one batch (one forward: shared BN statistics);
         teacher_logits: (N, C) float32 (None for "ce"); labels: (N,) int64, ``ignore_index`` for unlabelled rows;
-        loss_args: ``temperature, ce_weight, kd_weight, label_smoothing, ignore_index``.
+        loss_args: ``temperature, ce_loss_weight, kd_loss_weight, label_smoothing, ignore_index``.
         "dho": both heads through the fused linear op. "kd": one head takes CE and KD, as a single-head student
         does (the same logits as both heads of the fused loss, so their gradients add up). "ce": cross-entropy
-        of the labelled rows, weighted by ``ce_weight``.
+        of the labelled rows, weighted by ``ce_loss_weight``.
         """
         features = self.backbone(images)
         # The heads and the loss run in float32 outside autocast: they cost little next to the backbone, and full
@@ -152,7 +151,7 @@ class Student(nn.Module):
         ce = F.cross_entropy(
             z, labels, ignore_index=ignore_index, label_smoothing=loss_args.get("label_smoothing", 0.0)
         )
-        return loss_args.get("ce_weight", 0.5) * ce, ce, torch.zeros_like(ce)
+        return loss_args.get("ce_loss_weight", 0.5) * ce, ce, torch.zeros_like(ce)
 
 
 def build_student(
@@ -195,7 +194,7 @@ def build_student(
         cfg = backbone.pretrained_cfg
         mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
     elif name.startswith("open_clip:"):
-        from dho_fast.teacher import create_open_clip
+        from dho_fast.train.teacher import create_open_clip
 
         clip_model, _, preprocess = create_open_clip(
             name.removeprefix("open_clip:"), pretrained, device=device, model_config=open_clip_config

@@ -1,0 +1,82 @@
+"""The public fused loss: argument checks, the backend from the table, and the optional loss terms."""
+
+import torch
+
+from dho_fast.ops import backends
+from dho_fast.ops.validation import check_loss_args
+
+
+def autocast_active(device: torch.device) -> bool:
+    """Whether torch.autocast is on for ``device`` (devices autocast does not know, e.g. meta, never are)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def fused_dual_head_loss(
+    ce_logits: torch.Tensor,
+    kd_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    ce_loss_weight: float = 0.5,
+    kd_loss_weight: float = 0.5,
+    kd_reduction: str = "split",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    return_terms: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DHO loss of both heads, and its gradients, in one fused pass.
+
+    Args:
+        ce_logits: (N, C) logits of the CE head; float32, float64, bfloat16 or float16.
+        kd_logits: (N, C) logits of the KD head; same dtype and device as ``ce_logits``.
+        teacher_logits: (N, C) teacher logits, same dtype and device; ``-inf`` marks a masked class, NaN or
+            ``+inf`` is an error, and so is a row that is ``-inf`` everywhere. The teacher gets no gradient.
+        labels: (N,) int64 class indices in ``[0, C)``; ``ignore_index`` marks unlabelled rows.
+        temperature: T > 0 of the KD term.
+        ce_loss_weight, kd_loss_weight: the loss weights w_ce, w_kd >= 0.
+        kd_reduction: "split" (METHOD.md: labelled and unlabelled means summed; an empty group adds 0) or "mean".
+        ignore_index: the label of unlabelled rows.
+        label_smoothing: eps in [0, 1] of the CE head's targets ``(1 - eps) onehot(y) + eps / C``.
+        return_terms: also return ``ce_term`` and ``kd_term`` (for logging, from the same pass).
+        backend: "auto", "cpu", "cuda", "triton" or "reference"; None reads ``$DHO_FAST_BACKEND`` (default
+            "auto": the compiled kernel of the tensors' device; on CUDA without compiled CUDA kernels, Triton; see
+            dho_fast.ops.backends).
+
+    Returns:
+        ``loss = w_ce * ce_term + w_kd * kd_term``, a float32 scalar (float64 for float64 input), with
+        ``ce_term = mean_{i labelled} CE(ce_logits_i, y_i)`` (0 when no row is labelled) and
+        ``kd_term = T^2 * (mean_{labelled} KL_i + mean_{unlabelled} KL_i)`` ("split") or ``T^2 * mean_i KL_i``,
+        ``KL_i = sum_c p_c (log p_c - log q_c)``, ``p = softmax(teacher / T)``, ``q = softmax(kd / T)``.
+        With ``return_terms`` the tuple ``(loss, ce_term, kd_term)``; all three are differentiable.
+
+    Gradients with respect to ``ce_logits`` and ``kd_logits`` (in their dtype) are computed during the forward
+    pass when autograd needs them; backward only scales them. Statistics accumulate in float32 (float64 for
+    float64 input). NaN or inf in the student logits is not an error: it propagates to the loss, so mixed-precision
+    loss scaling can skip the step. Bad shapes or values raise ``ValueError``, wrong dtypes ``TypeError``, on every
+    backend.
+
+    Under ``torch.autocast`` the three logit tensors are first cast to their common dtype (float32 when the teacher's
+    logits are float32 and the heads' are half), as autocast does for PyTorch's own losses.
+    """
+    if isinstance(ce_logits, torch.Tensor) and autocast_active(ce_logits.device):
+        dtype = torch.promote_types(torch.promote_types(ce_logits.dtype, kd_logits.dtype), teacher_logits.dtype)
+        with torch.autocast(ce_logits.device.type, enabled=False):
+            return fused_dual_head_loss(
+                ce_logits.to(dtype), kd_logits.to(dtype), teacher_logits.to(dtype), labels, temperature=temperature,
+                ce_loss_weight=ce_loss_weight, kd_loss_weight=kd_loss_weight, kd_reduction=kd_reduction,
+                ignore_index=ignore_index, label_smoothing=label_smoothing, return_terms=return_terms,
+                backend=backend,
+            )  # fmt: skip
+    check_loss_args(
+        ce_logits, kd_logits, teacher_logits, labels, temperature=temperature, ce_loss_weight=ce_loss_weight,
+        kd_loss_weight=kd_loss_weight, kd_reduction=kd_reduction, label_smoothing=label_smoothing,
+    )  # fmt: skip
+    name = backends.resolve("dual_head_loss", backend, ce_logits.device)
+    result = backends.run(
+        "dual_head_loss", name, ce_logits, kd_logits, teacher_logits, labels, float(temperature),
+        float(ce_loss_weight), float(kd_loss_weight), kd_reduction == "split", int(ignore_index),
+        float(label_smoothing),
+    )  # fmt: skip
+    return tuple(result) if return_terms else result[0]

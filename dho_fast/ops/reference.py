@@ -1,0 +1,106 @@
+"""Pure PyTorch, written from the formulas: the DHO loss (the oracle every backend is tested against), the heads'
+logits, and the inference blend and its grid search.
+
+Each builds an ordinary autograd graph (no fused gradient) and checks values the way the kernels do, so it is also
+the ``reference`` backend of dho_fast.ops.backends, on any device.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from dho_fast.ops.validation import check_teacher_values, count_labelled
+
+# Elements of the (alphas, betas, rows, C) blend tensor materialised at once by blend_search: bounds its memory.
+BLEND_ELEMENTS_PER_CHUNK = 1 << 24
+
+
+def dual_head_loss(
+    ce_logits: torch.Tensor,
+    kd_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    ce_loss_weight: float = 0.5,
+    kd_loss_weight: float = 0.5,
+    kd_reduction: str = "split",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DHO loss of METHOD.md as ``(loss, ce_term, kd_term)``, computed in float32 (float64 for float64 input).
+
+    ``loss = ce_loss_weight * ce_term + kd_loss_weight * kd_term`` with
+    ``ce_term = mean_{labelled} CE(ce_logits, labels)`` (0 when no row is labelled) and
+    ``kd_term = T^2 * (mean_{labelled} KL + mean_{unlabelled} KL)`` ("split", an empty group adds 0) or
+    ``T^2 * mean_{all} KL`` ("mean"), ``KL_i = sum_c p_c (log p_c - log q_c)``, ``p = softmax(t / T)``,
+    ``q = softmax(kd / T)``. Arguments are validated by the public API (``dho_fast.fused_dual_head_loss``).
+    """
+    acc = torch.float64 if ce_logits.dtype == torch.float64 else torch.float32
+    ce, kd, t = ce_logits.to(acc), kd_logits.to(acc), teacher_logits.to(acc)
+    num_labelled = count_labelled(labels, ce.shape[1], ignore_index)
+    check_teacher_values(teacher_logits)
+    labelled = labels != ignore_index
+
+    if num_labelled > 0:
+        ce_term = F.cross_entropy(ce[labelled], labels[labelled], label_smoothing=label_smoothing)
+    else:
+        ce_term = ce.sum() * 0.0  # keeps the graph connected so backward gives a zero gradient
+
+    log_p = F.log_softmax(t / temperature, dim=1)
+    log_q = F.log_softmax(kd / temperature, dim=1)
+    # p * (log p - log q) with the 0 * (-inf) of masked teacher classes taken as 0.
+    kl = torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_q)).sum(dim=1)
+    if kd_reduction == "split":
+        kd_term = kl.new_zeros(())
+        for group in (labelled, ~labelled):
+            if bool(group.any()):
+                kd_term = kd_term + kl[group].mean()
+    else:
+        kd_term = kl.mean() if kl.numel() else kl.sum()
+    kd_term = temperature**2 * kd_term
+    return ce_loss_weight * ce_term + kd_loss_weight * kd_term, ce_term, kd_term
+
+
+def dual_head_logits(
+    features: torch.Tensor,
+    ce_weight: torch.Tensor,
+    ce_bias: torch.Tensor | None,
+    kd_weight: torch.Tensor,
+    kd_bias: torch.Tensor | None,
+    *,
+    kd_cosine: bool = False,
+    kd_logit_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N, C) logits of both linear heads on (N, D) features, which the fused linear op never materialises:
+    ``(features @ ce_weight.T + ce_bias, kd_logit_scale * (g(features) @ kd_weight.T + kd_bias))`` with
+    ``g = F.normalize`` when ``kd_cosine``, else the identity; in the features' dtype."""
+    kd_features = F.normalize(features, dim=1) if kd_cosine else features
+    return F.linear(features, ce_weight, ce_bias), kd_logit_scale * F.linear(kd_features, kd_weight, kd_bias)
+
+
+def dual_head_predict(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """``alpha * softmax(ce_logits) + (1 - alpha) * softmax(kd_logits / beta)``, (N, C) in float32 (float64 for
+    float64 input)."""
+    acc = torch.promote_types(ce_logits.dtype, torch.float32)
+    p_ce, p_kd = torch.softmax(ce_logits.to(acc), dim=1), torch.softmax(kd_logits.to(acc) / beta, dim=1)
+    return alpha * p_ce + (1 - alpha) * p_kd
+
+
+def blend_search(
+    ce_logits: torch.Tensor, kd_logits: torch.Tensor, labels: torch.Tensor, alphas: torch.Tensor, betas: torch.Tensor
+) -> torch.Tensor:
+    """(A, B) int64 counts of rows whose ``dual_head_predict(ce, kd, alphas[a], betas[b]).argmax(1)`` (first
+    maximum) equals the label; ``alphas`` (A,) and ``betas`` (B,) in the accumulation dtype of the logits. Rows go in
+    chunks that bound the (A, B, rows, C) blend to :data:`BLEND_ELEMENTS_PER_CHUNK` elements."""
+    n, c = ce_logits.shape
+    alpha_t, beta_t = alphas.view(-1, 1, 1, 1), betas.view(1, -1, 1, 1)
+    rows = max(1, BLEND_ELEMENTS_PER_CHUNK // (alphas.numel() * betas.numel() * c))
+    correct = torch.zeros(alphas.numel(), betas.numel(), dtype=torch.int64, device=ce_logits.device)
+    for start in range(0, n, rows):
+        ce = ce_logits[start : start + rows].to(alphas.dtype)
+        kd = kd_logits[start : start + rows].to(alphas.dtype)
+        p_ce = torch.softmax(ce, dim=1)  # (R, C)
+        p_kd = torch.softmax(kd.unsqueeze(0).unsqueeze(0) / beta_t, dim=-1)  # (1, B, R, C)
+        blend = alpha_t * p_ce + (1 - alpha_t) * p_kd  # (A, B, R, C)
+        correct += (blend.argmax(dim=-1) == labels[start : start + rows]).sum(dim=-1)
+    return correct

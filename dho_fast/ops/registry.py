@@ -1,0 +1,165 @@
+"""Everything that makes dho_fast's kernels torch ops, in one place: fake (meta) implementations of the compiled ops,
+autograd formulas, and the Triton launchers of dho_fast.kernels registered with ``torch.library.triton_op``.
+
+The loss ops return the gradients of both loss terms from the forward pass (grad-in-forward), so their backward only
+scales them by the incoming gradients. fused_linear_dual_head_loss's autograd kernel is C++
+(csrc/fused_linear_dual_head_loss.cpp): its fixed cost is paid every training step. Importing this module registers
+everything; dho_fast.ops.backends, which every op goes through, imports it.
+"""
+
+import torch
+
+from dho_fast import kernels
+from dho_fast.ops.extension import has_cuda_kernels, has_extension
+from dho_fast.ops.validation import check_chunk_labelled, check_chunk_layout, raise_flagged_values
+
+LOSS_SCHEMA = (
+    "(Tensor ce_logits, Tensor kd_logits, Tensor teacher_logits, Tensor labels, float temperature, "
+    "float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, float label_smoothing, "
+    "bool ce_grad, bool kd_grad) -> (Tensor loss, Tensor ce_term, Tensor kd_term, Tensor ce_grad_out, "
+    "Tensor kd_grad_out)"
+)
+CHUNK_SCHEMA = (
+    "(Tensor(a!) ce_logits, Tensor(b!) kd_logits, Tensor teacher_logits, Tensor labels, int start, int num_labelled, "
+    "float temperature, bool kd_split, int ignore_index, float label_smoothing, bool ce_grad, bool kd_grad, "
+    "Tensor? ce_bias=None, Tensor? kd_bias=None, float ce_grad_scale=1.0, float kd_grad_scale=1.0) -> "
+    "(Tensor ce_term, Tensor kd_term)"
+)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dual_head_loss_fake(
+    ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index,
+    label_smoothing, ce_grad, kd_grad,
+):  # fmt: skip
+    scalar = ce_logits.new_empty((), dtype=_accumulate_dtype(ce_logits.dtype))
+    grad_ce = torch.empty_like(ce_logits) if ce_grad else ce_logits.new_empty((0,))
+    grad_kd = torch.empty_like(kd_logits) if kd_grad else kd_logits.new_empty((0,))
+    return scalar, scalar.clone(), scalar.clone(), grad_ce, grad_kd
+
+
+def dual_head_loss_chunk_fake(
+    ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, kd_split, ignore_index,
+    label_smoothing, ce_grad, kd_grad, ce_bias=None, kd_bias=None, ce_grad_scale=1.0, kd_grad_scale=1.0,
+):  # fmt: skip
+    scalar = kd_logits.new_empty((), dtype=_accumulate_dtype(kd_logits.dtype))
+    return scalar, scalar.clone()
+
+
+def fused_linear_dual_head_loss_fake(features, *_args):
+    scalar = features.new_empty((), dtype=_accumulate_dtype(features.dtype))
+    return scalar, scalar.clone(), scalar.clone()
+
+
+def fused_linear_dual_head_loss_with_grads_fake(
+    features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels, kd_cosine, kd_logit_scale, chunk_size,
+    temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index, label_smoothing, grad_features,
+    grad_ce_head, grad_kd_head,
+):  # fmt: skip
+    scalar = features.new_empty((), dtype=_accumulate_dtype(features.dtype))
+
+    def grad(t: torch.Tensor | None, wanted: bool) -> torch.Tensor:
+        return features.new_empty(t.shape, dtype=t.dtype) if wanted and t is not None else features.new_empty((0,))
+
+    return (
+        scalar, scalar.clone(), scalar.clone(), grad(features, grad_features), grad(features, grad_features),
+        grad(ce_weight, grad_ce_head), grad(ce_bias, grad_ce_head), grad(kd_weight, grad_kd_head),
+        grad(kd_bias, grad_kd_head),
+    )  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.ce_loss_weight, ctx.kd_loss_weight = inputs[5], inputs[6]
+    ctx.save_for_backward(output[3], output[4])
+    # The returned gradients are results, not functions of the inputs to differentiate; and the loss terms a caller
+    # ignores should not be backpropagated as materialised zeros.
+    ctx.mark_non_differentiable(output[3], output[4])
+    ctx.set_materialize_grads(False)
+
+
+def _scaled(grad_term: torch.Tensor, weight: float, grad_loss, grad_of_term, name: str) -> torch.Tensor:
+    if grad_term.dim() != 2:  # the (0,) placeholder of a gradient the forward was told not to compute
+        raise RuntimeError(f"the gradient of {name} was not computed in the forward pass (its grad flag was False)")
+    scale = 0.0
+    if grad_loss is not None:
+        scale = grad_loss * weight
+    if grad_of_term is not None:
+        scale = scale + grad_of_term
+    return grad_term * scale
+
+
+def _backward(ctx, grad_loss, grad_ce_term, grad_kd_term, _grad_ce_out, _grad_kd_out):
+    grad_ce, grad_kd = ctx.saved_tensors
+    d_ce = d_kd = None
+    if ctx.needs_input_grad[0]:
+        d_ce = _scaled(grad_ce, ctx.ce_loss_weight, grad_loss, grad_ce_term, "ce_logits")
+    if ctx.needs_input_grad[1]:
+        d_kd = _scaled(grad_kd, ctx.kd_loss_weight, grad_loss, grad_kd_term, "kd_logits")
+    return (d_ce, d_kd) + (None,) * 10
+
+
+def _register_compiled_ops() -> None:
+    torch.library.register_fake("dho_fast::dual_head_loss")(dual_head_loss_fake)
+    torch.library.register_autograd("dho_fast::dual_head_loss", _backward, setup_context=_setup_context)
+    # The chunk op is a building block of fused_linear_dual_head_loss, which has the autograd formula; it has none.
+    torch.library.register_fake("dho_fast::dual_head_loss_chunk")(dual_head_loss_chunk_fake)
+    torch.library.register_fake("dho_fast::fused_linear_dual_head_loss")(fused_linear_dual_head_loss_fake)
+    torch.library.register_fake("dho_fast::fused_linear_dual_head_loss_with_grads")(
+        fused_linear_dual_head_loss_with_grads_fake
+    )
+
+
+def _register_triton_ops() -> None:
+    from torch.library import triton_op
+
+    from dho_fast.kernels import blend as triton_blend
+    from dho_fast.kernels import dual_head_loss as triton_loss
+
+    @triton_op("dho_fast::dual_head_loss_triton", mutates_args=(), schema=LOSS_SCHEMA)
+    def dual_head_loss_triton(
+        ce_logits: torch.Tensor, kd_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+        temperature: float, ce_loss_weight: float, kd_loss_weight: float, kd_split: bool, ignore_index: int,
+        label_smoothing: float, ce_grad: bool, kd_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        *result, info = triton_loss.dual_head_loss(
+            ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split,
+            ignore_index, label_smoothing, ce_grad, kd_grad,
+        )  # fmt: skip
+        raise_flagged_values(info, labels, ce_logits.shape[1], ignore_index)
+        return tuple(result)
+
+    torch.library.register_autograd("dho_fast::dual_head_loss_triton", _backward, setup_context=_setup_context)
+
+    @triton_op("dho_fast::dual_head_loss_chunk_triton", mutates_args={"ce_logits", "kd_logits"}, schema=CHUNK_SCHEMA)
+    def dual_head_loss_chunk_triton(
+        ce_logits: torch.Tensor, kd_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+        start: int, num_labelled: int, temperature: float, kd_split: bool, ignore_index: int, label_smoothing: float,
+        ce_grad: bool, kd_grad: bool, ce_bias: torch.Tensor | None = None, kd_bias: torch.Tensor | None = None,
+        ce_grad_scale: float = 1.0, kd_grad_scale: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        check_chunk_layout(ce_logits, kd_logits, teacher_logits, labels, start, ce_bias, kd_bias)
+        ce_term, kd_term, info = triton_loss.dual_head_loss_chunk(
+            ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, kd_split, ignore_index,
+            label_smoothing, ce_grad, kd_grad, ce_bias, kd_bias, ce_grad_scale, kd_grad_scale,
+        )  # fmt: skip
+        rows = labels[start : start + kd_logits.shape[0]]
+        chunk_labelled = raise_flagged_values(info, rows, kd_logits.shape[1], ignore_index, first_row=start)
+        if chunk_labelled is not None:
+            check_chunk_labelled(ce_logits.shape[0], chunk_labelled, num_labelled)
+        return ce_term, kd_term
+
+    if has_extension() and not has_cuda_kernels():
+        # Without compiled CUDA kernels, the chunk op of fused_linear_dual_head_loss runs in Triton on CUDA tensors.
+        torch.library.impl("dho_fast::dual_head_loss_chunk", "CUDA")(dual_head_loss_chunk_triton)
+
+    triton_op("dho_fast::dual_head_predict_triton", mutates_args=())(triton_blend.dual_head_predict)
+    triton_op("dho_fast::blend_search_triton", mutates_args=())(triton_blend.blend_search)
+
+
+if has_extension():
+    _register_compiled_ops()
+if kernels.has_triton():
+    _register_triton_ops()
