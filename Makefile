@@ -12,6 +12,9 @@ export PATH := $(VENV)/bin:$(PATH)
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
+# Optimizer steps of each demo student; CI runs a short demo (DEMO_STEPS=20), the same code path.
+DEMO_STEPS ?= 200
+
 .PHONY: install test test-python test-triton test-cpp demo bench lint
 
 $(VENV)/.torch:
@@ -43,7 +46,8 @@ test-cpp: install
 	ctest --test-dir build/cmake --output-on-failure
 
 demo: install
-	$(PY) demo/run_demo.py
+	mkdir -p build
+	$(PY) demo/run_demo.py --steps $(DEMO_STEPS)
 	$(PY) -m pytest bench/bench_fused_loss.py --benchmark-only -q -p no:logging \
 		--benchmark-json=build/bench-loss.json > build/bench-loss.log 2>&1 || (cat build/bench-loss.log; exit 1)
 	$(PY) bench/report.py build/bench-loss.json

@@ -1,9 +1,12 @@
 """torch.compile traces a training step that calls the fused op, with no graph break."""
 
+import pytest
 import torch
 from helpers import make_inputs, run_steps
 
 import dho_fast
+
+pytestmark = pytest.mark.slow  # torch.compile
 
 
 def test_compiled_training_step_matches_eager():

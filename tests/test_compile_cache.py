@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch._inductor.config as inductor_config
 from torch._dynamo.utils import counters
@@ -9,6 +10,8 @@ from torch._inductor.utils import fresh_cache
 
 import dho_fast
 from dho_fast.ops.compile_cache import CACHE_KEY_ENTRY, installation_files, installation_identity
+
+pytestmark = pytest.mark.slow  # torch.compile and its caches
 
 
 def test_identity_changes_with_any_file(tmp_path):

@@ -4,6 +4,7 @@ global batch."""
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from trainer_fixtures import (
@@ -19,6 +20,8 @@ from trainer_fixtures import (
 from dho_fast.train import checkpoint
 from dho_fast.train.config import TrainConfig
 from dho_fast.train.trainer import train
+
+pytestmark = pytest.mark.slow  # two gloo processes
 
 
 def _free_port() -> int:

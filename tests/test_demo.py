@@ -5,6 +5,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the demo trains nine students
+
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "run_demo.py"
 CHANCE = 0.1
 

@@ -7,11 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import yaml
 from trainer_fixtures import count_train_images, digits_trees, random_teacher_logits, run_settings
 
 from dho_fast.train import checkpoint
+
+pytestmark = pytest.mark.slow  # kill -9 of a real training subprocess
 
 STEPS, EVERY, KILL_AFTER = 100, 10, 20
 

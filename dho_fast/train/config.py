@@ -17,6 +17,8 @@ IMAGE_MODES = ("RGB", "L")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Settings that may change between a run and its resumption without changing what is computed.
+# Keys of earlier releases: ce_weight / kd_weight now name the heads' matrices only.
+RENAMED_KEYS = {"ce_weight": "ce_loss_weight", "kd_weight": "kd_loss_weight"}
 RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "log_every", "tensorboard", "progress", "eval_batch_size"})
 
 
@@ -188,7 +190,9 @@ class TrainConfig:
         """Builds a config from plain values; unknown keys are an error that lists them."""
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}")
+            renamed = [f"{key} is now {RENAMED_KEYS[key]}" for key in unknown if key in RENAMED_KEYS]
+            hint = f" ({'; '.join(renamed)})" if renamed else ""
+            raise ValueError(f"unknown config keys {unknown}{hint}")
         kinds = field_types()
         converted = {}
         for key, value in values.items():
