@@ -122,6 +122,9 @@ def test_bad_config_files(tmp_path):
     path.write_text("lr: 0.1\nlearning_rate: 0.2\n")
     with pytest.raises(ValueError, match="unknown config keys \\['learning_rate'\\]"):
         load_config(path)
+    path.write_text("ce_weight: 0.5\n")
+    with pytest.raises(ValueError, match="ce_weight is now ce_loss_weight"):
+        load_config(path)
     with pytest.raises(FileNotFoundError, match="config file"):
         load_config(tmp_path / "missing.yaml")
 
