@@ -1,146 +1,435 @@
-"""Values and gradients of the compiled CPU backend against the reference."""
+"""fused_dual_head_loss and its per-chunk op on every backend against the float64 oracle (tests/helpers.py).
+
+Each case is one test body parametrised by ``(backend, device)``: "cpu" and "reference" always, "triton" on CPU tensors
+under the Triton interpreter (its own invocation: ``TRITON_INTERPRET=1 pytest -m triton tests``), "cuda" and
+"triton-cuda" where there is a GPU. Every kernel output starts as NaN (DHO_FAST_POISON_OUTPUTS), so an element a
+kernel fails to write fails the comparison.
+"""
 
 import os
 
 import pytest
 import torch
-from helpers import IGNORE, assert_backend_matches_reference, make_inputs, run_backend
-from hypothesis import given, settings
+from helpers import (
+    DTYPES,
+    IGNORE,
+    LOSS_BACKENDS,
+    LOSS_KW,
+    as_float64,
+    assert_grad_within,
+    assert_values_close,
+    backend_params,
+    check_loss,
+    eager,
+    fused,
+    loss_terms_and_grads,
+    make_inputs,
+    oracle_loss,
+    result_rtol,
+    run_steps,
+)
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dho_fast
-from dho_fast import reference
+from dho_fast import kernels
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-SHAPES = [(1, 1), (1, 7), (5, 1), (17, 997), (64, 1000), (8, 21843)]
-KW = dict(temperature=2.0, ce_loss_weight=0.5, kd_loss_weight=0.5)
-
-
-def fused(*args, **kwargs):
-    return dho_fast.fused_dual_head_loss(*args, return_terms=True, backend="cpu", **kwargs)
-
-
-def assert_matches_reference(inputs, dtype, **kwargs):
-    assert_backend_matches_reference("cpu", inputs, dtype, **kwargs)
+# Odd shapes (C = 1, N = 1, C = 997), the CUDA kernel's warp-per-row limit (1024 columns), rows wider than Triton's
+# widest tile (MAX_TILE = 4096: the two-pass path) and ImageNet-21k's C.
+SHAPES = [(1, 1), (1, 7), (5, 1), (17, 997), (33, 513), (17, 1025), (3, 21843)]
+LABELLED = ["all", "none", "mixed", "block"]
+# The kernels compute a row's CE as (max + log sum exp) - (1 - eps) x_y - eps mean(x) on the raw logits
+# (csrc/row_math.h cross_entropy_value; kernels/dual_head_loss.py): lse is rounded at the ulp of the largest logit
+# before x_y is subtracted, so ce_term's error is an ulp of the logits, not of the CE (at 1e5, 8e-4 on 1.31 in float32
+# where eager PyTorch, which subtracts the max first, is exact to 1e-7). The gradients are not affected.
+CE_ROUNDING = pytest.mark.xfail(strict=True, reason="the kernels' CE value rounds to an ulp of the logits (row_math.h)")
 
 
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    monkeypatch.setenv("DHO_FAST_POISON_OUTPUTS", "1")
+
+
+def inputs_on(device, *args, **kwargs):
+    return make_inputs(*args, device=device, **kwargs)
+
+
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("labelled", ["all", "none", "mixed"])
-def test_matches_reference(shape, dtype, labelled):
-    assert_matches_reference(make_inputs(*shape, dtype, labelled=labelled), dtype, **KW)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("labelled", LABELLED)
+def test_correctness(backend_device, shape, dtype, labelled):
+    backend, device = backend_device
+    check_loss(backend, inputs_on(device, *shape, dtype, labelled=labelled), dtype, **LOSS_KW)
 
 
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
 @pytest.mark.parametrize("kd_reduction", ["split", "mean"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_options_match_reference(kd_reduction, label_smoothing):
+@pytest.mark.parametrize("shape", [(40, 333), (5, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_options(backend_device, shape, kd_reduction, label_smoothing):
+    backend, device = backend_device
     kwargs = dict(temperature=4.0, ce_loss_weight=1.0, kd_loss_weight=0.3, kd_reduction=kd_reduction)
-    inputs = make_inputs(40, 333, labelled="mixed")
-    assert_matches_reference(inputs, torch.float32, label_smoothing=label_smoothing, **kwargs)
+    inputs = inputs_on(device, *shape, labelled="mixed")
+    check_loss(backend, inputs, torch.float32, label_smoothing=label_smoothing, **kwargs)
 
 
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_extreme_logits_and_masked_teacher(dtype):
+@pytest.mark.parametrize("c", [513, 5000])
+def test_extreme_logits_and_masked_teacher(backend_device, dtype, c):
     # Spreads of 1e4 overflow a naive exp; -inf teacher entries are masked classes.
+    backend, device = backend_device
     scale = 1e4 if dtype != torch.float16 else 3e3  # fp16 cannot hold 1e4 * randn
-    inputs = make_inputs(32, 513, dtype, scale=scale, masked_fraction=0.5)
-    assert_matches_reference(inputs, dtype, **KW)
+    check_loss(backend, inputs_on(device, 16, c, dtype, scale=scale, masked_fraction=0.5), dtype, **LOSS_KW)
+
+
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
+@pytest.mark.parametrize(
+    "case",
+    [(1e2, 2, 0.0), (1e5, 2, 0.0), (1e4 + 0.3, 1, 0.1)],
+    ids=["offset 1e2", "offset 1e5", "C=1 smoothed at 1e4"],
+)
+def test_ce_term_of_large_logits(backend_device, case, request):
+    # Adding a constant to a row changes no softmax and no loss, so the loss terms must stay as accurate as the
+    # terms themselves: CE = 1.3133 for logits (x, x + 1) with label 0, CE = 0 for one class. The CE rows are fixed:
+    # whether a rounding error shows depends on the values, which must not depend on the run.
+    backend, device = backend_device
+    offset, c, label_smoothing = case
+    if offset > 1e3 and backend != "reference":
+        request.applymarker(CE_ROUNDING)
+    ce = (offset + torch.arange(c, dtype=torch.float32)).expand(8, c).contiguous().to(device)
+    _, kd, teacher, labels = inputs_on(device, 8, c, labelled="all")
+    labels.zero_()
+    inputs = (ce, kd + offset, teacher + offset, labels)
+    check_loss(backend, inputs, torch.float32, label_smoothing=label_smoothing, **LOSS_KW)
+
+
+def adversarial_batch(c: int, dtype: torch.dtype, device: str):
+    """(ce, kd, teacher, labels) with rows built to break an online softmax, one per kind, plus a plain random row;
+    labels alternate between column 0 and column C - 1."""
+    neg_inf = float("-inf")
+    rows = []
+    one_hot = torch.full((c,), neg_inf)
+    one_hot[-1] = 2.5
+    rows.append((torch.randn(c), torch.randn(c), one_hot))  # teacher -inf in all classes but one
+    rows.append((torch.full((c,), 7.25),) * 3)  # all equal
+    rows.append(tuple(1e4 * torch.randn(3, c)))  # 1e4 spreads: a naive exp overflows
+    rising = torch.linspace(-50.0, 50.0, c)
+    rows.append((rising, rising.flip(0), rising))  # the maximum in the last block: every earlier block is rescaled
+    if c > 1:
+        masked = torch.randn(3, c)
+        masked[2, ::2] = neg_inf
+        masked[1, ::4] = neg_inf  # the student is -inf on half of the teacher's masked classes
+        rows.append(tuple(masked))
+    peak = torch.full((3, c), -1e4)
+    peak[:, c // 2] = 1e4
+    rows.append(tuple(peak))  # one entry 2e4 above the rest
+    if c >= 6:
+        apart = torch.randn(3, c)
+        apart[0, :2], apart[1, 2:4], apart[2, 4:6] = torch.tensor([1e4, -1e4]), torch.tensor([1e4, -1e4]), 1e4
+        rows.append(tuple(apart))  # each head's extremes in other columns
+    rows.append(tuple(torch.randn(3, c)))
+    ce, kd, teacher = (torch.stack([r[i] for r in rows]).to(device, dtype) for i in range(3))
+    labels = (torch.arange(len(rows)) % 2 * (c - 1)).to(device)
+    return ce, kd, teacher, labels
+
+
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("c", [1, 2, 511, 1031])
+@pytest.mark.parametrize("labelled", ["all", "mixed"])
+def test_adversarial_rows(backend_device, c, dtype, labelled):
+    backend, device = backend_device
+    ce, kd, teacher, labels = adversarial_batch(c, dtype, device)
+    if labelled == "mixed":
+        labels[::3] = IGNORE
+    # Smoothing at C = 1 with 1e4 logits is test_ce_term_of_large_logits's known rounding. The Triton kernels take
+    # their scalar arguments in float32: 0.125 is exact there, as float64 inputs need.
+    label_smoothing = 0.125 if c > 1 else 0.0
+    check_loss(backend, (ce, kd, teacher, labels), dtype, label_smoothing=label_smoothing, **LOSS_KW)
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
-def test_every_instruction_set_variant(capability, monkeypatch):
-    # The kernel is compiled per instruction set and chosen at run time; each build must agree with the reference.
+def test_every_instruction_set_variant_of_the_cpu_kernel(capability, monkeypatch):
+    # The CPU kernel is compiled per instruction set and chosen at each call (ATEN_CPU_CAPABILITY lowers it).
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
-    for dtype in (torch.float32, torch.bfloat16):
-        assert_matches_reference(make_inputs(9, 1037, dtype, masked_fraction=0.2), dtype, **KW)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        check_loss("cpu", make_inputs(9, 1037, dtype, masked_fraction=0.2), dtype, label_smoothing=0.1, **LOSS_KW)
+        check_loss("cpu", adversarial_batch(1031, dtype, "cpu"), dtype, label_smoothing=0.1, **LOSS_KW)
 
 
-def test_no_labelled_rows_gives_zero_ce_term_and_gradient():
-    ce, kd, teacher, labels = make_inputs(6, 10, labelled="none")
-    loss, ce_term, kd_term, g_ce, _ = run_backend("cpu", ce, kd, teacher, labels, **KW)
+@pytest.mark.parametrize("backend_device", backend_params("triton"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("labelled", ["all", "none", "mixed"])
+def test_triton_rows_wider_than_a_tile(backend_device, dtype, labelled, monkeypatch):
+    # Rows wider than MAX_TILE take the two-pass path; a small tile runs it on small, fast inputs.
+    from dho_fast.kernels import dual_head_loss as triton_loss
+
+    backend, device = backend_device
+    monkeypatch.setattr(triton_loss, "MAX_TILE", 64)
+    for c in (65, 997):
+        inputs = inputs_on(device, 9, c, dtype, labelled=labelled, masked_fraction=0.3)
+        check_loss(backend, inputs, dtype, label_smoothing=0.1, **LOSS_KW)
+
+
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
+def test_misaligned_and_strided_inputs(backend_device):
+    # Views starting mid-row and transposed storage: the kernels read them through unaligned or copied paths.
+    backend, device = backend_device
+    ce, kd, teacher, labels = inputs_on(device, 21, 999, labelled="mixed")
+    check_loss(backend, (ce[1:], kd[1:], teacher[1:], labels[1:]), torch.float32, **LOSS_KW)
+    transposed = tuple(t.t().contiguous().t() for t in (ce, kd, teacher))
+    check_loss(backend, (*transposed, labels), torch.float32, **LOSS_KW)
+
+
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
+@pytest.mark.parametrize(
+    "combine",
+    [lambda loss, ce, kd: 2.0 * loss + 3.0 * ce - kd, lambda loss, ce, kd: ce, lambda loss, ce, kd: 0.5 * kd],
+    ids=["all", "ce_term", "kd_term"],
+)
+def test_gradients_of_the_logged_terms(backend_device, combine):
+    # ce_term and kd_term are differentiable outputs too, alone or combined with the loss.
+    backend, device = backend_device
+    check_loss(backend, inputs_on(device, 12, 30), torch.float32, combine=combine, **LOSS_KW)
+
+
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
+def test_no_labelled_rows_give_a_zero_ce_term_and_gradient(backend_device):
+    backend, device = backend_device
+    (loss, ce_term, _), (g_ce, _) = loss_terms_and_grads(
+        fused(backend), *inputs_on(device, 6, 10, labelled="none"), **LOSS_KW
+    )
     assert ce_term.item() == 0.0 and torch.isfinite(loss)
     assert torch.count_nonzero(g_ce) == 0
 
 
-def test_identical_distributions_give_zero_kd():
-    ce, kd, _, labels = make_inputs(8, 50, labelled="none")
-    loss, _, kd_term, _, g_kd = run_backend("cpu", ce, kd, kd.clone(), labels, **KW)
-    assert abs(kd_term.item()) < 1e-5
-    assert g_kd.abs().max() < 1e-6
-
-
-def test_unlabelled_rows_get_no_ce_gradient():
-    ce, kd, teacher, labels = make_inputs(10, 20, labelled="mixed")
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
+def test_unlabelled_rows_get_no_ce_gradient(backend_device):
+    backend, device = backend_device
+    ce, kd, teacher, labels = inputs_on(device, 10, 20, labelled="mixed")
     labels[0], labels[1] = IGNORE, 3
-    *_, g_ce, _ = run_backend("cpu", ce, kd, teacher, labels, **KW)
+    _, (g_ce, _) = loss_terms_and_grads(fused(backend), ce, kd, teacher, labels, **LOSS_KW)
     assert torch.count_nonzero(g_ce[labels == IGNORE]) == 0
     assert torch.count_nonzero(g_ce[1]) > 0
 
 
-def test_gradient_of_logged_terms():
-    # ce_term and kd_term are differentiable outputs too: their gradients must match the reference's.
-    ce, kd, teacher, labels = make_inputs(12, 30)
-    for fn in (fused, reference.dual_head_loss):
-        a, b = ce.clone().requires_grad_(), kd.clone().requires_grad_()
-        loss, ce_term, kd_term = fn(a, b, teacher, labels, **KW)
-        (2.0 * loss + 3.0 * ce_term - kd_term).backward()
-        if fn is fused:
-            got = (a.grad, b.grad)
-        else:
-            torch.testing.assert_close(got, (a.grad, b.grad), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
+def test_identical_distributions_give_zero_kd(backend_device):
+    backend, device = backend_device
+    ce, kd, _, labels = inputs_on(device, 8, 50, labelled="none")
+    (_, _, kd_term), (_, g_kd) = loss_terms_and_grads(fused(backend), ce, kd, kd.clone(), labels, **LOSS_KW)
+    assert abs(kd_term.item()) < 1e-5
+    assert g_kd.abs().max() < 1e-6
 
 
-def test_only_the_needed_gradient_is_computed():
-    ce, kd, teacher, labels = make_inputs(4, 9)
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
+def test_only_the_needed_gradient_is_computed(backend_device):
+    backend, device = backend_device
+    ce, kd, teacher, labels = inputs_on(device, 4, 9)
     kd.requires_grad_()
-    dho_fast.fused_dual_head_loss(ce, kd, teacher, labels, backend="cpu").backward()
+    dho_fast.fused_dual_head_loss(ce, kd, teacher, labels, backend=backend).backward()
     assert kd.grad is not None and ce.grad is None
 
 
-def test_gradcheck_float64():
-    ce, kd, teacher, labels = make_inputs(6, 11, torch.float64, masked_fraction=0.2)
-    ce.requires_grad_()
-    kd.requires_grad_()
-
-    def loss(a, b):
-        return dho_fast.fused_dual_head_loss(a, b, teacher, labels, backend="cpu", label_smoothing=0.1, **KW)
-
-    assert torch.autograd.gradcheck(loss, (ce, kd))
-
-
-@pytest.mark.parametrize("requires_grad", [True, False])
-def test_opcheck(requires_grad):
-    ce, kd, teacher, labels = make_inputs(7, 13)
-    ce.requires_grad_(requires_grad)
-    kd.requires_grad_(requires_grad)
-    args = (ce, kd, teacher, labels, 2.0, 0.5, 0.5, True, IGNORE, 0.0, requires_grad, requires_grad)
-    torch.library.opcheck(torch.ops.dho_fast.dual_head_loss.default, args)
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
+def test_no_graph_without_grad(backend_device):
+    backend, device = backend_device
+    ce, kd, teacher, labels = inputs_on(device, 5, 9)
+    want = oracle_loss(*as_float64(ce, kd, teacher, labels), **LOSS_KW)[0]
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            loss = dho_fast.fused_dual_head_loss(ce.requires_grad_(), kd, teacher, labels, backend=backend)
+        assert not loss.requires_grad
+        assert_values_close(f"{backend} loss", loss, want, torch.float32)
 
 
-def test_backend_from_environment(monkeypatch):
-    monkeypatch.setenv("DHO_FAST_BACKEND", "reference")
-    inputs = make_inputs(3, 4)
-    assert dho_fast.ops.backends.resolve("dual_head_loss", None, inputs[0].device) == "reference"
-    monkeypatch.setenv("DHO_FAST_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="backend"):
-        dho_fast.fused_dual_head_loss(*inputs)
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
+def test_results_are_deterministic(backend_device):
+    backend, device = backend_device
+    inputs = inputs_on(device, 64, 1000, labelled="mixed")
+    first, second = (loss_terms_and_grads(fused(backend), *inputs, **LOSS_KW) for _ in range(2))
+    for a, b in zip(first[0] + first[1], second[0] + second[1], strict=True):
+        assert torch.equal(a, b)
 
 
-def test_result_does_not_depend_on_thread_count():
+def test_cpu_result_does_not_depend_on_the_thread_count():
     inputs = make_inputs(256, 700)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run_backend("cpu", *inputs, **KW)
+        one = loss_terms_and_grads(fused("cpu"), *inputs, **LOSS_KW)
         torch.set_num_threads(max(2, os.cpu_count() or 2))
-        many = run_backend("cpu", *inputs, **KW)
+        many = loss_terms_and_grads(fused("cpu"), *inputs, **LOSS_KW)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(one, many, strict=True):
+    for a, b in zip(one[0] + one[1], many[0] + many[1], strict=True):
         assert torch.equal(a, b)
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
+def test_gradcheck_float64(backend_device):
+    backend, device = backend_device
+    ce, kd, teacher, labels = inputs_on(device, 6, 11, torch.float64, masked_fraction=0.2)
+
+    def loss(a, b):
+        return dho_fast.fused_dual_head_loss(a, b, teacher, labels, backend=backend, label_smoothing=0.1, **LOSS_KW)
+
+    # fast_mode (random projections instead of every input element) where the interpreter makes each call slow.
+    fast = backend == "triton" and kernels.interpreted()
+    assert torch.autograd.gradcheck(loss, (ce.requires_grad_(), kd.requires_grad_()), fast_mode=fast)
+
+
+LOSS_OPS = {"cpu": "dual_head_loss", "cuda": "dual_head_loss", "triton": "dual_head_loss_triton"}
+CHUNK_OPS = {"cpu": "dual_head_loss_chunk", "cuda": "dual_head_loss_chunk", "triton": "dual_head_loss_chunk_triton"}
+KERNEL_BACKENDS = backend_params("cpu", "triton", "cuda", "triton-cuda")
+
+
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck(backend_device, requires_grad):
+    backend, device = backend_device
+    ce, kd, teacher, labels = inputs_on(device, 7, 13)
+    args = (ce.requires_grad_(requires_grad), kd.requires_grad_(requires_grad), teacher, labels)
+    args += (2.0, 0.5, 0.5, True, IGNORE, 0.0, requires_grad, requires_grad)
+    # The interpreter cannot run on fake tensors: the fake/compile checks of the Triton op run on a GPU and in
+    # test_triton_trace.py.
+    utils = ("test_schema", "test_autograd_registration") if backend == "triton" and device == "cpu" else None
+    op = getattr(torch.ops.dho_fast, LOSS_OPS[backend]).default
+    torch.library.opcheck(op, args, **({"test_utils": utils} if utils else {}))
+
+
+def run_chunks(backend: str, inputs, chunk: int, biases: dict, **kwargs):
+    """(ce_term, kd_term) summed over the chunks and the gradients written over the logits (the labelled rows'
+    for the CE head), through ``backend``'s chunk op, ``chunk`` rows at a time."""
+    ce, kd, teacher, labels = inputs
+    n = labels.shape[0]
+    num_labelled = int((labels != IGNORE).sum())
+    op = getattr(torch.ops.dho_fast, CHUNK_OPS[backend])
+    terms, g_ce, g_kd = torch.zeros(2, dtype=torch.float64), [], []
+    for start in range(0, n, chunk):
+        rows = slice(start, min(n, start + chunk))
+        z_ce, z_kd = ce[rows][labels[rows] != IGNORE].clone(), kd[rows].clone()
+        args = (teacher, labels, start, num_labelled, kwargs["temperature"], kwargs["kd_split"], IGNORE)
+        terms += torch.stack(op(z_ce, z_kd, *args, kwargs["label_smoothing"], True, True, **biases)).double().cpu()
+        g_ce.append(z_ce)
+        g_kd.append(z_kd)
+    return terms, torch.cat(g_ce), torch.cat(g_kd)
+
+
+# (dtype, rows per chunk, kd_split): chunks of one row, chunks with a remainder, one chunk for the whole batch.
+CHUNK_CASES = [
+    (torch.float32, 1, True),
+    (torch.float32, 7, True),
+    (torch.float32, 64, False),
+    (torch.float64, 7, True),
+    (torch.bfloat16, 7, True),
+    (torch.float16, 64, True),
+]
+
+
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype, chunk, kd_split", CHUNK_CASES, ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "biased"])
+def test_chunk_op(backend_device, dtype, chunk, kd_split, biased):
+    # Per chunk: the chunk's share of the batch's ce_term and kd_term, of the logits plus the biases, and the
+    # logits overwritten with the gradient of each term times its scale (the batch's row weights).
+    backend, device = backend_device
+    ce, kd, teacher, labels = inputs_on(device, 37, 130, dtype, labelled="mixed", masked_fraction=0.2)
+    kwargs = dict(temperature=2.0, kd_split=kd_split, label_smoothing=0.125)  # exact in float32, see above
+    scales = (0.25, 1.5) if biased else (1.0, 1.0)
+    biases = {}
+    if biased:
+        ce_bias, kd_bias = (torch.randn(130).to(device, dtype) for _ in range(2))
+        biases = dict(ce_bias=ce_bias, kd_bias=kd_bias, ce_grad_scale=scales[0], kd_grad_scale=scales[1])
+    terms, g_ce, g_kd = run_chunks(backend, (ce, kd, teacher, labels), chunk, biases, **kwargs)
+
+    # The kernels add the biases in their accumulation dtype: the oracle's inputs are those sums, and eager
+    # PyTorch's are the sums in float32 (float64 for float64 input), its gradients rounded to the dtype.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sums = [x.to(acc) + (biases[b].to(acc) if biased else 0.0) for x, b in ((ce, "ce_bias"), (kd, "kd_bias"))]
+    loss_args = dict(temperature=2.0, kd_reduction="split" if kd_split else "mean", label_smoothing=0.125)
+
+    def scaled_terms(_loss, ce_term, kd_term):
+        return scales[0] * ce_term + scales[1] * kd_term
+
+    oracle_inputs = as_float64(*sums, teacher, labels)
+    want_terms, want = loss_terms_and_grads(oracle_loss, *oracle_inputs, combine=scaled_terms, **loss_args)
+    value_magnitudes = oracle_loss(*oracle_inputs, magnitudes="value", **loss_args)
+    _, magnitudes = loss_terms_and_grads(
+        oracle_loss, *oracle_inputs, combine=scaled_terms, magnitudes="gradient", **loss_args
+    )
+    _, eager_grads = loss_terms_and_grads(eager, *sums, teacher.to(acc), labels, combine=scaled_terms, **loss_args)
+    for i, name in enumerate(("ce_term", "kd_term")):
+        assert_values_close(f"{backend} {name}", terms[i].to(acc), want_terms[i + 1], dtype, value_magnitudes[i + 1])
+    labelled = labels != IGNORE
+    rows = (labelled, slice(None))  # the chunk op writes a CE gradient row for the labelled rows only
+    for i, (name, got) in enumerate((("grad ce_logits", g_ce), ("grad kd_logits", g_kd))):
+        eager_grad = eager_grads[i][rows[i]].to(dtype)
+        assert_grad_within(f"{backend} {name}", got, want[i][rows[i]], dtype, magnitude=magnitudes[i][rows[i]],
+                           eager=eager_grad, rtol=result_rtol(backend, ce.device, dtype))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunk_op_gives_exactly_the_batch_op(backend_device, dtype):
+    # The contract the fused linear op builds on: per-chunk terms sum to the batch op's terms and the logits are
+    # overwritten with exactly the batch op's gradient rows.
+    backend, device = backend_device
+    ce, kd, teacher, labels = inputs_on(device, 23, 600, dtype, labelled="mixed")
+    batch_op = getattr(torch.ops.dho_fast, LOSS_OPS[backend])
+    batch = batch_op(ce, kd, teacher, labels, 2.0, 0.5, 0.5, True, IGNORE, 0.1, True, True)
+    terms, g_ce, g_kd = run_chunks(backend, (ce, kd, teacher, labels), 5, {}, temperature=2.0, kd_split=True,
+                                   label_smoothing=0.1)  # fmt: skip
+    assert torch.equal(g_ce, batch[3][labels != IGNORE])
+    assert torch.equal(g_kd, batch[4])
+    for i in range(2):
+        assert_values_close(f"{backend} term {i}", terms[i].to(batch[1].dtype), batch[1 + i].double(), dtype)
+
+
+@pytest.mark.parametrize("backend_device", backend_params("cpu", "triton", "cuda", "triton-cuda"))
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "biased"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_opcheck_chunk_op(backend_device, biased, grad):
+    backend, device = backend_device
+    ce, kd, teacher, labels = inputs_on(device, 13, 9, labelled="mixed")
+    rows = slice(3, 9)
+    ce_chunk, kd_chunk = ce[rows][labels[rows] != IGNORE].contiguous(), kd[rows].clone()
+    num_labelled = int((labels != IGNORE).sum())
+    args = (ce_chunk, kd_chunk, teacher, labels, 3, num_labelled, 2.0, True, IGNORE, 0.1, grad, grad)
+    kwargs = {}
+    if biased:
+        kwargs = dict(ce_bias=torch.randn(9, device=device), kd_bias=torch.randn(9, device=device), ce_grad_scale=0.3,
+                      kd_grad_scale=2.5)  # fmt: skip
+    utils = ("test_schema",) if backend == "triton" and device == "cpu" else None
+    op = getattr(torch.ops.dho_fast, CHUNK_OPS[backend]).default
+    torch.library.opcheck(op, args, kwargs, **({"test_utils": utils} if utils else {}))
+
+
+@pytest.mark.slow  # torch.compile
+@pytest.mark.parametrize("backend_device", backend_params("cuda", "triton-cuda"))
+def test_compiled_training_step_matches_eager_on_gpu(backend_device):
+    # On the CPU, tests/test_compile.py compiles the CPU backend's step.
+    backend, device = backend_device
+    torch._dynamo.reset()
+    ce, kd, teacher, labels = inputs_on(device, 64, 1000, labelled="mixed")
+    features = torch.randn(64, 32, device=device)
+    results = []
+    for name, wrap in (("reference", lambda f: f), (backend, lambda f: torch.compile(f, fullgraph=True))):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(32, 2 * 1000).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+
+        def step(model, name=name):
+            ce_logits, kd_logits = model(features).chunk(2, dim=1)
+            return dho_fast.fused_dual_head_loss(ce_logits, kd_logits, teacher, labels, backend=name)
+
+        results.append(run_steps(wrap(step), model, opt)[1])
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 24),
     c=st.integers(1, 600),
@@ -150,19 +439,7 @@ def test_result_does_not_depend_on_thread_count():
     labelled=st.sampled_from(["all", "none", "mixed"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_property_matches_reference(n, c, scale, temperature, masked, labelled, seed):
+def test_property_cpu_matches_the_oracle(n, c, scale, temperature, masked, labelled, seed):
     g = torch.Generator().manual_seed(seed)
     inputs = make_inputs(n, c, scale=scale, masked_fraction=masked, labelled=labelled, generator=g)
-    got = run_backend("cpu", *inputs, temperature=temperature)
-    want = run_backend("reference", *inputs, temperature=temperature)
-    # Relative to the size of the loss: at logit spreads of 1e4 the terms are ~1e4 and float32 rounds at ~1e-3.
-    for g_, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-5 * max(1.0, scale))
-
-
-@pytest.mark.parametrize("labelled", ["all", "none", "mixed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_every_gradient_element_is_written(labelled, dtype, monkeypatch):
-    monkeypatch.setenv("DHO_FAST_POISON_OUTPUTS", "1")
-    *_, g_ce, g_kd = run_backend("cpu", *make_inputs(13, 1031, dtype, labelled=labelled), **KW)
-    assert torch.isfinite(g_ce).all() and torch.isfinite(g_kd).all()
+    check_loss("cpu", inputs, torch.float32, temperature=temperature)
