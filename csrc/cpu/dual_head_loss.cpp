@@ -17,7 +17,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head_loss_cpu(
     const at::Tensor& ce_logits, const at::Tensor& kd_logits, const at::Tensor& teacher_logits,
-    const at::Tensor& labels, double temperature, double ce_weight, double kd_weight, bool kd_split,
+    const at::Tensor& labels, double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
     int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad) {
   check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature);
   const at::Tensor ce = ce_logits.contiguous(), kd = kd_logits.contiguous(), t = teacher_logits.contiguous();
@@ -54,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
   const auto [ce_term, kd_term] = reduce_rows(y_ptr, N, 0, row_ce.data(), row_kl.data(), status.data(), p);
   const auto acc_dtype = ce.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto scalar = [&](double v) { return at::scalar_tensor(v, ce.options().dtype(acc_dtype)); };
-  return {scalar(ce_weight * ce_term + kd_weight * kd_term), scalar(ce_term), scalar(kd_term), g_ce, g_kd};
+  return {scalar(ce_loss_weight * ce_term + kd_loss_weight * kd_term), scalar(ce_term), scalar(kd_term), g_ce,
+          g_kd};
 }
 
 }  // namespace

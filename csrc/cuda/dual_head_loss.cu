@@ -356,8 +356,9 @@ __global__ void __launch_bounds__(kReduceThreads)
 // (n: none), info[3] = that status. loss == nullptr: not wanted.
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads)
-    reduce_rows_kernel(const acc_t* row_ce, const acc_t* row_kl, const int* status, int64_t n, double ce_weight,
-                       double kd_weight, acc_t* loss, acc_t* ce_term, acc_t* kd_term, int64_t* info) {
+    reduce_rows_kernel(const acc_t* row_ce, const acc_t* row_kl, const int* status, int64_t n,
+                       double ce_loss_weight, double kd_loss_weight, acc_t* loss, acc_t* ce_term, acc_t* kd_term,
+                       int64_t* info) {
   __shared__ double sums[32];
   __shared__ long long rows[32];
   double ce = 0, kd = 0;
@@ -373,7 +374,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   if (threadIdx.x == 0) {
     *ce_term = acc_t(ce);
     *kd_term = acc_t(kd);
-    if (loss) *loss = acc_t(ce_weight * ce + kd_weight * kd);
+    if (loss) *loss = acc_t(ce_loss_weight * ce + kd_loss_weight * kd);
     info[2] = first_bad;
     info[3] = first_bad < n ? status[first_bad] : rm::kTeacherOk;
   }
@@ -396,13 +397,13 @@ void launch_rows(const RowsArgs<scalar_t>& p, cudaStream_t stream) {
 }
 
 template <typename acc_t>
-void launch_reduce(const at::Tensor& row_ce, const at::Tensor& row_kl, const at::Tensor& status, double ce_weight,
-                   double kd_weight, at::Tensor* loss, at::Tensor& ce_term, at::Tensor& kd_term, at::Tensor& info,
-                   cudaStream_t stream) {
+void launch_reduce(const at::Tensor& row_ce, const at::Tensor& row_kl, const at::Tensor& status,
+                   double ce_loss_weight, double kd_loss_weight, at::Tensor* loss, at::Tensor& ce_term,
+                   at::Tensor& kd_term, at::Tensor& info, cudaStream_t stream) {
   reduce_rows_kernel<acc_t><<<1, kReduceThreads, 0, stream>>>(
       row_ce.const_data_ptr<acc_t>(), row_kl.const_data_ptr<acc_t>(), status.const_data_ptr<int>(), row_ce.size(0),
-      ce_weight, kd_weight, loss ? loss->mutable_data_ptr<acc_t>() : nullptr, ce_term.mutable_data_ptr<acc_t>(),
-      kd_term.mutable_data_ptr<acc_t>(), info.mutable_data_ptr<int64_t>());
+      ce_loss_weight, kd_loss_weight, loss ? loss->mutable_data_ptr<acc_t>() : nullptr,
+      ce_term.mutable_data_ptr<acc_t>(), kd_term.mutable_data_ptr<acc_t>(), info.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -455,7 +456,7 @@ RowsArgs<scalar_t> rows_args(int64_t rows, int64_t cols, int64_t batch_rows, int
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head_loss_cuda(
     const at::Tensor& ce_logits, const at::Tensor& kd_logits, const at::Tensor& teacher_logits,
-    const at::Tensor& labels, double temperature, double ce_weight, double kd_weight, bool kd_split,
+    const at::Tensor& labels, double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
     int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad) {
   check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature);
   check_device("kd_logits", kd_logits, ce_logits);
@@ -491,7 +492,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
     p.status = status.mutable_data_ptr<int>();
     p.num_labelled_dev = info.const_data_ptr<int64_t>();
     launch_rows(p, stream);
-    launch_reduce<acc_t>(row_ce, row_kl, status, ce_weight, kd_weight, &loss, ce_term, kd_term, info, stream);
+    launch_reduce<acc_t>(row_ce, row_kl, status, ce_loss_weight, kd_loss_weight, &loss, ce_term, kd_term, info,
+                         stream);
   });
   raise_flagged_errors(info, y, 0, C, ignore_index);
   return {loss, ce_term, kd_term, g_ce, g_kd};
