@@ -15,6 +15,8 @@
 #include <tuple>
 #include <vector>
 
+#include "op_checks.h"
+
 namespace dho_fast {
 namespace {
 
@@ -117,12 +119,11 @@ Outputs fused_linear_forward(const Tensor& features, const Tensor& ce_weight, co
                              double kd_logit_scale, int64_t chunk_size, double temperature, double ce_loss_weight,
                              double kd_loss_weight, bool kd_split, int64_t ignore_index, double label_smoothing,
                              bool grad_features, bool grad_ce_head, bool grad_kd_head) {
-  TORCH_CHECK(features.dim() == 2 && ce_weight.dim() == 2 && ce_weight.size(1) == features.size(1),
-              "features must be (N, D) and ce_weight (C, D), got ", features.sizes(), " and ", ce_weight.sizes());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) && labels.scalar_type() == at::kLong,
-              "labels must be an int64 (N,) tensor with N = features.size(0) = ", features.size(0), ", got ",
-              labels.scalar_type(), " ", labels.sizes());
-  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+  TORCH_CHECK_VALUE(features.dim() == 2 && ce_weight.dim() == 2 && ce_weight.size(1) == features.size(1),
+                    "features must be (N, D) and ce_weight (C, D), got ", features.sizes(), " and ",
+                    ce_weight.sizes());
+  check_labels(labels, features.size(0), "features", features);
+  TORCH_CHECK_VALUE(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   const int64_t N = features.size(0), D = features.size(1), C = ce_weight.size(0);
   const auto acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor x = features.contiguous(), teacher = teacher_logits.contiguous(), y = labels.contiguous();

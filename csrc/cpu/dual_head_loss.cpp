@@ -19,7 +19,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
     const at::Tensor& ce_logits, const at::Tensor& kd_logits, const at::Tensor& teacher_logits,
     const at::Tensor& labels, double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
     int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad) {
-  check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature);
+  check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight,
+                    label_smoothing);
   const at::Tensor ce = ce_logits.contiguous(), kd = kd_logits.contiguous(), t = teacher_logits.contiguous();
   const at::Tensor y = labels.contiguous();
   const int64_t N = ce.size(0), C = ce.size(1);

@@ -23,8 +23,8 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logit
                                                             const std::optional<at::Tensor>& ce_bias,
                                                             const std::optional<at::Tensor>& kd_bias,
                                                             double ce_grad_scale, double kd_grad_scale) {
-  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, ce_bias,
-                     kd_bias);
+  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, label_smoothing,
+                     ce_bias, kd_bias);
   const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1), R = kd_logits.size(0);
   const int64_t* y = labels.const_data_ptr<int64_t>() + start;
   std::vector<int64_t> ce_row(R);

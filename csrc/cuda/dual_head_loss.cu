@@ -426,10 +426,6 @@ int64_t raise_flagged_errors(const at::Tensor& info, const at::Tensor& labels, i
   return v[0];
 }
 
-void check_device(const char* name, const at::Tensor& x, const at::Tensor& ref) {
-  TORCH_CHECK(x.device() == ref.device(), name, " must be on ", ref.device(), " (as the logits), got ", x.device());
-}
-
 at::Tensor gradient_buffer(const at::Tensor& x, bool wanted) {
   if (!wanted) return at::empty({0}, x.options());
   at::Tensor g = at::empty_like(x);
@@ -458,10 +454,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
     const at::Tensor& ce_logits, const at::Tensor& kd_logits, const at::Tensor& teacher_logits,
     const at::Tensor& labels, double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
     int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad) {
-  check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature);
-  check_device("kd_logits", kd_logits, ce_logits);
-  check_device("teacher_logits", teacher_logits, ce_logits);
-  check_device("labels", labels, ce_logits);
+  check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight,
+                    label_smoothing);
   const c10::cuda::CUDAGuard guard(ce_logits.device());
   const at::Tensor ce = ce_logits.contiguous(), kd = kd_logits.contiguous(), t = teacher_logits.contiguous();
   const at::Tensor y = labels.contiguous();
@@ -508,11 +502,8 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
                                                              const std::optional<at::Tensor>& ce_bias,
                                                              const std::optional<at::Tensor>& kd_bias,
                                                              double ce_grad_scale, double kd_grad_scale) {
-  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, ce_bias,
-                     kd_bias);
-  check_device("ce_logits", ce_logits, kd_logits);
-  check_device("teacher_logits", teacher_logits, kd_logits);
-  check_device("labels", labels, kd_logits);
+  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, label_smoothing,
+                     ce_bias, kd_bias);
   const c10::cuda::CUDAGuard guard(kd_logits.device());
   const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1), R = kd_logits.size(0);
   const at::Tensor y = labels.narrow(0, start, R), t = teacher_logits.narrow(0, start, R);
