@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "fused_linear_dual_head_loss.h"
 #include "row_math.h"
 
 namespace dho_fast {
@@ -68,6 +69,41 @@ inline void check_loss_inputs(const at::Tensor& ce, const at::Tensor& kd, const 
   check_loss_weight("ce_loss_weight", ce_loss_weight);
   check_loss_weight("kd_loss_weight", kd_loss_weight);
   check_label_smoothing(label_smoothing);
+}
+
+// fused_linear_dual_head_loss's arguments: features (N, D); ce_weight and kd_weight (C, D) with C >= 1; ce_bias and
+// kd_bias (C,) or None; teacher_logits (N, C); labels int64 (N,); every floating tensor of features' dtype and device.
+inline void check_linear_loss_inputs(const LinearLossArgs& a) {
+  const at::Tensor& x = a.features;
+  TORCH_CHECK_VALUE(x.dim() == 2, "features must have shape (N, D), got ", x.sizes());
+  check_floating("features", x);
+  const int64_t N = x.size(0), D = x.size(1);
+  const at::Tensor& w = a.ce_weight;
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) >= 1 && w.size(1) == D, "ce_weight must have shape (C, D) with C >= 1 "
+                    "and D = ", D, " (as features), got ", w.sizes());
+  const int64_t C = w.size(0);
+  TORCH_CHECK_VALUE(a.kd_weight.sizes() == w.sizes(), "kd_weight must have shape (C, D) = (", C, ", ", D,
+                    ") as ce_weight, got ", a.kd_weight.sizes());
+  check_like("ce_weight", w, "features", x);
+  check_like("kd_weight", a.kd_weight, "features", x);
+  for (const auto& [name, bias] : {std::pair<const char*, const std::optional<at::Tensor>&>{"ce_bias", a.ce_bias},
+                                   {"kd_bias", a.kd_bias}}) {
+    if (!bias) continue;
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C, name, " must have shape (C,) = (", C,
+                      ",) as the weights' rows, got ", bias->sizes());
+    check_like(name, *bias, "features", x);
+  }
+  const at::Tensor& t = a.teacher_logits;
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == C, "teacher_logits must have shape (N, C) = (", N,
+                    ", ", C, "), got ", t.sizes());
+  check_like("teacher_logits", t, "features", x);
+  check_labels(a.labels, N, "features", x);
+  TORCH_CHECK_VALUE(a.chunk_size >= 1, "chunk_size must be >= 1, got ", a.chunk_size);
+  TORCH_CHECK_VALUE(a.kd_logit_scale > 0, "kd_logit_scale must be > 0, got ", a.kd_logit_scale);
+  check_temperature(a.temperature);
+  check_loss_weight("ce_loss_weight", a.ce_loss_weight);
+  check_loss_weight("kd_loss_weight", a.kd_loss_weight);
+  check_label_smoothing(a.label_smoothing);
 }
 
 // A chunk's optional bias: (C,), contiguous, of the logits' dtype and device.
