@@ -25,8 +25,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
   const at::Tensor y = labels.contiguous();
   const int64_t N = ce.size(0), C = ce.size(1);
   const int64_t* y_ptr = y.const_data_ptr<int64_t>();
-  const LossParams p{N, C, index_labelled(y_ptr, N, C, ignore_index), ignore_index, temperature, label_smoothing,
-                     kd_split};
+  const LossParams p{.num_rows = N,
+                     .num_classes = C,
+                     .num_labelled = index_labelled(y_ptr, N, C, ignore_index),
+                     .ignore_index = ignore_index,
+                     .temperature = temperature,
+                     .label_smoothing = label_smoothing,
+                     .kd_split = kd_split};
 
   at::Tensor g_ce = ce_grad ? at::empty_like(ce) : at::empty({0}, ce.options());
   at::Tensor g_kd = kd_grad ? at::empty_like(kd) : at::empty({0}, kd.options());
@@ -38,17 +43,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
   std::vector<int> status(N);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ce.scalar_type(), "dual_head_loss_cpu", [&] {
-    const RowsIO<scalar_t> io{N,
-                              ce.const_data_ptr<scalar_t>(),
-                              nullptr,
-                              kd.const_data_ptr<scalar_t>(),
-                              t.const_data_ptr<scalar_t>(),
-                              y_ptr,
-                              ce_grad ? g_ce.mutable_data_ptr<scalar_t>() : nullptr,
-                              kd_grad ? g_kd.mutable_data_ptr<scalar_t>() : nullptr,
-                              row_ce.data(),
-                              row_kl.data(),
-                              status.data()};
+    const RowsIO<scalar_t> io{.rows = N,
+                              .ce = ce.const_data_ptr<scalar_t>(),
+                              .ce_row = nullptr,
+                              .kd = kd.const_data_ptr<scalar_t>(),
+                              .teacher = t.const_data_ptr<scalar_t>(),
+                              .labels = y_ptr,
+                              .g_ce = ce_grad ? g_ce.mutable_data_ptr<scalar_t>() : nullptr,
+                              .g_kd = kd_grad ? g_kd.mutable_data_ptr<scalar_t>() : nullptr,
+                              .row_ce = row_ce.data(),
+                              .row_kl = row_kl.data(),
+                              .row_status = status.data()};
     run_rows(io, p);
   });
 

@@ -434,22 +434,6 @@ at::Tensor gradient_buffer(const at::Tensor& x, bool wanted) {
   return g;
 }
 
-template <typename scalar_t>
-RowsArgs<scalar_t> rows_args(int64_t rows, int64_t cols, int64_t batch_rows, int64_t ignore_index,
-                             double temperature, double label_smoothing, bool kd_split) {
-  using acc_t = acc_type<scalar_t>;
-  RowsArgs<scalar_t> p{};
-  p.rows = rows;
-  p.cols = cols;
-  p.batch_rows = batch_rows;
-  p.ignore_index = ignore_index;
-  p.temperature = acc_t(temperature);
-  p.inv_t = acc_t(1) / acc_t(temperature);
-  p.eps = acc_t(label_smoothing);
-  p.kd_split = kd_split;
-  return p;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head_loss_cuda(
     const at::Tensor& ce_logits, const at::Tensor& kd_logits, const at::Tensor& teacher_logits,
     const at::Tensor& labels, double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
@@ -473,18 +457,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
   launch_count(y, C, ignore_index, info, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ce.scalar_type(), "dual_head_loss_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    RowsArgs<scalar_t> p = rows_args<scalar_t>(N, C, N, ignore_index, temperature, label_smoothing, kd_split);
-    p.ce = ce.const_data_ptr<scalar_t>();
-    p.ce_rows = N;
-    p.kd = kd.const_data_ptr<scalar_t>();
-    p.teacher = t.const_data_ptr<scalar_t>();
-    p.labels = y.const_data_ptr<int64_t>();
-    p.g_ce = ce_grad ? g_ce.mutable_data_ptr<scalar_t>() : nullptr;
-    p.g_kd = kd_grad ? g_kd.mutable_data_ptr<scalar_t>() : nullptr;
-    p.row_ce = row_ce.mutable_data_ptr<acc_t>();
-    p.row_kl = row_kl.mutable_data_ptr<acc_t>();
-    p.status = status.mutable_data_ptr<int>();
-    p.num_labelled_dev = info.const_data_ptr<int64_t>();
+    const RowsArgs<scalar_t> p{.ce = ce.const_data_ptr<scalar_t>(),
+                               .ce_row = nullptr,
+                               .ce_rows = N,
+                               .kd = kd.const_data_ptr<scalar_t>(),
+                               .teacher = t.const_data_ptr<scalar_t>(),
+                               .labels = y.const_data_ptr<int64_t>(),
+                               .g_ce = ce_grad ? g_ce.mutable_data_ptr<scalar_t>() : nullptr,
+                               .g_kd = kd_grad ? g_kd.mutable_data_ptr<scalar_t>() : nullptr,
+                               .row_ce = row_ce.mutable_data_ptr<acc_t>(),
+                               .row_kl = row_kl.mutable_data_ptr<acc_t>(),
+                               .status = status.mutable_data_ptr<int>(),
+                               .num_labelled_dev = info.const_data_ptr<int64_t>(),
+                               .num_labelled = 0,
+                               .rows = N,
+                               .cols = C,
+                               .batch_rows = N,
+                               .ignore_index = ignore_index,
+                               .temperature = acc_t(temperature),
+                               .inv_t = acc_t(1) / acc_t(temperature),
+                               .eps = acc_t(label_smoothing),
+                               .kd_split = kd_split};
     launch_rows(p, stream);
     launch_reduce<acc_t>(row_ce, row_kl, status, ce_loss_weight, kd_loss_weight, &loss, ce_term, kd_term, info,
                          stream);
@@ -521,23 +514,31 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
   launch_count(y, C, ignore_index, info, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kd_logits.scalar_type(), "dual_head_loss_chunk_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    RowsArgs<scalar_t> p = rows_args<scalar_t>(R, C, N, ignore_index, temperature, label_smoothing, kd_split);
-    p.ce = ce_logits.const_data_ptr<scalar_t>();
-    p.ce_row = ce_row.const_data_ptr<int64_t>();
-    p.ce_rows = ce_logits.size(0);
-    p.kd = kd_logits.const_data_ptr<scalar_t>();
-    p.teacher = t.const_data_ptr<scalar_t>();
-    p.labels = y.const_data_ptr<int64_t>();
-    p.g_ce = ce_grad ? ce_logits.mutable_data_ptr<scalar_t>() : nullptr;
-    p.g_kd = kd_grad ? kd_logits.mutable_data_ptr<scalar_t>() : nullptr;
-    p.row_ce = row_ce.mutable_data_ptr<acc_t>();
-    p.row_kl = row_kl.mutable_data_ptr<acc_t>();
-    p.status = status.mutable_data_ptr<int>();
-    p.num_labelled = num_labelled;
-    p.ce_bias = ce_bias ? ce_bias->const_data_ptr<scalar_t>() : nullptr;
-    p.kd_bias = kd_bias ? kd_bias->const_data_ptr<scalar_t>() : nullptr;
-    p.ce_grad_scale = acc_t(ce_grad_scale);
-    p.kd_grad_scale = acc_t(kd_grad_scale);
+    const RowsArgs<scalar_t> p{.ce = ce_logits.const_data_ptr<scalar_t>(),
+                               .ce_row = ce_row.const_data_ptr<int64_t>(),
+                               .ce_rows = ce_logits.size(0),
+                               .kd = kd_logits.const_data_ptr<scalar_t>(),
+                               .teacher = t.const_data_ptr<scalar_t>(),
+                               .labels = y.const_data_ptr<int64_t>(),
+                               .g_ce = ce_grad ? ce_logits.mutable_data_ptr<scalar_t>() : nullptr,
+                               .g_kd = kd_grad ? kd_logits.mutable_data_ptr<scalar_t>() : nullptr,
+                               .row_ce = row_ce.mutable_data_ptr<acc_t>(),
+                               .row_kl = row_kl.mutable_data_ptr<acc_t>(),
+                               .status = status.mutable_data_ptr<int>(),
+                               .num_labelled_dev = nullptr,
+                               .num_labelled = num_labelled,
+                               .rows = R,
+                               .cols = C,
+                               .batch_rows = N,
+                               .ignore_index = ignore_index,
+                               .temperature = acc_t(temperature),
+                               .inv_t = acc_t(1) / acc_t(temperature),
+                               .eps = acc_t(label_smoothing),
+                               .kd_split = kd_split,
+                               .ce_bias = ce_bias ? ce_bias->const_data_ptr<scalar_t>() : nullptr,
+                               .kd_bias = kd_bias ? kd_bias->const_data_ptr<scalar_t>() : nullptr,
+                               .ce_grad_scale = acc_t(ce_grad_scale),
+                               .kd_grad_scale = acc_t(kd_grad_scale)};
     launch_rows(p, stream);
     launch_reduce<acc_t>(row_ce, row_kl, status, 0, 0, nullptr, ce_term, kd_term, info, stream);
   });
