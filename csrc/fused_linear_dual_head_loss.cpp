@@ -5,9 +5,8 @@
 // the op's fixed cost is part of every training step.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -250,6 +249,24 @@ Outputs with_grads_below_autograd(const LinearLossArgs& a) {
                  a.ignore_index, a.label_smoothing, a.grad_features, a.grad_ce_head, a.grad_kd_head);
 }
 
+// A gradient saved by the forward, times the factor backward must apply to it (d loss / d term over the scale the
+// forward applied). Backward never overwrites a saved gradient: that would be safe only if the graph were freed after
+// this backward and no transform traced it, and no public API tells whether the graph is retained (retain_graph=True)
+// or a transform is running. So:
+//  - a factor of exactly 1 (the usual loss.backward()) returns the saved gradient itself. Autograd never writes into
+//    a gradient it receives, and AccumulateGrad stores a copy in .grad while the saved variable still refers to the
+//    buffer (a retained graph), so in-place updates of .grad (optimizer steps, zero_grad, clipping) cannot change
+//    what a later backward returns; once the graph is freed, .grad may take the buffer itself. torch.autograd.grad
+//    returns the buffer itself, but a write into it bumps its version and a later backward then raises.
+//  - any other factor multiplies out of place, into a new tensor.
+// The factor's value is read only eagerly from a CPU tensor (no device synchronisation) that is no tracer's: a fake,
+// functional or Python-subclass tensor, or any tensor under a dispatch mode (at::isTensorSubclassLike), has no value
+// to read, or one that a traced graph must not bake in. Such a factor is always multiplied.
+Tensor times_factor(const Tensor& grad, const Tensor& factor) {
+  const bool one = factor.is_cpu() && !at::isTensorSubclassLike(factor) && factor.item<double>() == 1.0;
+  return one ? grad : grad * factor;
+}
+
 // The gradients come from the forward; backward scales them by d loss / d term = grad_loss * loss weight + grad_term.
 class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
  public:
@@ -273,14 +290,6 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    // The saved gradients are seen by nothing but this backward. Unless the graph is kept for another one they are
-    // freed after it, so they are scaled in place: fresh buffers of their size would cost memory and page faults
-    // on first touch, more than the multiplication itself. A tracer (torch.compile's AOTAutograd, on fake or
-    // functional tensors) must see a functional backward and gets the out-of-place one.
-    const bool traced = c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python) ||
-                        saved[0].key_set().has_any(
-                            c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
-    const bool in_place = !traced && !torch::autograd::get_current_graph_task_keep_graph();
     const Tensor& grad_loss = grad_outputs[0];
     // The factor for the saved gradients of gradient_scale(w) * term: d loss / d term / gradient_scale(w) with
     // d loss / d term = grad_loss * w + grad_term. It is grad_loss itself in the usual backward of the loss alone.
@@ -294,12 +303,6 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     };
     const Tensor f_ce = term_factor(ctx->saved_data["ce_loss_weight"].toDouble(), grad_outputs[1]);
     const Tensor f_kd = term_factor(ctx->saved_data["kd_loss_weight"].toDouble(), grad_outputs[2]);
-    // grad * factor, overwriting grad when `reuse`; free for a factor of exactly 1 on the CPU (loss.backward()).
-    auto times = [&](const Tensor& grad, const Tensor& factor, bool reuse) -> Tensor {
-      if (!reuse) return grad * factor;
-      if (factor.is_cpu() && factor.item<double>() == 1.0) return grad;
-      return grad.mul_(factor);
-    };
     // needs_input_grad counts the tensor inputs only: an absent bias has no entry.
     const bool present[5] = {true, true, ctx->saved_data["has_ce_bias"].toBool(), true,
                              ctx->saved_data["has_kd_bias"].toBool()};
@@ -307,16 +310,12 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
       return present[input] && ctx->needs_input_grad(std::count(present, present + input, true));
     };
     auto scaled = [&](size_t input, const Tensor& grad, const Tensor& factor) -> Tensor {
-      return wanted(input) && factor.defined() ? times(grad, factor, in_place) : Tensor();
+      return wanted(input) && factor.defined() ? times_factor(grad, factor) : Tensor();
     };
     // d features = f_ce * d_x_ce + f_kd * d_x_kd, with one factor for both in the usual case.
     Tensor d_features;
     if (wanted(0) && f_ce.defined() && f_kd.defined()) {
-      if (f_ce.is_same(f_kd)) {
-        d_features = times(in_place ? saved[0].add_(saved[1]) : saved[0] + saved[1], f_ce, !traced);
-      } else {
-        d_features = saved[0] * f_ce + saved[1] * f_kd;
-      }
+      d_features = f_ce.is_same(f_kd) ? times_factor(saved[0] + saved[1], f_ce) : saved[0] * f_ce + saved[1] * f_kd;
     } else {
       d_features = f_ce.defined() ? scaled(0, saved[0], f_ce) : scaled(0, saved[1], f_kd);
     }
