@@ -29,6 +29,12 @@ DHO_HD T nan_max(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
+// The maximum to subtract before exp: 0 for an empty piece (max -inf), so exp(-inf - base) is 0, not NaN.
+template <typename T>
+DHO_HD T exp_base(T m) {
+  return m == neg_inf<T>() ? T(0) : m;
+}
+
 // exp(old_max - new_max), with an empty piece (max = -inf) contributing nothing instead of exp(-inf + inf) = NaN.
 template <typename T>
 DHO_HD T rescale(T old_max, T new_max) {
