@@ -28,8 +28,8 @@ constexpr double kNormEps = 1e-12;
 
 // The forward returns the gradients of gradient_scale(w) * term rather than of the term, for each head's loss weight
 // w: the chunk kernel applies the scale as it writes the logits' gradients, and the usual loss.backward() then has
-// nothing left to multiply. A
-// zero weight keeps scale 1, so that the term's own gradient (backward through ce_term or kd_term) stays available.
+// nothing left to multiply. A zero weight keeps scale 1, so that the term's own gradient (backward through ce_term or
+// kd_term) stays available.
 double gradient_scale(double loss_weight) { return loss_weight != 0.0 ? loss_weight : 1.0; }
 
 // dual_head_loss_chunk through the dispatcher: the kernel of the logits' device.
