@@ -1,12 +1,14 @@
 // The CPU op through the dispatcher, as a C++ user of the library calls it, against a float64 computation with
 // ATen ops (METHOD.md's loss): its terms, both gradients element by element, and the exception type of a bad label
-// (c10::ValueError, Python's ValueError) and of a wrong dtype (c10::TypeError, Python's TypeError).
+// (c10::ValueError, Python's ValueError) and of a wrong dtype (c10::TypeError, Python's TypeError), also from the
+// fused linear op.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
 #include <cstdio>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -121,6 +123,24 @@ int main() {
                                 [&] { call(ce, kd.to(at::kDouble), labels); });
   expect_throws<c10::TypeError>("int32 labels", "labels must be int64",
                                 [&] { call(ce, kd, labels.to(at::kInt)); });
+
+  // The fused linear op checks its arguments through the same functions.
+  const auto linear = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("dho_fast::fused_linear_dual_head_loss", "")
+                          .typed<std::tuple<Tensor, Tensor, Tensor>(
+                              const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                              const std::optional<Tensor>&, const Tensor&, const Tensor&, bool, double, int64_t,
+                              double, double, double, bool, int64_t, double)>();
+  const Tensor features = at::randn({N, 8}), weight = at::randn({C, 8});
+  auto call_linear = [&](const Tensor& kd_weight) {
+    linear.call(features, weight, std::nullopt, kd_weight, std::nullopt, t, labels, false, 1.0, 8, T, w_ce, w_kd,
+                true, kIgnore, 0.0);
+  };
+  expect_throws<c10::ValueError>("kd_weight of the wrong shape",
+                                 "kd_weight must have shape (C, D) = (1001, 8) as ce_weight, got [1001, 7]",
+                                 [&] { call_linear(at::randn({C, 7})); });
+  expect_throws<c10::TypeError>("float64 kd_weight", "kd_weight must have the dtype of features",
+                                [&] { call_linear(weight.to(at::kDouble)); });
 
   if (failures) return 1;
   std::printf("cpu op: all checks passed\n");
