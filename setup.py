@@ -6,6 +6,7 @@ TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0").
 
 import glob
 import os
+import platform
 import shutil
 
 import torch
@@ -14,6 +15,12 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CUDA_HOME_CANDIDATES = ("/usr/local/cuda",)
+# The CPU kernel's per-instruction-set builds, chosen at run time (csrc/cpu/kernel_dispatch.h), and their flags. Only
+# x86-64 with GCC or Clang has them; elsewhere the files compile to nothing.
+ISA_FLAGS = {
+    "csrc/cpu/kernel_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "csrc/cpu/kernel_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+}
 
 
 def find_cuda_home() -> str | None:
@@ -67,7 +74,31 @@ def extension():
     )
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, which gives every source of an extension the same flags, with the per-instruction-set
+    sources compiled first, each with its own flags added to the extension's, and linked in as objects. They come
+    last on the link line, so that an inline function they share with the portable code is linked from the latter."""
+
+    def build_extension(self, ext):
+        if platform.machine() in ("x86_64", "AMD64") and self.compiler.compiler_type == "unix":
+            isa_sources = [source for source in ext.sources if source in ISA_FLAGS]
+            ext.sources = [source for source in ext.sources if source not in ISA_FLAGS]
+            ext.depends = [*ext.depends, *isa_sources]
+            for source in isa_sources:
+                flags = dict(ext.extra_compile_args, cxx=ext.extra_compile_args["cxx"] + ISA_FLAGS[source])
+                ext.extra_objects += self.compiler.compile(
+                    [source],
+                    output_dir=self.build_temp,
+                    macros=ext.define_macros,
+                    include_dirs=ext.include_dirs,
+                    debug=self.debug,
+                    extra_postargs=flags,
+                    depends=ext.depends,
+                )
+        super().build_extension(ext)
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -4,12 +4,13 @@
 
 TORCH_LIBRARY(dho_fast, m) {
   // Loss terms of both heads and, when asked, their unweighted gradients (grad-in-forward):
-  //   loss = ce_weight * ce_term + kd_weight * kd_term
+  //   loss = ce_loss_weight * ce_term + kd_loss_weight * kd_term
   //   ce_grad_out = d ce_term / d ce_logits, kd_grad_out = d kd_term / d kd_logits (empty when not asked)
   m.def(
       "dual_head_loss(Tensor ce_logits, Tensor kd_logits, Tensor teacher_logits, Tensor labels, float temperature, "
-      "float ce_weight, float kd_weight, bool kd_split, int ignore_index, float label_smoothing, bool ce_grad, "
-      "bool kd_grad) -> (Tensor loss, Tensor ce_term, Tensor kd_term, Tensor ce_grad_out, Tensor kd_grad_out)");
+      "float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, float label_smoothing, "
+      "bool ce_grad, bool kd_grad) -> (Tensor loss, Tensor ce_term, Tensor kd_term, Tensor ce_grad_out, "
+      "Tensor kd_grad_out)");
 
   // One row chunk of the batch's loss: the per-chunk step of fused_linear_dual_head_loss (below).
   //   kd_logits (R, C): the KD logits of rows [start, start + R) of the batch;

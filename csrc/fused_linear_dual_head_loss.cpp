@@ -5,15 +5,17 @@
 // the op's fixed cost is part of every training step.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include "fused_linear_dual_head_loss.h"
+#include "op_checks.h"
 
 namespace dho_fast {
 namespace {
@@ -26,8 +28,8 @@ constexpr double kNormEps = 1e-12;
 
 // The forward returns the gradients of gradient_scale(w) * term rather than of the term, for each head's loss weight
 // w: the chunk kernel applies the scale as it writes the logits' gradients, and the usual loss.backward() then has
-// nothing left to multiply. A
-// zero weight keeps scale 1, so that the term's own gradient (backward through ce_term or kd_term) stays available.
+// nothing left to multiply. A zero weight keeps scale 1, so that the term's own gradient (backward through ce_term or
+// kd_term) stays available.
 double gradient_scale(double loss_weight) { return loss_weight != 0.0 ? loss_weight : 1.0; }
 
 // dual_head_loss_chunk through the dispatcher: the kernel of the logits' device.
@@ -111,45 +113,36 @@ Tensor normalize_backward(const Tensor& grad, const Tensor& x_unit, const Tensor
   return ((g - u * radial) * (scale / norm.clamp_min(kNormEps))).to(grad.scalar_type());
 }
 
-Outputs fused_linear_forward(const Tensor& features, const Tensor& ce_weight, const std::optional<Tensor>& ce_bias,
-                             const Tensor& kd_weight, const std::optional<Tensor>& kd_bias,
-                             const Tensor& teacher_logits, const Tensor& labels, bool kd_cosine,
-                             double kd_logit_scale, int64_t chunk_size, double temperature, double ce_loss_weight,
-                             double kd_loss_weight, bool kd_split, int64_t ignore_index, double label_smoothing,
-                             bool grad_features, bool grad_ce_head, bool grad_kd_head) {
-  TORCH_CHECK(features.dim() == 2 && ce_weight.dim() == 2 && ce_weight.size(1) == features.size(1),
-              "features must be (N, D) and ce_weight (C, D), got ", features.sizes(), " and ", ce_weight.sizes());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) && labels.scalar_type() == at::kLong,
-              "labels must be an int64 (N,) tensor with N = features.size(0) = ", features.size(0), ", got ",
-              labels.scalar_type(), " ", labels.sizes());
-  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
-  const int64_t N = features.size(0), D = features.size(1), C = ce_weight.size(0);
-  const auto acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor x = features.contiguous(), teacher = teacher_logits.contiguous(), y = labels.contiguous();
+// The op's forward: the loss terms and, as a.grad_* ask, the gradients described at the op's _with_grads schema.
+Outputs fused_linear_forward(const LinearLossArgs& a) {
+  check_linear_loss_inputs(a);
+  const int64_t N = a.features.size(0), D = a.features.size(1), C = a.ce_weight.size(0);
+  const auto acc = a.features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor x = a.features.contiguous(), teacher = a.teacher_logits.contiguous(), y = a.labels.contiguous();
   Tensor kd_x = x, norm;
-  if (kd_cosine) {
+  if (a.kd_cosine) {
     norm = at::linalg_vector_norm(x.to(acc), 2, at::IntArrayRef{1}, /*keepdim=*/true);
     kd_x = (x / norm.clamp_min(kNormEps)).to(x.scalar_type());
   }
-  const double ce_scale = gradient_scale(ce_loss_weight), kd_scale = gradient_scale(kd_loss_weight);
+  const double ce_scale = gradient_scale(a.ce_loss_weight), kd_scale = gradient_scale(a.kd_loss_weight);
   // The biases are added by the chunk kernel, which reads the logits anyway, rather than by the GEMMs; the KD head's
   // as kd_logit_scale * kd_bias, since the KD logits are kd_logit_scale * (x @ kd_weight.T + kd_bias).
   std::optional<Tensor> ce_bias_c, kd_bias_c;
-  if (ce_bias) ce_bias_c = ce_bias->contiguous();
-  if (kd_bias) kd_bias_c = kd_logit_scale == 1.0 ? kd_bias->contiguous() : *kd_bias * kd_logit_scale;
+  if (a.ce_bias) ce_bias_c = a.ce_bias->contiguous();
+  if (a.kd_bias) kd_bias_c = a.kd_logit_scale == 1.0 ? a.kd_bias->contiguous() : *a.kd_bias * a.kd_logit_scale;
 
   std::vector<int64_t> labelled;
-  const std::vector<Chunk> chunks = plan_chunks(y, ignore_index, chunk_size, labelled);
+  const std::vector<Chunk> chunks = plan_chunks(y, a.ignore_index, a.chunk_size, labelled);
   const int64_t num_labelled = static_cast<int64_t>(labelled.size());
   // Every chunk's logits of both heads, overwritten by their gradients, live in one workspace allocated once.
   int64_t max_ce_rows = 0;
   for (const Chunk& c : chunks) max_ce_rows = std::max(max_ce_rows, c.last - c.first);
-  const int64_t max_rows = std::min(chunk_size, N);
+  const int64_t max_rows = std::min(a.chunk_size, N);
   const Tensor workspace = at::empty({max_ce_rows + max_rows, C}, x.options());
 
   // Gradients of ce_scale * ce_term and kd_scale * kd_term; undefined: not asked for (or no bias).
   Tensor d_x_ce, d_x_kd, d_w_ce, d_b_ce, d_w_kd, d_b_kd;
-  if (grad_features) {
+  if (a.grad_features) {
     d_x_ce = at::empty({N, D}, x.options());
     d_x_kd = at::empty({N, D}, x.options());
   }
@@ -158,13 +151,13 @@ Outputs fused_linear_forward(const Tensor& features, const Tensor& ce_weight, co
   auto accumulator = [&](at::IntArrayRef shape) {
     return N ? at::empty(shape, acc_options) : at::zeros(shape, acc_options);
   };
-  if (grad_ce_head) {
+  if (a.grad_ce_head) {
     d_w_ce = accumulator({C, D});
-    if (ce_bias) d_b_ce = accumulator({C});
+    if (a.ce_bias) d_b_ce = accumulator({C});
   }
-  if (grad_kd_head) {
+  if (a.grad_kd_head) {
     d_w_kd = accumulator({C, D});
-    if (kd_bias) d_b_kd = accumulator({C});
+    if (a.kd_bias) d_b_kd = accumulator({C});
   }
 
   // The labelled rows' indices on the device, for the chunks that gather them.
@@ -185,120 +178,118 @@ Outputs fused_linear_forward(const Tensor& features, const Tensor& ce_weight, co
     }
     const Tensor x_kd = kd_x.slice(0, c.start, c.stop);
     Tensor z_ce = workspace.narrow(0, 0, num_ce), z_kd = workspace.narrow(0, max_ce_rows, c.stop - c.start);
-    scaled_mm_out(z_ce, x_ce, ce_weight.t(), 1.0);
-    scaled_mm_out(z_kd, x_kd, kd_weight.t(), kd_logit_scale);
-    const auto [ce_sum, kd_sum] = loss_chunk(z_ce, z_kd, teacher, y, c.start, num_labelled, temperature, kd_split,
-                                             ignore_index, label_smoothing, grad_features || grad_ce_head,
-                                             grad_features || grad_kd_head, ce_bias_c, kd_bias_c, ce_scale, kd_scale);
+    scaled_mm_out(z_ce, x_ce, a.ce_weight.t(), 1.0);
+    scaled_mm_out(z_kd, x_kd, a.kd_weight.t(), a.kd_logit_scale);
+    const auto [ce_sum, kd_sum] =
+        loss_chunk(z_ce, z_kd, teacher, y, c.start, num_labelled, a.temperature, a.kd_split, a.ignore_index,
+                   a.label_smoothing, a.grad_features || a.grad_ce_head, a.grad_features || a.grad_kd_head, ce_bias_c,
+                   kd_bias_c, ce_scale, kd_scale);
     ce_term.add_(ce_sum);
     kd_term.add_(kd_sum);
     // z_ce and z_kd now hold ce_scale * d ce_term / d z_ce and kd_scale * d kd_term / d z_kd.
-    if (grad_features) {
+    if (a.grad_features) {
       // Unlabelled rows get no CE gradient.
       if (c.consecutive) {
-        scaled_mm_out(d_x_ce.slice(0, c.first_row, c.first_row + num_ce), z_ce, ce_weight, 1.0);
+        scaled_mm_out(d_x_ce.slice(0, c.first_row, c.first_row + num_ce), z_ce, a.ce_weight, 1.0);
         d_x_ce.slice(0, c.start, c.first_row).zero_();
         d_x_ce.slice(0, c.first_row + num_ce, c.stop).zero_();
       } else {
         d_x_ce.slice(0, c.start, c.stop).zero_();
-        d_x_ce.index_add_(0, rows, at::mm(z_ce, ce_weight));
+        d_x_ce.index_add_(0, rows, at::mm(z_ce, a.ce_weight));
       }
       const Tensor d_x_kd_rows = d_x_kd.slice(0, c.start, c.stop);
-      if (kd_cosine) {
-        d_x_kd_rows.copy_(normalize_backward(at::mm(z_kd, kd_weight), x_kd, norm.slice(0, c.start, c.stop),
-                                             kd_logit_scale));
+      if (a.kd_cosine) {
+        d_x_kd_rows.copy_(normalize_backward(at::mm(z_kd, a.kd_weight), x_kd, norm.slice(0, c.start, c.stop),
+                                             a.kd_logit_scale));
       } else {
-        scaled_mm_out(d_x_kd_rows, z_kd, kd_weight, kd_logit_scale);
+        scaled_mm_out(d_x_kd_rows, z_kd, a.kd_weight, a.kd_logit_scale);
       }
     }
     const bool first = c.start == 0;
-    if (grad_ce_head) accumulate(d_w_ce, d_b_ce, z_ce, x_ce, 1.0, first);
-    if (grad_kd_head) accumulate(d_w_kd, d_b_kd, z_kd, x_kd, kd_logit_scale, first);
+    if (a.grad_ce_head) accumulate(d_w_ce, d_b_ce, z_ce, x_ce, 1.0, first);
+    if (a.grad_kd_head) accumulate(d_w_kd, d_b_kd, z_kd, x_kd, a.kd_logit_scale, first);
   }
 
   // A gradient not asked for is returned as a (0,) placeholder; weight gradients in their weights' dtype.
   auto out = [&](const Tensor& grad, const Tensor& like) {
     return grad.defined() ? grad.to(like.scalar_type()) : at::empty({0}, x.options());
   };
-  Tensor loss = ce_term * ce_loss_weight + kd_term * kd_loss_weight;
+  Tensor loss = ce_term * a.ce_loss_weight + kd_term * a.kd_loss_weight;
   return {loss,
           ce_term,
           kd_term,
           out(d_x_ce, x),
           out(d_x_kd, x),
-          out(d_w_ce, ce_weight),
-          out(d_b_ce, ce_weight),
-          out(d_w_kd, kd_weight),
-          out(d_b_kd, kd_weight)};
+          out(d_w_ce, a.ce_weight),
+          out(d_b_ce, a.ce_weight),
+          out(d_w_kd, a.kd_weight),
+          out(d_b_kd, a.kd_weight)};
 }
 
 using Terms = std::tuple<Tensor, Tensor, Tensor>;
 
 // The op when autograd is not involved (below it, or under inference_mode): no gradients.
-Terms fused_linear_no_grad(const Tensor& features, const Tensor& ce_weight, const std::optional<Tensor>& ce_bias,
-                           const Tensor& kd_weight, const std::optional<Tensor>& kd_bias, const Tensor& teacher_logits,
-                           const Tensor& labels, bool kd_cosine, double kd_logit_scale, int64_t chunk_size,
-                           double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
-                           int64_t ignore_index, double label_smoothing) {
-  const auto r = fused_linear_forward(features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels,
-                                      kd_cosine, kd_logit_scale, chunk_size, temperature, ce_loss_weight,
-                                      kd_loss_weight, kd_split, ignore_index, label_smoothing, false, false, false);
+Terms fused_linear_no_grad(const LinearLossArgs& a) {
+  const auto r = fused_linear_forward(a);
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
 // fused_linear_dual_head_loss_with_grads below autograd, through the dispatcher: under torch.compile's tracing this
 // reaches its fake implementation.
-Outputs with_grads_below_autograd(const Tensor& features, const Tensor& ce_weight, const std::optional<Tensor>& ce_bias,
-                                  const Tensor& kd_weight, const std::optional<Tensor>& kd_bias,
-                                  const Tensor& teacher_logits, const Tensor& labels, bool kd_cosine,
-                                  double kd_logit_scale, int64_t chunk_size, double temperature, double ce_loss_weight,
-                                  double kd_loss_weight, bool kd_split, int64_t ignore_index, double label_smoothing,
-                                  bool grad_features, bool grad_ce_head, bool grad_kd_head) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("dho_fast::fused_linear_dual_head_loss_with_grads", "")
-                             .typed<Outputs(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
-                                            const std::optional<Tensor>&, const Tensor&, const Tensor&, bool, double,
-                                            int64_t, double, double, double, bool, int64_t, double, bool, bool, bool)>();
+Outputs with_grads_below_autograd(const LinearLossArgs& a) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dho_fast::fused_linear_dual_head_loss_with_grads", "")
+          .typed<Outputs(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                         const std::optional<Tensor>&, const Tensor&, const Tensor&, bool, double, int64_t, double,
+                         double, double, bool, int64_t, double, bool, bool, bool)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels, kd_cosine, kd_logit_scale,
-                 chunk_size, temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index, label_smoothing,
-                 grad_features, grad_ce_head, grad_kd_head);
+  return op.call(a.features, a.ce_weight, a.ce_bias, a.kd_weight, a.kd_bias, a.teacher_logits, a.labels, a.kd_cosine,
+                 a.kd_logit_scale, a.chunk_size, a.temperature, a.ce_loss_weight, a.kd_loss_weight, a.kd_split,
+                 a.ignore_index, a.label_smoothing, a.grad_features, a.grad_ce_head, a.grad_kd_head);
+}
+
+// A gradient saved by the forward, times the factor backward must apply to it (d loss / d term over the scale the
+// forward applied). Backward never overwrites a saved gradient: that would be safe only if the graph were freed after
+// this backward and no transform traced it, and no public API tells whether the graph is retained (retain_graph=True)
+// or a transform is running. So:
+//  - a factor of exactly 1 (the usual loss.backward()) returns the saved gradient itself. Autograd never writes into
+//    a gradient it receives, and AccumulateGrad stores a copy in .grad while the saved variable still refers to the
+//    buffer (a retained graph), so in-place updates of .grad (optimizer steps, zero_grad, clipping) cannot change
+//    what a later backward returns; once the graph is freed, .grad may take the buffer itself. torch.autograd.grad
+//    returns the buffer itself, but a write into it bumps its version and a later backward then raises.
+//  - any other factor multiplies out of place, into a new tensor.
+// The factor's value is read only eagerly from a CPU tensor (no device synchronisation) that is no tracer's: a fake,
+// functional or Python-subclass tensor, or any tensor under a dispatch mode (at::isTensorSubclassLike), has no value
+// to read, or one that a traced graph must not bake in. Such a factor is always multiplied.
+Tensor times_factor(const Tensor& grad, const Tensor& factor) {
+  const bool one = factor.is_cpu() && !at::isTensorSubclassLike(factor) && factor.item<double>() == 1.0;
+  return one ? grad : grad * factor;
 }
 
 // The gradients come from the forward; backward scales them by d loss / d term = grad_loss * loss weight + grad_term.
 class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
  public:
-  static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx, const Tensor& features, const Tensor& ce_weight,
-      const std::optional<Tensor>& ce_bias, const Tensor& kd_weight, const std::optional<Tensor>& kd_bias,
-      const Tensor& teacher_logits, const Tensor& labels, bool kd_cosine, double kd_logit_scale, int64_t chunk_size,
-      double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split, int64_t ignore_index,
-      double label_smoothing, bool grad_features, bool grad_ce_head, bool grad_kd_head) {
-    const auto [loss, ce_term, kd_term, d_x_ce, d_x_kd, d_w_ce, d_b_ce, d_w_kd, d_b_kd] = with_grads_below_autograd(
-        features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels, kd_cosine, kd_logit_scale,
-        chunk_size, temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index, label_smoothing,
-        grad_features, grad_ce_head, grad_kd_head);
+  // The differentiable inputs are passed apart from `a`, which holds them too, because apply() links into the graph
+  // the tensors among its own arguments.
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& /*features*/,
+                                                const Tensor& /*ce_weight*/, const std::optional<Tensor>& /*ce_bias*/,
+                                                const Tensor& /*kd_weight*/, const std::optional<Tensor>& /*kd_bias*/,
+                                                const LinearLossArgs& a) {
+    const auto [loss, ce_term, kd_term, d_x_ce, d_x_kd, d_w_ce, d_b_ce, d_w_kd, d_b_kd] = with_grads_below_autograd(a);
     ctx->save_for_backward({d_x_ce, d_x_kd, d_w_ce, d_b_ce, d_w_kd, d_b_kd});
     // A loss term the caller ignores must not be backpropagated as materialised zeros.
     ctx->set_materialize_grads(false);
-    ctx->saved_data["ce_loss_weight"] = ce_loss_weight;
-    ctx->saved_data["kd_loss_weight"] = kd_loss_weight;
-    ctx->saved_data["has_ce_bias"] = ce_bias.has_value();
-    ctx->saved_data["has_kd_bias"] = kd_bias.has_value();
+    ctx->saved_data["ce_loss_weight"] = a.ce_loss_weight;
+    ctx->saved_data["kd_loss_weight"] = a.kd_loss_weight;
+    ctx->saved_data["has_ce_bias"] = a.ce_bias.has_value();
+    ctx->saved_data["has_kd_bias"] = a.kd_bias.has_value();
     return {loss, ce_term, kd_term};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    // The saved gradients are seen by nothing but this backward. Unless the graph is kept for another one they are
-    // freed after it, so they are scaled in place: fresh buffers of their size would cost memory and page faults
-    // on first touch, more than the multiplication itself. A tracer (torch.compile's AOTAutograd, on fake or
-    // functional tensors) must see a functional backward and gets the out-of-place one.
-    const bool traced = c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python) ||
-                        saved[0].key_set().has_any(
-                            c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
-    const bool in_place = !traced && !torch::autograd::get_current_graph_task_keep_graph();
     const Tensor& grad_loss = grad_outputs[0];
     // The factor for the saved gradients of gradient_scale(w) * term: d loss / d term / gradient_scale(w) with
     // d loss / d term = grad_loss * w + grad_term. It is grad_loss itself in the usual backward of the loss alone.
@@ -312,12 +303,6 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     };
     const Tensor f_ce = term_factor(ctx->saved_data["ce_loss_weight"].toDouble(), grad_outputs[1]);
     const Tensor f_kd = term_factor(ctx->saved_data["kd_loss_weight"].toDouble(), grad_outputs[2]);
-    // grad * factor, overwriting grad when `reuse`; free for a factor of exactly 1 on the CPU (loss.backward()).
-    auto times = [&](const Tensor& grad, const Tensor& factor, bool reuse) -> Tensor {
-      if (!reuse) return grad * factor;
-      if (factor.is_cpu() && factor.item<double>() == 1.0) return grad;
-      return grad.mul_(factor);
-    };
     // needs_input_grad counts the tensor inputs only: an absent bias has no entry.
     const bool present[5] = {true, true, ctx->saved_data["has_ce_bias"].toBool(), true,
                              ctx->saved_data["has_kd_bias"].toBool()};
@@ -325,61 +310,105 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
       return present[input] && ctx->needs_input_grad(std::count(present, present + input, true));
     };
     auto scaled = [&](size_t input, const Tensor& grad, const Tensor& factor) -> Tensor {
-      return wanted(input) && factor.defined() ? times(grad, factor, in_place) : Tensor();
+      return wanted(input) && factor.defined() ? times_factor(grad, factor) : Tensor();
     };
     // d features = f_ce * d_x_ce + f_kd * d_x_kd, with one factor for both in the usual case.
     Tensor d_features;
     if (wanted(0) && f_ce.defined() && f_kd.defined()) {
-      if (f_ce.is_same(f_kd)) {
-        d_features = times(in_place ? saved[0].add_(saved[1]) : saved[0] + saved[1], f_ce, !traced);
-      } else {
-        d_features = saved[0] * f_ce + saved[1] * f_kd;
-      }
+      d_features = f_ce.is_same(f_kd) ? times_factor(saved[0] + saved[1], f_ce) : saved[0] * f_ce + saved[1] * f_kd;
     } else {
       d_features = f_ce.defined() ? scaled(0, saved[0], f_ce) : scaled(0, saved[1], f_kd);
     }
-    torch::autograd::variable_list grads(19);
-    grads[0] = d_features;
-    grads[1] = scaled(1, saved[2], f_ce);
-    grads[2] = scaled(2, saved[3], f_ce);
-    grads[3] = scaled(3, saved[4], f_kd);
-    grads[4] = scaled(4, saved[5], f_kd);
-    return grads;
+    // One gradient per argument of forward: the five differentiable inputs, then none for the arguments' struct.
+    return {d_features,
+            scaled(1, saved[2], f_ce),
+            scaled(2, saved[3], f_ce),
+            scaled(3, saved[4], f_kd),
+            scaled(4, saved[5], f_kd),
+            Tensor()};
   }
 };
 
-Terms fused_linear_autograd(const Tensor& features, const Tensor& ce_weight, const std::optional<Tensor>& ce_bias,
-                            const Tensor& kd_weight, const std::optional<Tensor>& kd_bias, const Tensor& teacher_logits,
-                            const Tensor& labels, bool kd_cosine, double kd_logit_scale, int64_t chunk_size,
-                            double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
-                            int64_t ignore_index, double label_smoothing) {
+Terms fused_linear_autograd(const LinearLossArgs& op_args) {
   const bool grad_on = at::GradMode::is_enabled();
   auto wants = [&](const Tensor& t) { return grad_on && t.requires_grad(); };
   auto wants_bias = [&](const std::optional<Tensor>& t) { return t && wants(*t); };
-  const bool grad_features = wants(features), grad_ce_head = wants(ce_weight) || wants_bias(ce_bias),
-             grad_kd_head = wants(kd_weight) || wants_bias(kd_bias);
-  if (!grad_features && !grad_ce_head && !grad_kd_head) {
-    const auto r = with_grads_below_autograd(features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels,
-                                             kd_cosine, kd_logit_scale, chunk_size, temperature, ce_loss_weight,
-                                             kd_loss_weight, kd_split, ignore_index, label_smoothing, false, false,
-                                             false);
+  LinearLossArgs a = op_args;
+  a.grad_features = wants(a.features);
+  a.grad_ce_head = wants(a.ce_weight) || wants_bias(a.ce_bias);
+  a.grad_kd_head = wants(a.kd_weight) || wants_bias(a.kd_bias);
+  if (!a.grad_features && !a.grad_ce_head && !a.grad_kd_head) {
+    const auto r = with_grads_below_autograd(a);
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
   }
-  const auto r = FusedLinearFunction::apply(features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels,
-                                            kd_cosine, kd_logit_scale, chunk_size, temperature, ce_loss_weight,
-                                            kd_loss_weight, kd_split, ignore_index, label_smoothing, grad_features,
-                                            grad_ce_head, grad_kd_head);
+  const auto r = FusedLinearFunction::apply(a.features, a.ce_weight, a.ce_bias, a.kd_weight, a.kd_bias, a);
   return {r[0], r[1], r[2]};
+}
+
+// The dispatcher's entry points: each builds the arguments' struct from its op's arguments.
+
+// fused_linear_dual_head_loss's kernels, `run` being the one of the dispatch key.
+template <Terms (*run)(const LinearLossArgs&)>
+Terms fused_linear_entry(const Tensor& features, const Tensor& ce_weight, const std::optional<Tensor>& ce_bias,
+                         const Tensor& kd_weight, const std::optional<Tensor>& kd_bias, const Tensor& teacher_logits,
+                         const Tensor& labels, bool kd_cosine, double kd_logit_scale, int64_t chunk_size,
+                         double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
+                         int64_t ignore_index, double label_smoothing) {
+  return run({.features = features,
+              .ce_weight = ce_weight,
+              .ce_bias = ce_bias,
+              .kd_weight = kd_weight,
+              .kd_bias = kd_bias,
+              .teacher_logits = teacher_logits,
+              .labels = labels,
+              .kd_cosine = kd_cosine,
+              .kd_logit_scale = kd_logit_scale,
+              .chunk_size = chunk_size,
+              .temperature = temperature,
+              .ce_loss_weight = ce_loss_weight,
+              .kd_loss_weight = kd_loss_weight,
+              .kd_split = kd_split,
+              .ignore_index = ignore_index,
+              .label_smoothing = label_smoothing});
+}
+
+// fused_linear_dual_head_loss_with_grads's kernel.
+Outputs fused_linear_with_grads_entry(const Tensor& features, const Tensor& ce_weight,
+                                      const std::optional<Tensor>& ce_bias, const Tensor& kd_weight,
+                                      const std::optional<Tensor>& kd_bias, const Tensor& teacher_logits,
+                                      const Tensor& labels, bool kd_cosine, double kd_logit_scale, int64_t chunk_size,
+                                      double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
+                                      int64_t ignore_index, double label_smoothing, bool grad_features,
+                                      bool grad_ce_head, bool grad_kd_head) {
+  return fused_linear_forward({.features = features,
+                               .ce_weight = ce_weight,
+                               .ce_bias = ce_bias,
+                               .kd_weight = kd_weight,
+                               .kd_bias = kd_bias,
+                               .teacher_logits = teacher_logits,
+                               .labels = labels,
+                               .kd_cosine = kd_cosine,
+                               .kd_logit_scale = kd_logit_scale,
+                               .chunk_size = chunk_size,
+                               .temperature = temperature,
+                               .ce_loss_weight = ce_loss_weight,
+                               .kd_loss_weight = kd_loss_weight,
+                               .kd_split = kd_split,
+                               .ignore_index = ignore_index,
+                               .label_smoothing = label_smoothing,
+                               .grad_features = grad_features,
+                               .grad_ce_head = grad_ce_head,
+                               .grad_kd_head = grad_kd_head});
 }
 
 }  // namespace
 }  // namespace dho_fast
 
 TORCH_LIBRARY_IMPL(dho_fast, CompositeExplicitAutograd, m) {
-  m.impl("fused_linear_dual_head_loss", &dho_fast::fused_linear_no_grad);
-  m.impl("fused_linear_dual_head_loss_with_grads", &dho_fast::fused_linear_forward);
+  m.impl("fused_linear_dual_head_loss", &dho_fast::fused_linear_entry<&dho_fast::fused_linear_no_grad>);
+  m.impl("fused_linear_dual_head_loss_with_grads", &dho_fast::fused_linear_with_grads_entry);
 }
 
 TORCH_LIBRARY_IMPL(dho_fast, Autograd, m) {
-  m.impl("fused_linear_dual_head_loss", &dho_fast::fused_linear_autograd);
+  m.impl("fused_linear_dual_head_loss", &dho_fast::fused_linear_entry<&dho_fast::fused_linear_autograd>);
 }

@@ -1,5 +1,7 @@
 // Argument and value checks of the loss ops, shared by their CPU and CUDA implementations so both raise the same
-// errors: each names the argument, the expectation and what was given.
+// errors: each names the argument, the expectation and what was given. One exception type per kind of mistake, as
+// the Python checks (dho_fast/_validation.py) raise: a wrong dtype is a TypeError (TORCH_CHECK_TYPE), a bad shape,
+// device or value a ValueError (TORCH_CHECK_VALUE).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,85 +9,163 @@
 #include <cstdint>
 #include <optional>
 
+#include "fused_linear_dual_head_loss.h"
 #include "row_math.h"
 
 namespace dho_fast {
 
+// The dtypes the kernels are instantiated for.
+inline void check_floating(const char* name, const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, name,
+                   " must be float32, float64, bfloat16 or float16, got ", t);
+}
+
+// x must have the dtype and the device of ref.
+inline void check_like(const char* name, const at::Tensor& x, const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK_TYPE(x.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
+                   ref.scalar_type(), "), got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == ref.device(), name, " must be on ", ref.device(), " (as ", ref_name, "), got ",
+                    x.device());
+}
+
+// labels: int64 of shape (n,), on ref's device.
+inline void check_labels(const at::Tensor& labels, int64_t n, const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64 of shape (", n, ",), got ",
+                   labels.scalar_type(), " of shape ", labels.sizes());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == n, "labels must be int64 of shape (", n, ",), got ",
+                    labels.scalar_type(), " of shape ", labels.sizes());
+  TORCH_CHECK_VALUE(labels.device() == ref.device(), "labels must be on ", ref.device(), " (as ", ref_name, "), got ",
+                    labels.device());
+}
+
+inline void check_temperature(double temperature) {
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+}
+
+inline void check_label_smoothing(double label_smoothing) {
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1, "label_smoothing must be in [0, 1], got ",
+                    label_smoothing);
+}
+
+inline void check_loss_weight(const char* name, double weight) {
+  TORCH_CHECK_VALUE(weight >= 0, name, " must be >= 0, got ", weight);
+}
+
 inline void check_loss_inputs(const at::Tensor& ce, const at::Tensor& kd, const at::Tensor& t,
-                              const at::Tensor& labels, double temperature) {
-  TORCH_CHECK(ce.dim() == 2, "ce_logits must have shape (N, C), got ", ce.sizes());
-  TORCH_CHECK(kd.sizes() == ce.sizes(), "kd_logits must have the shape of ce_logits ", ce.sizes(), ", got ",
-              kd.sizes());
-  TORCH_CHECK(t.sizes() == ce.sizes(), "teacher_logits must have the shape of ce_logits ", ce.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(ce.size(1) >= 1, "ce_logits must have at least one class, got shape ", ce.sizes());
-  TORCH_CHECK(kd.scalar_type() == ce.scalar_type(), "kd_logits must have the dtype of ce_logits (",
-              ce.scalar_type(), "), got ", kd.scalar_type());
-  TORCH_CHECK(t.scalar_type() == ce.scalar_type(), "teacher_logits must have the dtype of ce_logits (",
-              ce.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == ce.size(0),
-              "labels must be int64 of shape (", ce.size(0), ",), got ", labels.scalar_type(), " of shape ",
-              labels.sizes());
-  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+                              const at::Tensor& labels, double temperature, double ce_loss_weight,
+                              double kd_loss_weight, double label_smoothing) {
+  TORCH_CHECK_VALUE(ce.dim() == 2 && ce.size(1) >= 1, "ce_logits must have shape (N, C) with C >= 1, got ",
+                    ce.sizes());
+  check_floating("ce_logits", ce);
+  TORCH_CHECK_VALUE(kd.sizes() == ce.sizes(), "kd_logits must have the shape of ce_logits ", ce.sizes(), ", got ",
+                    kd.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == ce.sizes(), "teacher_logits must have the shape of ce_logits ", ce.sizes(),
+                    ", got ", t.sizes());
+  check_like("kd_logits", kd, "ce_logits", ce);
+  check_like("teacher_logits", t, "ce_logits", ce);
+  check_labels(labels, ce.size(0), "ce_logits", ce);
+  check_temperature(temperature);
+  check_loss_weight("ce_loss_weight", ce_loss_weight);
+  check_loss_weight("kd_loss_weight", kd_loss_weight);
+  check_label_smoothing(label_smoothing);
+}
+
+// fused_linear_dual_head_loss's arguments: features (N, D); ce_weight and kd_weight (C, D) with C >= 1; ce_bias and
+// kd_bias (C,) or None; teacher_logits (N, C); labels int64 (N,); every floating tensor of features' dtype and device.
+inline void check_linear_loss_inputs(const LinearLossArgs& a) {
+  const at::Tensor& x = a.features;
+  TORCH_CHECK_VALUE(x.dim() == 2, "features must have shape (N, D), got ", x.sizes());
+  check_floating("features", x);
+  const int64_t N = x.size(0), D = x.size(1);
+  const at::Tensor& w = a.ce_weight;
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) >= 1 && w.size(1) == D, "ce_weight must have shape (C, D) with C >= 1 "
+                    "and D = ", D, " (as features), got ", w.sizes());
+  const int64_t C = w.size(0);
+  TORCH_CHECK_VALUE(a.kd_weight.sizes() == w.sizes(), "kd_weight must have shape (C, D) = (", C, ", ", D,
+                    ") as ce_weight, got ", a.kd_weight.sizes());
+  check_like("ce_weight", w, "features", x);
+  check_like("kd_weight", a.kd_weight, "features", x);
+  for (const auto& [name, bias] : {std::pair<const char*, const std::optional<at::Tensor>&>{"ce_bias", a.ce_bias},
+                                   {"kd_bias", a.kd_bias}}) {
+    if (!bias) continue;
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C, name, " must have shape (C,) = (", C,
+                      ",) as the weights' rows, got ", bias->sizes());
+    check_like(name, *bias, "features", x);
+  }
+  const at::Tensor& t = a.teacher_logits;
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == C, "teacher_logits must have shape (N, C) = (", N,
+                    ", ", C, "), got ", t.sizes());
+  check_like("teacher_logits", t, "features", x);
+  check_labels(a.labels, N, "features", x);
+  TORCH_CHECK_VALUE(a.chunk_size >= 1, "chunk_size must be >= 1, got ", a.chunk_size);
+  TORCH_CHECK_VALUE(a.kd_logit_scale > 0, "kd_logit_scale must be > 0, got ", a.kd_logit_scale);
+  check_temperature(a.temperature);
+  check_loss_weight("ce_loss_weight", a.ce_loss_weight);
+  check_loss_weight("kd_loss_weight", a.kd_loss_weight);
+  check_label_smoothing(a.label_smoothing);
 }
 
 // A chunk's optional bias: (C,), contiguous, of the logits' dtype and device.
-inline void check_chunk_bias(const char* name, const std::optional<at::Tensor>& bias, const at::Tensor& logits) {
+inline void check_chunk_bias(const char* name, const std::optional<at::Tensor>& bias, const char* logits_name,
+                             const at::Tensor& logits) {
   if (!bias) return;
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == logits.size(1), name, " must have shape (", logits.size(1),
-              ",), got ", bias->sizes());
-  TORCH_CHECK(bias->scalar_type() == logits.scalar_type(), name, " must have the dtype of the logits (",
-              logits.scalar_type(), "), got ", bias->scalar_type());
-  TORCH_CHECK(bias->device() == logits.device(), name, " must be on ", logits.device(), ", got ", bias->device());
-  TORCH_CHECK(bias->is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == logits.size(1), name, " must have shape (", logits.size(1),
+                    ",), got ", bias->sizes());
+  check_like(name, *bias, logits_name, logits);
+  TORCH_CHECK_VALUE(bias->is_contiguous(), name, " must be contiguous");
 }
 
 inline void check_chunk_inputs(const at::Tensor& ce, const at::Tensor& kd, const at::Tensor& t,
                                const at::Tensor& labels, int64_t start, int64_t num_labelled, double temperature,
-                               const std::optional<at::Tensor>& ce_bias, const std::optional<at::Tensor>& kd_bias) {
-  TORCH_CHECK(t.dim() == 2 && t.size(1) >= 1, "teacher_logits must have shape (N, C) with C >= 1, got ", t.sizes());
+                               double label_smoothing, const std::optional<at::Tensor>& ce_bias,
+                               const std::optional<at::Tensor>& kd_bias) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) >= 1, "teacher_logits must have shape (N, C) with C >= 1, got ",
+                    t.sizes());
+  check_floating("teacher_logits", t);
   const int64_t N = t.size(0), C = t.size(1);
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == N,
-              "labels must be int64 of shape (", N, ",), got ", labels.scalar_type(), " of shape ", labels.sizes());
-  TORCH_CHECK(kd.dim() == 2 && kd.size(1) == C, "kd_logits must have shape (R, ", C, "), got ", kd.sizes());
-  TORCH_CHECK(ce.dim() == 2 && ce.size(1) == C, "ce_logits must have shape (L, ", C, "), got ", ce.sizes());
-  TORCH_CHECK(start >= 0 && start + kd.size(0) <= N, "rows [start, start + R) = [", start, ", ", start + kd.size(0),
-              ") must lie in the batch's ", N, " rows");
-  TORCH_CHECK(num_labelled >= 0 && num_labelled <= N, "num_labelled must be in [0, ", N, "], got ", num_labelled);
+  check_labels(labels, N, "teacher_logits", t);
+  TORCH_CHECK_VALUE(kd.dim() == 2 && kd.size(1) == C, "kd_logits must have shape (R, ", C, "), got ", kd.sizes());
+  TORCH_CHECK_VALUE(ce.dim() == 2 && ce.size(1) == C, "ce_logits must have shape (L, ", C, "), got ", ce.sizes());
+  TORCH_CHECK_VALUE(start >= 0 && start + kd.size(0) <= N, "rows [start, start + R) = [", start, ", ",
+                    start + kd.size(0), ") must lie in the batch's ", N, " rows");
+  TORCH_CHECK_VALUE(num_labelled >= 0 && num_labelled <= N, "num_labelled must be in [0, ", N, "], got ",
+                    num_labelled);
+  check_like("ce_logits", ce, "teacher_logits", t);
+  check_like("kd_logits", kd, "teacher_logits", t);
   for (const auto& [name, x] : {std::pair<const char*, const at::Tensor&>{"ce_logits", ce},
                                 {"kd_logits", kd},
-                                {"teacher_logits", t}}) {
-    TORCH_CHECK(x.scalar_type() == t.scalar_type(), name, " must have the dtype of teacher_logits (",
-                t.scalar_type(), "), got ", x.scalar_type());
-    TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
+                                {"teacher_logits", t},
+                                {"labels", labels}}) {
+    TORCH_CHECK_VALUE(x.is_contiguous(), name, " must be contiguous");
   }
-  TORCH_CHECK(labels.is_contiguous(), "labels must be contiguous");
-  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
-  check_chunk_bias("ce_bias", ce_bias, ce);
-  check_chunk_bias("kd_bias", kd_bias, kd);
+  check_temperature(temperature);
+  check_label_smoothing(label_smoothing);
+  check_chunk_bias("ce_bias", ce_bias, "ce_logits", ce);
+  check_chunk_bias("kd_bias", kd_bias, "kd_logits", kd);
 }
 
 // The chunk's labelled rows, counted from its labels: one row of ce_logits each, and no more than the batch's.
 inline void check_chunk_labelled(const at::Tensor& ce, int64_t chunk_labelled, int64_t num_labelled) {
-  TORCH_CHECK(ce.size(0) == chunk_labelled, "ce_logits must have one row per labelled row of the chunk (",
-              chunk_labelled, "), got ", ce.size(0));
-  TORCH_CHECK(chunk_labelled <= num_labelled, "num_labelled = ", num_labelled, " is less than the chunk's ",
-              chunk_labelled, " labelled rows");
+  TORCH_CHECK_VALUE(ce.size(0) == chunk_labelled, "ce_logits must have one row per labelled row of the chunk (",
+                    chunk_labelled, "), got ", ce.size(0));
+  TORCH_CHECK_VALUE(chunk_labelled <= num_labelled, "num_labelled = ", num_labelled, " is less than the chunk's ",
+                    chunk_labelled, " labelled rows");
 }
 
 // labels[row] = label must be ignore_index or a class index.
 inline void check_label(int64_t row, int64_t label, int64_t num_classes, int64_t ignore_index) {
-  TORCH_CHECK(label == ignore_index || (label >= 0 && label < num_classes), "labels[", row, "] = ", label,
-              " is out of range for ", num_classes, " classes (unlabelled rows must be ignore_index = ", ignore_index,
-              ")");
+  TORCH_CHECK_VALUE(label == ignore_index || (label >= 0 && label < num_classes), "labels[", row, "] = ", label,
+                    " is out of range for ", num_classes,
+                    " classes (unlabelled rows must be ignore_index = ", ignore_index, ")");
 }
 
 // status: the row_math::TeacherRowStatus a kernel reported for teacher_logits row `row`.
 inline void check_teacher_row(int64_t row, int status) {
-  TORCH_CHECK(status != row_math::kTeacherNonFinite, "teacher_logits row ", row,
-              " contains NaN or +inf (only -inf is allowed, for masked classes)");
-  TORCH_CHECK(status != row_math::kTeacherAllMasked, "teacher_logits row ", row,
-              " is -inf in every class: the teacher distribution is undefined");
+  TORCH_CHECK_VALUE(status != row_math::kTeacherNonFinite, "teacher_logits row ", row,
+                    " contains NaN or +inf (only -inf is allowed, for masked classes)");
+  TORCH_CHECK_VALUE(status != row_math::kTeacherAllMasked, "teacher_logits row ", row,
+                    " is -inf in every class: the teacher distribution is undefined");
 }
 
 }  // namespace dho_fast

@@ -41,12 +41,6 @@ DHO_HD RowStat<T> row_merge(const RowStat<T>& x, const RowStat<T>& y) {
   return {softmax_merge(x.ce, y.ce), kl_merge(x.kl, y.kl), x.ce_sum + y.ce_sum, x.target + y.target};
 }
 
-// The maximum to subtract before exp: 0 for an empty piece (max -inf), so exp(-inf - base) is 0, not NaN.
-template <typename T>
-DHO_HD T exp_base(T m) {
-  return m == neg_inf<T>() ? T(0) : m;
-}
-
 // Folds E columns into s with one rescaling per statistic. x: CE-head logits (-inf when the row has no CE head),
 // a: teacher / T, b: student / T. A column outside the row is -inf in all three and has no bit in `valid` (bit j:
 // column j is in the row); target_slot is the slot of the label's column, -1 when this thread does not hold it.

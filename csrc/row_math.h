@@ -29,6 +29,12 @@ DHO_HD T nan_max(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
+// The maximum to subtract before exp: 0 for an empty piece (max -inf), so exp(-inf - base) is 0, not NaN.
+template <typename T>
+DHO_HD T exp_base(T m) {
+  return m == neg_inf<T>() ? T(0) : m;
+}
+
 // exp(old_max - new_max), with an empty piece (max = -inf) contributing nothing instead of exp(-inf + inf) = NaN.
 template <typename T>
 DHO_HD T rescale(T old_max, T new_max) {
@@ -140,7 +146,7 @@ DHO_HD T cross_entropy_value(T lse, T target_logit, T logit_sum, T eps, long lon
   return ce;
 }
 
-// Each row's weight in the two loss terms (unweighted by ce_weight / kd_weight; the KD term includes T^2).
+// Each row's weight in the two loss terms (unweighted by ce_loss_weight / kd_loss_weight; the KD term includes T^2).
 //   ce_term = sum_{i labelled} ce_row * CE_i,   ce_row = 1 / n_labelled
 //   kd_term = sum_i kd_row_i * KL_i,            kd_row_i = T^2 / n_group(i) ("split") or T^2 / N ("mean")
 template <typename T>

@@ -17,15 +17,21 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head_loss_cpu(
     const at::Tensor& ce_logits, const at::Tensor& kd_logits, const at::Tensor& teacher_logits,
-    const at::Tensor& labels, double temperature, double ce_weight, double kd_weight, bool kd_split,
+    const at::Tensor& labels, double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
     int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad) {
-  check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature);
+  check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight,
+                    label_smoothing);
   const at::Tensor ce = ce_logits.contiguous(), kd = kd_logits.contiguous(), t = teacher_logits.contiguous();
   const at::Tensor y = labels.contiguous();
   const int64_t N = ce.size(0), C = ce.size(1);
   const int64_t* y_ptr = y.const_data_ptr<int64_t>();
-  const LossParams p{N, C, index_labelled(y_ptr, N, C, ignore_index), ignore_index, temperature, label_smoothing,
-                     kd_split};
+  const LossParams p{.num_rows = N,
+                     .num_classes = C,
+                     .num_labelled = index_labelled(y_ptr, N, C, ignore_index),
+                     .ignore_index = ignore_index,
+                     .temperature = temperature,
+                     .label_smoothing = label_smoothing,
+                     .kd_split = kd_split};
 
   at::Tensor g_ce = ce_grad ? at::empty_like(ce) : at::empty({0}, ce.options());
   at::Tensor g_kd = kd_grad ? at::empty_like(kd) : at::empty({0}, kd.options());
@@ -37,24 +43,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
   std::vector<int> status(N);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ce.scalar_type(), "dual_head_loss_cpu", [&] {
-    const RowsIO<scalar_t> io{N,
-                              ce.const_data_ptr<scalar_t>(),
-                              nullptr,
-                              kd.const_data_ptr<scalar_t>(),
-                              t.const_data_ptr<scalar_t>(),
-                              y_ptr,
-                              ce_grad ? g_ce.mutable_data_ptr<scalar_t>() : nullptr,
-                              kd_grad ? g_kd.mutable_data_ptr<scalar_t>() : nullptr,
-                              row_ce.data(),
-                              row_kl.data(),
-                              status.data()};
+    const RowsIO<scalar_t> io{.rows = N,
+                              .ce = ce.const_data_ptr<scalar_t>(),
+                              .ce_row = nullptr,
+                              .kd = kd.const_data_ptr<scalar_t>(),
+                              .teacher = t.const_data_ptr<scalar_t>(),
+                              .labels = y_ptr,
+                              .g_ce = ce_grad ? g_ce.mutable_data_ptr<scalar_t>() : nullptr,
+                              .g_kd = kd_grad ? g_kd.mutable_data_ptr<scalar_t>() : nullptr,
+                              .row_ce = row_ce.data(),
+                              .row_kl = row_kl.data(),
+                              .row_status = status.data()};
     run_rows(io, p);
   });
 
   const auto [ce_term, kd_term] = reduce_rows(y_ptr, N, 0, row_ce.data(), row_kl.data(), status.data(), p);
   const auto acc_dtype = ce.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto scalar = [&](double v) { return at::scalar_tensor(v, ce.options().dtype(acc_dtype)); };
-  return {scalar(ce_weight * ce_term + kd_weight * kd_term), scalar(ce_term), scalar(kd_term), g_ce, g_kd};
+  return {scalar(ce_loss_weight * ce_term + kd_loss_weight * kd_term), scalar(ce_term), scalar(kd_term), g_ce,
+          g_kd};
 }
 
 }  // namespace

@@ -23,34 +23,41 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logit
                                                             const std::optional<at::Tensor>& ce_bias,
                                                             const std::optional<at::Tensor>& kd_bias,
                                                             double ce_grad_scale, double kd_grad_scale) {
-  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, ce_bias,
-                     kd_bias);
+  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, label_smoothing,
+                     ce_bias, kd_bias);
   const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1), R = kd_logits.size(0);
   const int64_t* y = labels.const_data_ptr<int64_t>() + start;
   std::vector<int64_t> ce_row(R);
   const int64_t chunk_labelled = index_labelled(y, R, C, ignore_index, start, ce_row.data());
   check_chunk_labelled(ce_logits, chunk_labelled, num_labelled);
-  const LossParams p{N, C, num_labelled, ignore_index, temperature, label_smoothing, kd_split, ce_grad_scale,
-                     kd_grad_scale};
+  const LossParams p{.num_rows = N,
+                     .num_classes = C,
+                     .num_labelled = num_labelled,
+                     .ignore_index = ignore_index,
+                     .temperature = temperature,
+                     .label_smoothing = label_smoothing,
+                     .kd_split = kd_split,
+                     .ce_grad_scale = ce_grad_scale,
+                     .kd_grad_scale = kd_grad_scale};
 
   std::vector<double> row_ce(R), row_kl(R);
   std::vector<int> status(R);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kd_logits.scalar_type(), "dual_head_loss_chunk_cpu", [&] {
     scalar_t* ce = ce_logits.mutable_data_ptr<scalar_t>();
     scalar_t* kd = kd_logits.mutable_data_ptr<scalar_t>();
-    const RowsIO<scalar_t> io{R,
-                              ce,
-                              ce_row.data(),
-                              kd,
-                              teacher_logits.const_data_ptr<scalar_t>() + start * C,
-                              y,
-                              ce_grad ? ce : nullptr,
-                              kd_grad ? kd : nullptr,
-                              row_ce.data(),
-                              row_kl.data(),
-                              status.data(),
-                              ce_bias ? ce_bias->const_data_ptr<scalar_t>() : nullptr,
-                              kd_bias ? kd_bias->const_data_ptr<scalar_t>() : nullptr};
+    const RowsIO<scalar_t> io{.rows = R,
+                              .ce = ce,
+                              .ce_row = ce_row.data(),
+                              .kd = kd,
+                              .teacher = teacher_logits.const_data_ptr<scalar_t>() + start * C,
+                              .labels = y,
+                              .g_ce = ce_grad ? ce : nullptr,
+                              .g_kd = kd_grad ? kd : nullptr,
+                              .row_ce = row_ce.data(),
+                              .row_kl = row_kl.data(),
+                              .row_status = status.data(),
+                              .ce_bias = ce_bias ? ce_bias->const_data_ptr<scalar_t>() : nullptr,
+                              .kd_bias = kd_bias ? kd_bias->const_data_ptr<scalar_t>() : nullptr};
     run_rows(io, p);
   });
 

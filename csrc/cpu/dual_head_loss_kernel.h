@@ -106,7 +106,7 @@ inline acc_t block_max(const acc_t* x, int64_t n, acc_t scale) {
 template <typename acc_t>
 inline acc_t block_exp(const acc_t* x, int64_t n, acc_t scale, acc_t m, acc_t* out) {
   using V = Vectorized<acc_t>;
-  const V s(scale), mv(m == rm::neg_inf<acc_t>() ? acc_t(0) : m);
+  const V s(scale), mv(rm::exp_base(m));
   V total(0);
   int64_t c = 0;
   for (; c + V::size() <= n; c += V::size()) {
@@ -139,7 +139,7 @@ inline void block_kl(const acc_t* t, const acc_t* z, int64_t n, acc_t inv_t, acc
                      acc_t& sum_a, acc_t& cross) {
   using V = Vectorized<acc_t>;
   const V s(inv_t), zero(0);
-  const V mav(ma == rm::neg_inf<acc_t>() ? acc_t(0) : ma), mbv(mb);
+  const V mav(rm::exp_base(ma)), mbv(mb);
   V sa(0), cr(0);
   auto step = [&](V a, V b) {
     const V da = a * s - mav;

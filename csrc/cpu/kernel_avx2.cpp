@@ -1,12 +1,10 @@
-// AVX2+FMA build of the CPU kernel, chosen at run time on CPUs that have it. setuptools cannot give one file its
-// own -mavx2, so the target pragma enables the instructions and the ISA macros, which the pragma does not define
-// but ATen's and Sleef's headers test, are defined by hand. Both must precede every include.
+// AVX2+FMA build of the CPU kernel, chosen at run time on CPUs that have it. The build compiles this file alone with
+// -mavx2 -mfma -mf16c (setup.py, CMakeLists.txt), which also define the ISA macros that ATen's and Sleef's headers
+// test; CPU_CAPABILITY selects ATen's AVX2 Vectorized<T>. Elsewhere than x86-64 with GCC or Clang it is empty.
 #if defined(__x86_64__) && defined(__GNUC__)
-#pragma GCC target("avx,avx2,fma,f16c")
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "kernel_avx2.cpp must be compiled with -mavx2 -mfma -mf16c"
+#endif
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "kernel_instantiate.h"

@@ -1,15 +1,10 @@
-// AVX-512 build of the CPU kernel, chosen at run time on CPUs that have it (see kernel_avx2.cpp for the pragma
-// and the hand-defined ISA macros).
+// AVX-512 build of the CPU kernel, chosen at run time on CPUs that have it: compiled alone with
+// -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c (see kernel_avx2.cpp).
 #if defined(__x86_64__) && defined(__GNUC__)
-#pragma GCC target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
-#define __AVX512F__ 1
-#define __AVX512BW__ 1
-#define __AVX512VL__ 1
-#define __AVX512DQ__ 1
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512DQ__) || \
+    !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "kernel_avx512.cpp must be compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c"
+#endif
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #include "kernel_instantiate.h"

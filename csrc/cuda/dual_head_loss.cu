@@ -356,8 +356,9 @@ __global__ void __launch_bounds__(kReduceThreads)
 // (n: none), info[3] = that status. loss == nullptr: not wanted.
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads)
-    reduce_rows_kernel(const acc_t* row_ce, const acc_t* row_kl, const int* status, int64_t n, double ce_weight,
-                       double kd_weight, acc_t* loss, acc_t* ce_term, acc_t* kd_term, int64_t* info) {
+    reduce_rows_kernel(const acc_t* row_ce, const acc_t* row_kl, const int* status, int64_t n,
+                       double ce_loss_weight, double kd_loss_weight, acc_t* loss, acc_t* ce_term, acc_t* kd_term,
+                       int64_t* info) {
   __shared__ double sums[32];
   __shared__ long long rows[32];
   double ce = 0, kd = 0;
@@ -373,7 +374,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   if (threadIdx.x == 0) {
     *ce_term = acc_t(ce);
     *kd_term = acc_t(kd);
-    if (loss) *loss = acc_t(ce_weight * ce + kd_weight * kd);
+    if (loss) *loss = acc_t(ce_loss_weight * ce + kd_loss_weight * kd);
     info[2] = first_bad;
     info[3] = first_bad < n ? status[first_bad] : rm::kTeacherOk;
   }
@@ -396,13 +397,13 @@ void launch_rows(const RowsArgs<scalar_t>& p, cudaStream_t stream) {
 }
 
 template <typename acc_t>
-void launch_reduce(const at::Tensor& row_ce, const at::Tensor& row_kl, const at::Tensor& status, double ce_weight,
-                   double kd_weight, at::Tensor* loss, at::Tensor& ce_term, at::Tensor& kd_term, at::Tensor& info,
-                   cudaStream_t stream) {
+void launch_reduce(const at::Tensor& row_ce, const at::Tensor& row_kl, const at::Tensor& status,
+                   double ce_loss_weight, double kd_loss_weight, at::Tensor* loss, at::Tensor& ce_term,
+                   at::Tensor& kd_term, at::Tensor& info, cudaStream_t stream) {
   reduce_rows_kernel<acc_t><<<1, kReduceThreads, 0, stream>>>(
       row_ce.const_data_ptr<acc_t>(), row_kl.const_data_ptr<acc_t>(), status.const_data_ptr<int>(), row_ce.size(0),
-      ce_weight, kd_weight, loss ? loss->mutable_data_ptr<acc_t>() : nullptr, ce_term.mutable_data_ptr<acc_t>(),
-      kd_term.mutable_data_ptr<acc_t>(), info.mutable_data_ptr<int64_t>());
+      ce_loss_weight, kd_loss_weight, loss ? loss->mutable_data_ptr<acc_t>() : nullptr,
+      ce_term.mutable_data_ptr<acc_t>(), kd_term.mutable_data_ptr<acc_t>(), info.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -425,10 +426,6 @@ int64_t raise_flagged_errors(const at::Tensor& info, const at::Tensor& labels, i
   return v[0];
 }
 
-void check_device(const char* name, const at::Tensor& x, const at::Tensor& ref) {
-  TORCH_CHECK(x.device() == ref.device(), name, " must be on ", ref.device(), " (as the logits), got ", x.device());
-}
-
 at::Tensor gradient_buffer(const at::Tensor& x, bool wanted) {
   if (!wanted) return at::empty({0}, x.options());
   at::Tensor g = at::empty_like(x);
@@ -437,30 +434,12 @@ at::Tensor gradient_buffer(const at::Tensor& x, bool wanted) {
   return g;
 }
 
-template <typename scalar_t>
-RowsArgs<scalar_t> rows_args(int64_t rows, int64_t cols, int64_t batch_rows, int64_t ignore_index,
-                             double temperature, double label_smoothing, bool kd_split) {
-  using acc_t = acc_type<scalar_t>;
-  RowsArgs<scalar_t> p{};
-  p.rows = rows;
-  p.cols = cols;
-  p.batch_rows = batch_rows;
-  p.ignore_index = ignore_index;
-  p.temperature = acc_t(temperature);
-  p.inv_t = acc_t(1) / acc_t(temperature);
-  p.eps = acc_t(label_smoothing);
-  p.kd_split = kd_split;
-  return p;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head_loss_cuda(
     const at::Tensor& ce_logits, const at::Tensor& kd_logits, const at::Tensor& teacher_logits,
-    const at::Tensor& labels, double temperature, double ce_weight, double kd_weight, bool kd_split,
+    const at::Tensor& labels, double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
     int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad) {
-  check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature);
-  check_device("kd_logits", kd_logits, ce_logits);
-  check_device("teacher_logits", teacher_logits, ce_logits);
-  check_device("labels", labels, ce_logits);
+  check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight,
+                    label_smoothing);
   const c10::cuda::CUDAGuard guard(ce_logits.device());
   const at::Tensor ce = ce_logits.contiguous(), kd = kd_logits.contiguous(), t = teacher_logits.contiguous();
   const at::Tensor y = labels.contiguous();
@@ -478,20 +457,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
   launch_count(y, C, ignore_index, info, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ce.scalar_type(), "dual_head_loss_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    RowsArgs<scalar_t> p = rows_args<scalar_t>(N, C, N, ignore_index, temperature, label_smoothing, kd_split);
-    p.ce = ce.const_data_ptr<scalar_t>();
-    p.ce_rows = N;
-    p.kd = kd.const_data_ptr<scalar_t>();
-    p.teacher = t.const_data_ptr<scalar_t>();
-    p.labels = y.const_data_ptr<int64_t>();
-    p.g_ce = ce_grad ? g_ce.mutable_data_ptr<scalar_t>() : nullptr;
-    p.g_kd = kd_grad ? g_kd.mutable_data_ptr<scalar_t>() : nullptr;
-    p.row_ce = row_ce.mutable_data_ptr<acc_t>();
-    p.row_kl = row_kl.mutable_data_ptr<acc_t>();
-    p.status = status.mutable_data_ptr<int>();
-    p.num_labelled_dev = info.const_data_ptr<int64_t>();
+    const RowsArgs<scalar_t> p{.ce = ce.const_data_ptr<scalar_t>(),
+                               .ce_row = nullptr,
+                               .ce_rows = N,
+                               .kd = kd.const_data_ptr<scalar_t>(),
+                               .teacher = t.const_data_ptr<scalar_t>(),
+                               .labels = y.const_data_ptr<int64_t>(),
+                               .g_ce = ce_grad ? g_ce.mutable_data_ptr<scalar_t>() : nullptr,
+                               .g_kd = kd_grad ? g_kd.mutable_data_ptr<scalar_t>() : nullptr,
+                               .row_ce = row_ce.mutable_data_ptr<acc_t>(),
+                               .row_kl = row_kl.mutable_data_ptr<acc_t>(),
+                               .status = status.mutable_data_ptr<int>(),
+                               .num_labelled_dev = info.const_data_ptr<int64_t>(),
+                               .num_labelled = 0,
+                               .rows = N,
+                               .cols = C,
+                               .batch_rows = N,
+                               .ignore_index = ignore_index,
+                               .temperature = acc_t(temperature),
+                               .inv_t = acc_t(1) / acc_t(temperature),
+                               .eps = acc_t(label_smoothing),
+                               .kd_split = kd_split};
     launch_rows(p, stream);
-    launch_reduce<acc_t>(row_ce, row_kl, status, ce_weight, kd_weight, &loss, ce_term, kd_term, info, stream);
+    launch_reduce<acc_t>(row_ce, row_kl, status, ce_loss_weight, kd_loss_weight, &loss, ce_term, kd_term, info,
+                         stream);
   });
   raise_flagged_errors(info, y, 0, C, ignore_index);
   return {loss, ce_term, kd_term, g_ce, g_kd};
@@ -506,11 +495,8 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
                                                              const std::optional<at::Tensor>& ce_bias,
                                                              const std::optional<at::Tensor>& kd_bias,
                                                              double ce_grad_scale, double kd_grad_scale) {
-  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, ce_bias,
-                     kd_bias);
-  check_device("ce_logits", ce_logits, kd_logits);
-  check_device("teacher_logits", teacher_logits, kd_logits);
-  check_device("labels", labels, kd_logits);
+  check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, label_smoothing,
+                     ce_bias, kd_bias);
   const c10::cuda::CUDAGuard guard(kd_logits.device());
   const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1), R = kd_logits.size(0);
   const at::Tensor y = labels.narrow(0, start, R), t = teacher_logits.narrow(0, start, R);
@@ -528,23 +514,31 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
   launch_count(y, C, ignore_index, info, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kd_logits.scalar_type(), "dual_head_loss_chunk_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    RowsArgs<scalar_t> p = rows_args<scalar_t>(R, C, N, ignore_index, temperature, label_smoothing, kd_split);
-    p.ce = ce_logits.const_data_ptr<scalar_t>();
-    p.ce_row = ce_row.const_data_ptr<int64_t>();
-    p.ce_rows = ce_logits.size(0);
-    p.kd = kd_logits.const_data_ptr<scalar_t>();
-    p.teacher = t.const_data_ptr<scalar_t>();
-    p.labels = y.const_data_ptr<int64_t>();
-    p.g_ce = ce_grad ? ce_logits.mutable_data_ptr<scalar_t>() : nullptr;
-    p.g_kd = kd_grad ? kd_logits.mutable_data_ptr<scalar_t>() : nullptr;
-    p.row_ce = row_ce.mutable_data_ptr<acc_t>();
-    p.row_kl = row_kl.mutable_data_ptr<acc_t>();
-    p.status = status.mutable_data_ptr<int>();
-    p.num_labelled = num_labelled;
-    p.ce_bias = ce_bias ? ce_bias->const_data_ptr<scalar_t>() : nullptr;
-    p.kd_bias = kd_bias ? kd_bias->const_data_ptr<scalar_t>() : nullptr;
-    p.ce_grad_scale = acc_t(ce_grad_scale);
-    p.kd_grad_scale = acc_t(kd_grad_scale);
+    const RowsArgs<scalar_t> p{.ce = ce_logits.const_data_ptr<scalar_t>(),
+                               .ce_row = ce_row.const_data_ptr<int64_t>(),
+                               .ce_rows = ce_logits.size(0),
+                               .kd = kd_logits.const_data_ptr<scalar_t>(),
+                               .teacher = t.const_data_ptr<scalar_t>(),
+                               .labels = y.const_data_ptr<int64_t>(),
+                               .g_ce = ce_grad ? ce_logits.mutable_data_ptr<scalar_t>() : nullptr,
+                               .g_kd = kd_grad ? kd_logits.mutable_data_ptr<scalar_t>() : nullptr,
+                               .row_ce = row_ce.mutable_data_ptr<acc_t>(),
+                               .row_kl = row_kl.mutable_data_ptr<acc_t>(),
+                               .status = status.mutable_data_ptr<int>(),
+                               .num_labelled_dev = nullptr,
+                               .num_labelled = num_labelled,
+                               .rows = R,
+                               .cols = C,
+                               .batch_rows = N,
+                               .ignore_index = ignore_index,
+                               .temperature = acc_t(temperature),
+                               .inv_t = acc_t(1) / acc_t(temperature),
+                               .eps = acc_t(label_smoothing),
+                               .kd_split = kd_split,
+                               .ce_bias = ce_bias ? ce_bias->const_data_ptr<scalar_t>() : nullptr,
+                               .kd_bias = kd_bias ? kd_bias->const_data_ptr<scalar_t>() : nullptr,
+                               .ce_grad_scale = acc_t(ce_grad_scale),
+                               .kd_grad_scale = acc_t(kd_grad_scale)};
     launch_rows(p, stream);
     launch_reduce<acc_t>(row_ce, row_kl, status, 0, 0, nullptr, ce_term, kd_term, info, stream);
   });

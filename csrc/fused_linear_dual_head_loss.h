@@ -1,0 +1,35 @@
+// The arguments of dho_fast::fused_linear_dual_head_loss and of its _with_grads variant (schemas: csrc/dho_fast.cpp)
+// as one struct: built once from the op's arguments where the dispatcher calls in, then passed as a whole.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace dho_fast {
+
+struct LinearLossArgs {
+  at::Tensor features;                 // (N, D)
+  at::Tensor ce_weight;                // (C, D)
+  std::optional<at::Tensor> ce_bias;   // (C,) or None
+  at::Tensor kd_weight;                // (C, D)
+  std::optional<at::Tensor> kd_bias;   // (C,) or None
+  at::Tensor teacher_logits;           // (N, C)
+  at::Tensor labels;                   // (N,) int64
+  bool kd_cosine;
+  double kd_logit_scale;
+  int64_t chunk_size;
+  double temperature;
+  double ce_loss_weight;
+  double kd_loss_weight;
+  bool kd_split;
+  int64_t ignore_index;
+  double label_smoothing;
+  // The gradients the forward computes (the _with_grads variant's flags; the plain op computes none).
+  bool grad_features = false;
+  bool grad_ce_head = false;
+  bool grad_kd_head = false;
+};
+
+}  // namespace dho_fast
