@@ -1,5 +1,5 @@
 // Every op schema of dho_fast. Backends only implement them (csrc/cpu, csrc/cuda); Python adds the fake and
-// autograd implementations (dho_fast/_ops.py).
+// autograd implementations (dho_fast/ops/registry.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(dho_fast, m) {
