@@ -86,8 +86,9 @@ def search_alpha_beta(
 
     ``ce_logits``, ``kd_logits``: (N, C) float, N >= 1; ``labels``: (N,) int64 in [0, C). The logits are read once:
     each chunk of rows gets one softmax of the CE head, one per beta of the KD head, and all blends from those.
-    The best pair maximises accuracy; ties go to the first pair in (alpha, beta) order of the grid. ``backend`` as
-    in :func:`dual_head_predict` (the search has no autograd graph).
+    The best pair maximises accuracy; ties go to the first pair in the reference protocol's scan of the grid, beta
+    outer and alpha inner (METHOD.md: "beta-major, alpha-minor, strict >"). ``backend`` as in
+    :func:`dual_head_predict` (the search has no autograd graph).
     """
     _check_pair(ce_logits, kd_logits)
     n, c = ce_logits.shape
@@ -113,6 +114,6 @@ def search_alpha_beta(
     name = backends.resolve("blend_search", backend, ce_logits.device)
     correct = backends.run("blend_search", name, ce_logits, kd_logits, labels, alpha_t, beta_t)
     table = correct.double().cpu() / n
-    best = int(table.flatten().argmax())  # argmax returns the first maximum: ties go to the earliest pair
-    i, j = divmod(best, len(betas))
+    best = int(table.t().flatten().argmax())  # the first maximum, scanning beta-major: ties go to the earliest pair
+    j, i = divmod(best, len(alphas))
     return AlphaBetaSearch(float(alphas[i]), float(betas[j]), float(table[i, j]), table, tuple(alphas), tuple(betas))
