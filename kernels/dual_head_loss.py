@@ -92,7 +92,8 @@ def _loss_rows_kernel(
     # A bad label or CE row is reported after the kernel; until then it must not index memory.
     do_ce = labelled & (label >= 0) & (label < num_classes) & (ce_i >= 0) & (ce_i < ce_rows)
     ce_row, kd_row, t_row = ce_ptr + ce_i * num_classes, kd_ptr + row * num_classes, t_ptr + row * num_classes
-    inv_t, eps = 1.0 / temperature, label_smoothing
+    # In ACC: float64 rows must not get eps / C rounded to float32 (the arguments themselves are float32).
+    inv_t, eps = 1.0 / temperature, tl.cast(label_smoothing, ACC)
 
     neg_inf, zero = tl.full((), float("-inf"), ACC), tl.zeros((), ACC)
     m_ce, s_ce, sum_ce, target = neg_inf, zero, zero, zero
