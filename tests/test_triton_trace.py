@@ -6,6 +6,7 @@ Runs in the ordinary pytest invocation, without TRITON_INTERPRET (which makes th
 
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 
@@ -18,9 +19,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import dho_fast
 from dho_fast import kernels
 
-pytestmark = pytest.mark.skipif(
-    not kernels.has_triton() or kernels.interpreted(), reason="needs Triton, without TRITON_INTERPRET"
-)
+pytestmark = [
+    pytest.mark.slow,  # compiles kernels, traces with torch.compile
+    pytest.mark.skipif(
+        not kernels.has_triton() or kernels.interpreted(), reason="needs Triton, without TRITON_INTERPRET"
+    ),
+]
 
 if kernels.has_triton() and not kernels.interpreted():
     import triton
@@ -29,8 +33,8 @@ if kernels.has_triton() and not kernels.interpreted():
     from triton.compiler import ASTSource
     from triton.runtime.jit import mangle_type
 
-    from dho_fast.kernels import blend as triton_blend
-    from dho_fast.kernels import dual_head_loss as triton_loss
+    from dho_fast.kernels import blend as triton_blend  # isort: skip
+    from dho_fast.kernels import dual_head_loss as triton_loss  # isort: skip
 
 # Without a driver, torch cannot ask Triton which arguments a kernel writes and says so at length; it then assumes
 # all of them, which is only less optimal.
@@ -50,16 +54,30 @@ def compile_kernel(kernel, args: dict, arch: int, num_warps: int):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
-def local_memory_bytes(compiled) -> int | None:
-    """Bytes of local memory (register spills) of a compiled kernel; None when cuobjdump is not at hand."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return None
+def find_cuobjdump() -> str | None:
+    """cuobjdump from Triton's bundled CUDA tools, the CUDA toolkit or PATH; None when none is installed."""
+    candidates = ["/usr/local/cuda/bin/cuobjdump", shutil.which("cuobjdump")]
+    if kernels.has_triton():
+        import triton
+
+        candidates.insert(0, os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    return next((path for path in candidates if path and os.access(path, os.X_OK)), None)
+
+
+CUOBJDUMP = find_cuobjdump()
+
+
+def local_memory_bytes(compiled) -> int:
+    """Bytes of local memory (register spills) of a compiled kernel, as cuobjdump reports them."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    return sum(int(part.split(":")[1]) for part in usage.split() if part.startswith("LOCAL:"))
+        usage = subprocess.run(
+            [CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    local = [int(part.split(":")[1]) for part in usage.split() if part.startswith("LOCAL:")]
+    assert local, f"cuobjdump reported no LOCAL usage:\n{usage}"
+    return sum(local)
 
 
 def t(dtype, *shape):
@@ -96,8 +114,9 @@ def kernel_cases():
     cases.append(("loss_rows chunk", triton_loss._loss_rows_kernel, args, warps, (90,)))
     for acc in (torch.float32, torch.float64):
         f = t(acc)
-        args = dict(row_ce_ptr=f, row_kl_ptr=f, status_ptr=t(torch.int32), info_ptr=i64, loss_ptr=f, ce_term_ptr=f,
-                    kd_term_ptr=f, n=512, ce_loss_weight=0.5, kd_loss_weight=0.5, HAS_LOSS=True, BLOCK=1024)  # fmt: skip
+        args = dict(row_ce_ptr=f, row_kl_ptr=f, status_ptr=t(torch.int32), info_ptr=i64, loss_ptr=f,
+                    ce_term_ptr=f, kd_term_ptr=f, n=512, ce_loss_weight=0.5, kd_loss_weight=0.5, HAS_LOSS=True,
+                    BLOCK=1024)  # fmt: skip
         cases.append((f"reduce_rows {acc}", triton_loss._reduce_rows_kernel, args, 4, (90,)))
     for dtype, c in ((torch.float32, 1000), (torch.bfloat16, 21843)):
         block, single, warps = triton_loss.tile_config(c)
@@ -112,12 +131,25 @@ def kernel_cases():
     return cases
 
 
-def test_kernels_compile_for_the_default_architectures_without_spilling():
-    for name, kernel, args, warps, archs in kernel_cases():
-        for arch in archs:
-            compiled = compile_kernel(kernel, args, arch, warps)
-            assert compiled.asm["cubin"], f"{name}: no cubin for sm_{arch}"
-            assert local_memory_bytes(compiled) in (0, None), f"{name} spills registers on sm_{arch}"
+@pytest.fixture(scope="module")
+def compiled_kernels():
+    """(name, arch, compiled kernel) of every case of :func:`kernel_cases` for each of its architectures."""
+    return [
+        (name, arch, compile_kernel(kernel, args, arch, warps))
+        for name, kernel, args, warps, archs in kernel_cases()
+        for arch in archs
+    ]
+
+
+def test_kernels_compile_for_the_default_architectures(compiled_kernels):
+    for name, arch, compiled in compiled_kernels:
+        assert compiled.asm["cubin"], f"{name}: no cubin for sm_{arch}"
+
+
+@pytest.mark.skipif(CUOBJDUMP is None, reason="needs cuobjdump (Triton's bundled CUDA tools or a CUDA toolkit)")
+def test_kernels_do_not_spill_registers(compiled_kernels):
+    for name, arch, compiled in compiled_kernels:
+        assert local_memory_bytes(compiled) == 0, f"{name} spills registers on sm_{arch}"
 
 
 def fake_inputs(mode, n: int, c: int, device: str = "cuda"):
