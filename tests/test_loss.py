@@ -34,9 +34,23 @@ from hypothesis import strategies as st
 import dho_fast
 from dho_fast import kernels
 
-# Odd shapes (C = 1, N = 1, C = 997), the CUDA kernel's warp-per-row limit (1024 columns), rows wider than Triton's
-# widest tile (MAX_TILE = 4096: the two-pass path) and ImageNet-21k's C.
-SHAPES = [(1, 1), (1, 7), (5, 1), (17, 997), (33, 513), (17, 1025), (3, 21843)]
+# Odd shapes (C = 1, N = 1, C = 997: rows not 16-byte aligned), around the CUDA kernel's warp-per-row limits (1024
+# columns, 512 for float64), rows wider than Triton's widest tile (MAX_TILE = 4096: the two-pass path) and
+# ImageNet-21k's C. The interpreter runs a program per row in Python: it skips the batches of many rows.
+MANY_ROWS = pytest.mark.skipif(kernels.interpreted(), reason="many rows: slow under the Triton interpreter")
+SHAPES = [
+    (1, 1),
+    (1, 7),
+    (5, 1),
+    (17, 997),
+    (33, 512),
+    (33, 513),
+    (17, 1024),
+    (17, 1025),
+    (3, 21843),
+    pytest.param((64, 1000), marks=MANY_ROWS),
+    pytest.param((300, 997), marks=MANY_ROWS),
+]
 LABELLED = ["all", "none", "mixed", "block"]
 # The kernels compute a row's CE as (max + log sum exp) - (1 - eps) x_y - eps mean(x) on the raw logits
 # (csrc/row_math.h cross_entropy_value; kernels/dual_head_loss.py): lse is rounded at the ulp of the largest logit
@@ -156,7 +170,8 @@ def test_every_instruction_set_variant_of_the_cpu_kernel(capability, monkeypatch
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         check_loss("cpu", make_inputs(9, 1037, dtype, masked_fraction=0.2), dtype, label_smoothing=0.1, **LOSS_KW)
-        check_loss("cpu", adversarial_batch(1031, dtype, "cpu"), dtype, label_smoothing=0.1, **LOSS_KW)
+        for c in (2, 511, 1031):
+            check_loss("cpu", adversarial_batch(c, dtype, "cpu"), dtype, label_smoothing=0.1, **LOSS_KW)
 
 
 @pytest.mark.parametrize("backend_device", backend_params("triton"))
@@ -248,7 +263,8 @@ def test_no_graph_without_grad(backend_device):
 @pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
 def test_results_are_deterministic(backend_device):
     backend, device = backend_device
-    inputs = inputs_on(device, 64, 1000, labelled="mixed")
+    # Large enough on a GPU for many blocks to race; the CPU's threads split rows too.
+    inputs = inputs_on(device, 4096 if device == "cuda" else 64, 1000, labelled="mixed")
     first, second = (loss_terms_and_grads(fused(backend), *inputs, **LOSS_KW) for _ in range(2))
     for a, b in zip(first[0] + first[1], second[0] + second[1], strict=True):
         assert torch.equal(a, b)
@@ -318,30 +334,33 @@ def run_chunks(backend: str, inputs, chunk: int, biases: dict, **kwargs):
     return terms, torch.cat(g_ce), torch.cat(g_kd)
 
 
-# (dtype, rows per chunk, kd_split): chunks of one row, chunks with a remainder, one chunk for the whole batch.
+# (dtype, rows per chunk, kd_split, C): chunks of one row, chunks with a remainder, one chunk for the whole batch;
+# rows of several column blocks (C = 1000) and wider than Triton's widest tile (C = 21843).
 CHUNK_CASES = [
-    (torch.float32, 1, True),
-    (torch.float32, 7, True),
-    (torch.float32, 64, False),
-    (torch.float64, 7, True),
-    (torch.bfloat16, 7, True),
-    (torch.float16, 64, True),
+    (torch.float32, 1, True, 130),
+    (torch.float32, 7, True, 130),
+    (torch.float32, 64, False, 130),
+    (torch.float64, 7, True, 130),
+    (torch.bfloat16, 7, True, 130),
+    (torch.float16, 64, True, 130),
+    (torch.bfloat16, 16, True, 1000),
+    (torch.float32, 16, True, 21843),
 ]
 
 
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-@pytest.mark.parametrize("dtype, chunk, kd_split", CHUNK_CASES, ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize("dtype, chunk, kd_split, c", CHUNK_CASES, ids=lambda v: str(v).removeprefix("torch."))
 @pytest.mark.parametrize("biased", [False, True], ids=["plain", "biased"])
-def test_chunk_op(backend_device, dtype, chunk, kd_split, biased):
+def test_chunk_op(backend_device, dtype, chunk, kd_split, c, biased):
     # Per chunk: the chunk's share of the batch's ce_term and kd_term, of the logits plus the biases, and the
     # logits overwritten with the gradient of each term times its scale (the batch's row weights).
     backend, device = backend_device
-    ce, kd, teacher, labels = inputs_on(device, 37, 130, dtype, labelled="mixed", masked_fraction=0.2)
+    ce, kd, teacher, labels = inputs_on(device, 37, c, dtype, labelled="mixed", masked_fraction=0.2)
     kwargs = dict(temperature=2.0, kd_split=kd_split, label_smoothing=0.125)  # exact in float32, see above
     scales = (0.25, 1.5) if biased else (1.0, 1.0)
     biases = {}
     if biased:
-        ce_bias, kd_bias = (torch.randn(130).to(device, dtype) for _ in range(2))
+        ce_bias, kd_bias = (torch.randn(c).to(device, dtype) for _ in range(2))
         biases = dict(ce_bias=ce_bias, kd_bias=kd_bias, ce_grad_scale=scales[0], kd_grad_scale=scales[1])
     terms, g_ce, g_kd = run_chunks(backend, (ce, kd, teacher, labels), chunk, biases, **kwargs)
 
