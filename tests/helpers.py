@@ -14,8 +14,8 @@ Tolerances (STYLE.md, "Tests that can fail"):
   result); ``magnitude`` the sum of the absolute values of the terms an element is made of (``w (softmax + target)``
   for a CE gradient, ``w / T (q + p)`` for a KD one), so a difference of two probabilities that cancels is held to the
   accuracy of the probabilities; ``atol`` the smallest normal number of the accumulation dtype (float16's subnormal
-  spacing for float16 results). A gradient of
-  these losses is bounded by its loss weights, never by the logits, so no bound grows with the logits.
+  spacing for float16 results). A gradient of these losses is bounded by its loss weights, never by the logits, so
+  no bound grows with the logits.
 """
 
 import pytest
