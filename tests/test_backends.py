@@ -40,9 +40,19 @@ def test_auto_on_cpu_tensors(op, backend, wants_graph):
 
 @pytest.mark.parametrize("wants_graph", [False, True])
 @pytest.mark.parametrize("op", LOSSES)
-def test_auto_on_meta_tensors_falls_back_to_the_reference_with_a_warning(op, wants_graph):
-    with pytest.warns(UserWarning, match=f"dho_fast: {op} {FALLBACK_WARNING}"):
-        assert backends.resolve(op, "auto", META, wants_graph=wants_graph) == "reference"
+def test_auto_on_meta_tensors_is_the_compiled_ops_shape_function(op, wants_graph):
+    assert resolve_quietly(op, "auto", META, wants_graph) == "cpu"
+    assert resolve_quietly(op, "cpu", META, wants_graph) == "cpu"
+
+
+@pytest.mark.parametrize("op", LOSSES)
+def test_meta_tensors_without_the_extension_are_refused_clearly(op, monkeypatch):
+    # The reference reads the labels and teacher rows to check them, which a meta tensor cannot give.
+    monkeypatch.setattr(backends, "has_extension", lambda: False)
+    with pytest.raises(ValueError, match=f"no backend of {op} can run here; backend='reference' reads the tensors'"):
+        backends.resolve(op, "auto", META)
+    with pytest.raises(ValueError, match=f"backend='reference' of {op} reads the tensors' values"):
+        backends.resolve(op, "reference", META)
 
 
 @pytest.mark.parametrize("wants_graph", [False, True])
@@ -91,10 +101,12 @@ def test_cuda_backend_needs_cuda_tensors_and_a_cuda_build(op):
             backends.resolve(op, "cuda", CUDA)
 
 
+@pytest.mark.skipif(not kernels.has_triton() or kernels.interpreted(), reason="needs Triton, without TRITON_INTERPRET")
 @pytest.mark.parametrize("op", LOSSES)
 def test_cpu_backend_needs_cpu_tensors(op):
-    with pytest.raises(ValueError, match=f"backend='cpu' of {op} needs CPU tensors, got tensors on meta"):
-        backends.resolve(op, "cpu", META)
+    # No CUDA tensor is made: the rule needs only the device.
+    with pytest.raises(ValueError, match=f"backend='cpu' of {op} needs CPU tensors, got tensors on cuda"):
+        backends.resolve(op, "cpu", CUDA)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])
@@ -148,3 +160,43 @@ def test_backend_from_the_environment(monkeypatch):
     monkeypatch.setenv("DHO_FAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="backend must be one of .*, got 'bogus'"):
         dho_fast.fused_dual_head_loss(ce, kd, teacher, labels)
+
+
+def _loss_with_a_teacher_that_requires_grad(backend, device, op, students_require_grad):
+    ce, kd, teacher, labels = make_inputs(6, 5, labelled="mixed", device=device)
+    teacher.requires_grad_()
+    if op == "dual_head_loss":
+        inputs = [ce, kd]
+        run = dho_fast.fused_dual_head_loss
+    else:
+        inputs = [torch.randn(6, 4, device=device), torch.randn(5, 4, device=device), None,
+                  torch.randn(5, 4, device=device), None]  # fmt: skip
+        run = dho_fast.fused_linear_dual_head_loss
+    for t in inputs:
+        if t is not None and students_require_grad:
+            t.requires_grad_()
+    return run(*inputs, teacher, labels, backend=backend), inputs, teacher
+
+
+# Every backend of each loss op (the fused linear op's Triton backend takes CUDA tensors only).
+_LOSS_OP_BACKENDS = [
+    pytest.param(op, *p.values, id=f"{op}-{p.id}", marks=p.marks)
+    for op, names in (
+        ("dual_head_loss", ("cpu", "reference", "triton", "cuda", "triton-cuda")),
+        ("fused_linear_dual_head_loss", ("cpu", "reference", "cuda", "triton-cuda")),
+    )
+    for p in backend_params(*names)
+]
+
+
+@pytest.mark.parametrize("op, backend_device", _LOSS_OP_BACKENDS)
+def test_the_teacher_gets_no_gradient_on_any_backend(op, backend_device):
+    # The teacher's logits are a constant target, detached by the public API: a teacher that requires grad (e.g. a
+    # teacher model run without no_grad) gets no gradient and does not make the loss require grad.
+    backend, device = backend_device
+    loss, inputs, teacher = _loss_with_a_teacher_that_requires_grad(backend, device, op, students_require_grad=True)
+    loss.backward()
+    assert teacher.grad is None
+    assert all(t.grad is not None for t in inputs if t is not None)
+    loss, _, _ = _loss_with_a_teacher_that_requires_grad(backend, device, op, students_require_grad=False)
+    assert not loss.requires_grad

@@ -9,7 +9,8 @@ is one of :data:`BACKENDS`:
 - ``reference``: pure PyTorch (dho_fast.ops.reference), any device, an ordinary autograd graph.
 
 "auto" (the default; ``$DHO_FAST_BACKEND`` overrides it) takes the first available of the device's preference,
-``cpu`` then ``reference`` on CPU tensors, ``cuda`` then ``triton`` then ``reference`` on CUDA tensors, skipping
+``cpu`` then ``reference`` on CPU tensors, ``cuda`` then ``triton`` then ``reference`` on CUDA tensors, ``cpu`` (its
+shape functions) on meta tensors, skipping
 kernels without an autograd formula when a graph through the op is wanted. Falling back to ``reference`` for an op
 whose compiled or Triton kernels are the point of using it warns once per call site.
 """
@@ -26,7 +27,8 @@ from dho_fast.ops import reference, registry  # noqa: F401  (registry: importing
 from dho_fast.ops.extension import EXTENSION_ERROR, has_cuda_kernels, has_extension
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
-_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+# Meta tensors (shapes without data) go to the compiled ops, whose fake implementations compute the output shapes.
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference"), "meta": ("cpu",)}
 
 
 def _grad_flags(*logits: torch.Tensor) -> tuple[bool, ...]:
@@ -88,7 +90,7 @@ class Kernel:
 
 def _needs_extension(device_type: str) -> Callable[[torch.device], Exception | None]:
     def unavailable(device: torch.device) -> Exception | None:
-        if device.type != device_type:
+        if device.type not in (device_type, "meta"):
             return ValueError(f"needs {device_type.upper()} tensors, got tensors on {device}")
         if not has_extension():
             return RuntimeError(f"needs the compiled extension, which failed to load: {EXTENSION_ERROR}")
@@ -126,19 +128,26 @@ def _anywhere(_device: torch.device) -> None:
     return None
 
 
+def _has_data(device: torch.device) -> Exception | None:
+    """The reference loss checks labels and teacher rows by reading them, which meta tensors cannot."""
+    if device.type == "meta":
+        return ValueError("reads the tensors' values, which meta tensors lack: use backend='auto' or 'cpu'")
+    return None
+
+
 #: op -> backend -> kernel. Arguments are each op's positional arguments (see the op's public function).
 KERNELS: dict[str, dict[str, Kernel]] = {
     "dual_head_loss": {
         "cpu": Kernel(_loss_compiled, _needs_extension("cpu")),
         "cuda": Kernel(_loss_compiled, _needs_extension("cuda")),
         "triton": Kernel(_loss_triton, _needs_triton),
-        "reference": Kernel(_loss_reference, _anywhere),
+        "reference": Kernel(_loss_reference, _has_data),
     },
     "fused_linear_dual_head_loss": {
         "cpu": Kernel(_linear_compiled, _needs_extension("cpu")),
         "cuda": Kernel(_linear_compiled, _needs_extension("cuda")),
         "triton": Kernel(_linear_compiled, _linear_triton),
-        "reference": Kernel(_linear_reference, _anywhere),
+        "reference": Kernel(_linear_reference, _has_data),
     },
     "dual_head_predict": {
         "triton": Kernel(_predict_triton, _needs_triton, differentiable=False),
@@ -184,6 +193,9 @@ def resolve(op: str, backend: str | None, device: torch.device, *, wants_graph: 
                 stacklevel=3,
             )
         return candidate
+    reason = table["reference"].unavailable(device)
+    if reason is not None:
+        raise type(reason)(f"no backend of {op} can run here; backend='reference' {reason}")
     return "reference"
 
 

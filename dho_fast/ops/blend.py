@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from dho_fast.ops import backends
+from dho_fast.ops.validation import check_number
 
 #: METHOD.md's grid: alpha in {0, 0.05, ..., 1}, beta in {0.5, 0.75, 1, 1.25, 1.5, 2, 4}.
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
@@ -13,28 +14,37 @@ DEFAULT_BETAS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0)
 
 
 def _check_pair(ce_logits: torch.Tensor, kd_logits: torch.Tensor) -> None:
-    if not isinstance(ce_logits, torch.Tensor) or ce_logits.dim() != 2:
-        got = tuple(ce_logits.shape) if isinstance(ce_logits, torch.Tensor) else type(ce_logits).__name__
-        raise ValueError(f"ce_logits must be a float tensor of shape (N, C), got {got}")
-    if not ce_logits.is_floating_point():
-        raise TypeError(f"ce_logits must be a float tensor of shape (N, C), got {ce_logits.dtype}")
+    for name, t in (("ce_logits", ce_logits), ("kd_logits", kd_logits)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a float tensor of shape (N, C), got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor of shape (N, C), got {t.dtype}")
+    if ce_logits.dim() != 2:
+        raise ValueError(f"ce_logits must be a float tensor of shape (N, C), got shape {tuple(ce_logits.shape)}")
     if kd_logits.shape != ce_logits.shape or kd_logits.device != ce_logits.device:
         raise ValueError(
             f"kd_logits must have the shape and device of ce_logits {tuple(ce_logits.shape)} on {ce_logits.device}, "
             f"got {tuple(kd_logits.shape)} on {kd_logits.device}"
         )
-    if not kd_logits.is_floating_point():
-        raise TypeError(f"kd_logits must be a float tensor, got {kd_logits.dtype}")
 
 
 def _check_beta(beta: float, name: str = "beta") -> None:
-    if not beta > 0:
-        raise ValueError(f"{name} must be > 0, got {beta}")
+    check_number(name, beta, "> 0", lambda v: v > 0)
 
 
 def _check_alpha(alpha: float, name: str = "alpha") -> None:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {alpha}")
+    check_number(name, alpha, "in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def _grid(name: str, values: Sequence[float] | torch.Tensor) -> tuple[float, ...]:
+    """A non-empty grid axis as floats; a 1-d tensor or array is read as its values."""
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
+    if len(values) == 0:
+        raise ValueError(f"{name} must be non-empty")
+    return tuple(values)
 
 
 def _wants_graph(*logits: torch.Tensor) -> bool:
@@ -92,6 +102,10 @@ def search_alpha_beta(
     """
     _check_pair(ce_logits, kd_logits)
     n, c = ce_logits.shape
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an int64 tensor of shape ({n},), got {type(labels).__name__}")
+    if ce_logits.is_meta:
+        raise ValueError("search_alpha_beta needs logits with data (it returns accuracies), got meta tensors")
     if labels.shape != (n,) or labels.device != ce_logits.device or labels.dtype != torch.int64:
         error = TypeError if labels.shape == (n,) and labels.device == ce_logits.device else ValueError
         raise error(
@@ -101,8 +115,7 @@ def search_alpha_beta(
         raise ValueError("ce_logits must have at least one row to search alpha and beta")
     if bool(((labels < 0) | (labels >= c)).any()):
         raise ValueError(f"labels must be in [0, {c}) for every row")
-    if len(alphas) == 0 or len(betas) == 0:
-        raise ValueError("alphas and betas must be non-empty")
+    alphas, betas = _grid("alphas", alphas), _grid("betas", betas)
     for a in alphas:
         _check_alpha(a, "alphas")
     for b in betas:

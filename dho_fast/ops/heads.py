@@ -6,6 +6,7 @@ from torch import nn
 from dho_fast.ops.blend import dual_head_predict
 from dho_fast.ops.linear_loss import fused_linear_dual_head_loss
 from dho_fast.ops.reference import dual_head_logits
+from dho_fast.ops.validation import check_number
 
 
 @torch.no_grad()
@@ -40,8 +41,7 @@ class DualHead(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not kd_logit_scale > 0:
-            raise ValueError(f"kd_logit_scale must be > 0, got {kd_logit_scale}")
+        check_number("kd_logit_scale", kd_logit_scale, "> 0", lambda v: v > 0)
         self.ce_head = nn.Linear(in_features, num_classes, device=device, dtype=dtype)
         self.kd_head = nn.Linear(in_features, num_classes, device=device, dtype=dtype)
         self.kd_cosine = kd_cosine

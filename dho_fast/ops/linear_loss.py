@@ -50,7 +50,8 @@ def fused_linear_dual_head_loss(
         features: (N, D) float32, float64, bfloat16 or float16.
         ce_weight, kd_weight: (C, D) head weights; ce_bias, kd_bias: (C,) or None. Same dtype and device as
             ``features``.
-        teacher_logits: (N, C), same dtype and device; ``-inf`` masks a class. Gets no gradient.
+        teacher_logits: (N, C), same dtype and device; ``-inf`` masks a class. Detached: it gets no gradient on any
+            backend.
         labels: (N,) int64 in ``[0, C)``, ``ignore_index`` for unlabelled rows.
         kd_cosine: the KD head sees the L2-normalised features (METHOD.md's CLIP-student head); the gradient flows
             through the normalisation.
@@ -73,7 +74,8 @@ def fused_linear_dual_head_loss(
     Under ``torch.autocast`` every floating input is first cast to the autocast dtype, as autocast does for
     ``nn.Linear``; the gradients flow back through the casts to the parameters' own dtype.
     """
-    if isinstance(features, torch.Tensor) and autocast_active(features.device):
+    floating = (features, ce_weight, kd_weight, teacher_logits)
+    if all(isinstance(t, torch.Tensor) for t in floating) and autocast_active(features.device):
         # As autocast treats nn.Linear: the GEMMs run in the autocast dtype (the loss still accumulates in float32).
         dtype = torch.get_autocast_dtype(features.device.type)
         cast = [t.to(dtype) if t is not None else None for t in (features, ce_weight, ce_bias, kd_weight, kd_bias)]
@@ -87,12 +89,13 @@ def fused_linear_dual_head_loss(
     check_linear_loss_args(
         features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels, kd_logit_scale=kd_logit_scale,
         chunk_size=chunk_size, temperature=temperature, ce_loss_weight=ce_loss_weight, kd_loss_weight=kd_loss_weight,
-        kd_reduction=kd_reduction, label_smoothing=label_smoothing,
+        kd_reduction=kd_reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
     )  # fmt: skip
     name = backends.resolve("fused_linear_dual_head_loss", backend, features.device)
     n, d = features.shape
     loss, ce_term, kd_term = backends.run(
-        "fused_linear_dual_head_loss", name, features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels,
+        "fused_linear_dual_head_loss", name, features, ce_weight, ce_bias, kd_weight, kd_bias,
+        teacher_logits.detach(), labels,
         bool(kd_cosine), float(kd_logit_scale), chunk_size or default_chunk_size(n, ce_weight.shape[0], d),
         float(temperature), float(ce_loss_weight), float(kd_loss_weight), kd_reduction == "split", int(ignore_index),
         float(label_smoothing),

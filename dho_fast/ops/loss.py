@@ -32,12 +32,14 @@ def fused_dual_head_loss(
         ce_logits: (N, C) logits of the CE head; float32, float64, bfloat16 or float16.
         kd_logits: (N, C) logits of the KD head; same dtype and device as ``ce_logits``.
         teacher_logits: (N, C) teacher logits, same dtype and device; ``-inf`` marks a masked class, NaN or
-            ``+inf`` is an error, and so is a row that is ``-inf`` everywhere. The teacher gets no gradient.
+            ``+inf`` is an error, and so is a row that is ``-inf`` everywhere. The teacher is a constant target: it
+            is detached, so it gets no gradient on any backend even when it requires grad.
         labels: (N,) int64 class indices in ``[0, C)``; ``ignore_index`` marks unlabelled rows.
-        temperature: T > 0 of the KD term.
+        temperature: T > 0 of the KD term. Every float argument must be a finite real number (``TypeError`` for a
+            string or bool, ``ValueError`` for NaN, inf or out of range).
         ce_loss_weight, kd_loss_weight: the loss weights w_ce, w_kd >= 0.
         kd_reduction: "split" (METHOD.md: labelled and unlabelled means summed; an empty group adds 0) or "mean".
-        ignore_index: the label of unlabelled rows.
+        ignore_index: the label of unlabelled rows, an int (a float such as 1.5 is a ``TypeError``).
         label_smoothing: eps in [0, 1] of the CE head's targets ``(1 - eps) onehot(y) + eps / C``.
         return_terms: also return ``ce_term`` and ``kd_term`` (for logging, from the same pass).
         backend: "auto", "cpu", "cuda", "triton" or "reference"; None reads ``$DHO_FAST_BACKEND`` (default
@@ -54,13 +56,14 @@ def fused_dual_head_loss(
     Gradients with respect to ``ce_logits`` and ``kd_logits`` (in their dtype) are computed during the forward
     pass when autograd needs them; backward only scales them. Statistics accumulate in float32 (float64 for
     float64 input). NaN or inf in the student logits is not an error: it propagates to the loss, so mixed-precision
-    loss scaling can skip the step. Bad shapes or values raise ``ValueError``, wrong dtypes ``TypeError``, on every
-    backend.
+    loss scaling can skip the step. Bad shapes or values raise ``ValueError``, wrong dtypes or non-tensor arguments
+    ``TypeError``, on every backend. Meta tensors give meta results (the compiled ops' shape functions).
 
     Under ``torch.autocast`` the three logit tensors are first cast to their common dtype (float32 when the teacher's
     logits are float32 and the heads' are half), as autocast does for PyTorch's own losses.
     """
-    if isinstance(ce_logits, torch.Tensor) and autocast_active(ce_logits.device):
+    logits = (ce_logits, kd_logits, teacher_logits)
+    if all(isinstance(t, torch.Tensor) for t in logits) and autocast_active(ce_logits.device):
         dtype = torch.promote_types(torch.promote_types(ce_logits.dtype, kd_logits.dtype), teacher_logits.dtype)
         with torch.autocast(ce_logits.device.type, enabled=False):
             return fused_dual_head_loss(
@@ -71,11 +74,12 @@ def fused_dual_head_loss(
             )  # fmt: skip
     check_loss_args(
         ce_logits, kd_logits, teacher_logits, labels, temperature=temperature, ce_loss_weight=ce_loss_weight,
-        kd_loss_weight=kd_loss_weight, kd_reduction=kd_reduction, label_smoothing=label_smoothing,
+        kd_loss_weight=kd_loss_weight, kd_reduction=kd_reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
     )  # fmt: skip
     name = backends.resolve("dual_head_loss", backend, ce_logits.device)
     result = backends.run(
-        "dual_head_loss", name, ce_logits, kd_logits, teacher_logits, labels, float(temperature),
+        "dual_head_loss", name, ce_logits, kd_logits, teacher_logits.detach(), labels, float(temperature),
         float(ce_loss_weight), float(kd_loss_weight), kd_reduction == "split", int(ignore_index),
         float(label_smoothing),
     )  # fmt: skip

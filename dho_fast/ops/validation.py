@@ -1,10 +1,17 @@
 """Argument checks shared by every backend: each error names the argument, the expectation and what was given.
 
-One vocabulary: a bad value, shape or device raises ``ValueError``, a wrong dtype ``TypeError``, on every backend
-(the C++ ops raise the same types from csrc/op_checks.h). The value errors a kernel finds while it reads the data
-(labels out of range, invalid teacher rows) have one message each, :func:`label_error` and :func:`teacher_row_error`;
-the compiled ops raise the same text (tests/test_errors.py compares them).
+One vocabulary: a bad value, shape or device raises ``ValueError``; a wrong dtype, or an argument of the wrong Python
+type (a list for a tensor, a string or bool for a number, a float for an int), ``TypeError``; on every backend (the
+C++ ops raise the same types from csrc/op_checks.h). Every float argument must be finite.
+
+The value errors a kernel finds while it reads the data (labels out of range, invalid teacher rows) have one message
+each, :func:`label_error` and :func:`teacher_row_error`; the compiled ops raise the same text (tests/test_errors.py
+compares them).
 """
+
+import math
+import numbers
+from collections.abc import Callable
 
 import torch
 
@@ -12,8 +19,36 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 KD_REDUCTIONS = ("split", "mean")
 
 
+# Numbers as Python, NumPy and torch.compile's symbolic tracing pass them.
+_REAL_TYPES = (numbers.Real, torch.SymFloat, torch.SymInt)
+_INT_TYPES = (numbers.Integral, torch.SymInt)
+_INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')} of shape {tuple(t.shape)} on {t.device}"
+
+
+def _not_a_tensor(name: str, value: object, want: str) -> TypeError:
+    return TypeError(f"{name} must be a tensor {want}, got {type(value).__name__}")
+
+
+def check_number(name: str, value: object, rule: str, holds: Callable[[float], bool]) -> None:
+    """A float argument: a real number (``TypeError`` for a str, a bool, a tensor, None), finite and obeying
+    ``rule``, e.g. "> 0" with ``holds = lambda v: v > 0`` (``ValueError`` otherwise, naming the rule and the value)."""
+    if isinstance(value, bool) or not isinstance(value, _REAL_TYPES):
+        raise TypeError(f"{name} must be a real number {rule}, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and holds(value)):
+        raise ValueError(f"{name} must be a finite number {rule}, got {value}")
+
+
+def check_int(name: str, value: object, rule: str = "", holds: Callable[[int], bool] = lambda v: True) -> None:
+    """An int argument: an integer (``TypeError`` for a float such as 1.5, a bool, a str), in int64 and obeying
+    ``rule`` (``ValueError`` otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, _INT_TYPES):
+        raise TypeError(f"{name} must be an int{' ' + rule if rule else ''}, got {type(value).__name__} {value!r}")
+    if not (_INT64_RANGE[0] <= value <= _INT64_RANGE[1] and holds(value)):
+        raise ValueError(f"{name} must be an int64{' ' + rule if rule else ''}, got {value}")
 
 
 def check_loss_args(
@@ -26,18 +61,19 @@ def check_loss_args(
     ce_loss_weight: float,
     kd_loss_weight: float,
     kd_reduction: str,
+    ignore_index: int,
     label_smoothing: float,
 ) -> None:
     """Checks shapes, dtypes, devices and scalar arguments; values are checked by the kernels as they read them."""
-    if not isinstance(ce_logits, torch.Tensor) or ce_logits.dim() != 2 or ce_logits.shape[1] < 1:
-        got = _describe(ce_logits) if isinstance(ce_logits, torch.Tensor) else type(ce_logits).__name__
-        raise ValueError(f"ce_logits must be a tensor of shape (N, C) with C >= 1, got {got}")
+    if not isinstance(ce_logits, torch.Tensor):
+        raise _not_a_tensor("ce_logits", ce_logits, "of shape (N, C)")
+    if ce_logits.dim() != 2 or ce_logits.shape[1] < 1:
+        raise ValueError(f"ce_logits must be a tensor of shape (N, C) with C >= 1, got {_describe(ce_logits)}")
     _check_float_dtype("ce_logits", ce_logits)
     for name, t in (("kd_logits", kd_logits), ("teacher_logits", teacher_logits)):
         _check_like(name, t, "ce_logits", ce_logits, ce_logits.shape)
     _check_labels(labels, ce_logits.shape[0], ce_logits.device)
-    weights = (("ce_loss_weight", ce_loss_weight), ("kd_loss_weight", kd_loss_weight))
-    _check_loss_scalars(temperature, weights, kd_reduction, label_smoothing)
+    _check_loss_scalars(temperature, ce_loss_weight, kd_loss_weight, kd_reduction, ignore_index, label_smoothing)
 
 
 def check_linear_loss_args(
@@ -55,17 +91,20 @@ def check_linear_loss_args(
     ce_loss_weight: float,
     kd_loss_weight: float,
     kd_reduction: str,
+    ignore_index: int,
     label_smoothing: float,
 ) -> None:
     """The checks of :func:`check_loss_args` for the fused linear loss, whose logits are ``features @ weight.T``."""
-    if not isinstance(features, torch.Tensor) or features.dim() != 2:
-        got = _describe(features) if isinstance(features, torch.Tensor) else type(features).__name__
-        raise ValueError(f"features must be a tensor of shape (N, D), got {got}")
+    if not isinstance(features, torch.Tensor):
+        raise _not_a_tensor("features", features, "of shape (N, D)")
+    if features.dim() != 2:
+        raise ValueError(f"features must be a tensor of shape (N, D), got {_describe(features)}")
     _check_float_dtype("features", features)
     n, d = features.shape
-    if not isinstance(ce_weight, torch.Tensor) or ce_weight.dim() != 2 or ce_weight.shape[0] < 1:
-        got = _describe(ce_weight) if isinstance(ce_weight, torch.Tensor) else type(ce_weight).__name__
-        raise ValueError(f"ce_weight must be a tensor of shape (C, {d}) with C >= 1, got {got}")
+    if not isinstance(ce_weight, torch.Tensor):
+        raise _not_a_tensor("ce_weight", ce_weight, f"of shape (C, {d})")
+    if ce_weight.dim() != 2 or ce_weight.shape[0] < 1:
+        raise ValueError(f"ce_weight must be a tensor of shape (C, {d}) with C >= 1, got {_describe(ce_weight)}")
     c = ce_weight.shape[0]
     _check_like("ce_weight", ce_weight, "features", features, (c, d))
     _check_like("kd_weight", kd_weight, "features", features, (c, d))
@@ -74,12 +113,10 @@ def check_linear_loss_args(
             _check_like(name, bias, "features", features, (c,))
     _check_like("teacher_logits", teacher_logits, "features", features, (n, c))
     _check_labels(labels, n, features.device)
-    if not kd_logit_scale > 0:
-        raise ValueError(f"kd_logit_scale must be > 0, got {kd_logit_scale}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    weights = (("ce_loss_weight", ce_loss_weight), ("kd_loss_weight", kd_loss_weight))
-    _check_loss_scalars(temperature, weights, kd_reduction, label_smoothing)
+    check_number("kd_logit_scale", kd_logit_scale, "> 0", lambda v: v > 0)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, ">= 1 (or None)", lambda v: v >= 1)
+    _check_loss_scalars(temperature, ce_loss_weight, kd_loss_weight, kd_reduction, ignore_index, label_smoothing)
 
 
 def _check_float_dtype(name: str, t: torch.Tensor) -> None:
@@ -90,7 +127,7 @@ def _check_float_dtype(name: str, t: torch.Tensor) -> None:
 def _check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, shape: tuple[int, ...]) -> None:
     """``t`` must have the given shape (ValueError), the device (ValueError) and the dtype (TypeError) of ``ref``."""
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        raise _not_a_tensor(name, t, f"of shape {tuple(shape)}")
     want = f"{str(ref.dtype).removeprefix('torch.')} of shape {tuple(shape)} on {ref.device} (as {ref_name})"
     if t.shape != shape or t.device != ref.device:
         raise ValueError(f"{name} must be {want}, got {_describe(t)}")
@@ -101,7 +138,7 @@ def _check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, sh
 def _check_labels(labels: torch.Tensor, n: int, device: torch.device) -> None:
     want = f"labels must be int64 of shape ({n},) on {device}"
     if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"{want}, got {type(labels).__name__}")
+        raise TypeError(f"{want}, got {type(labels).__name__}")
     if labels.shape != (n,) or labels.device != device:
         raise ValueError(f"{want}, got {_describe(labels)}")
     if labels.dtype != torch.int64:
@@ -109,17 +146,20 @@ def _check_labels(labels: torch.Tensor, n: int, device: torch.device) -> None:
 
 
 def _check_loss_scalars(
-    temperature: float, weights: tuple[tuple[str, float], ...], kd_reduction: str, label_smoothing: float
+    temperature: float,
+    ce_loss_weight: float,
+    kd_loss_weight: float,
+    kd_reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
 ) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    for name, value in weights:
-        if not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    check_number("temperature", temperature, "> 0", lambda v: v > 0)
+    check_number("ce_loss_weight", ce_loss_weight, ">= 0", lambda v: v >= 0)
+    check_number("kd_loss_weight", kd_loss_weight, ">= 0", lambda v: v >= 0)
     if kd_reduction not in KD_REDUCTIONS:
         raise ValueError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {kd_reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    check_int("ignore_index", ignore_index)
+    check_number("label_smoothing", label_smoothing, "in [0, 1]", lambda v: 0 <= v <= 1)
 
 
 def count_labelled(labels: torch.Tensor, num_classes: int, ignore_index: int) -> int:
