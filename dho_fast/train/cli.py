@@ -1,7 +1,9 @@
 """``dho-fast``: ``train`` a student from a YAML config and flags, ``eval`` a checkpoint.
 
 Every setting of :class:`~dho_fast.train.config.TrainConfig` is a flag (``lr`` is ``--lr``, ``train_dir`` is
-``--train-dir``; ``none`` unsets an optional one); flags override the YAML file given with ``--config``.
+``--train-dir``; ``none`` unsets an optional one); flags override the YAML file given with ``--config``. A boolean
+setting is a switch without a value (``--hflip`` / ``--no-hflip``): ``--hflip false`` is refused, as argparse
+refuses any stray word, so no string is ever read as a boolean.
 Multi-GPU: ``torchrun --nproc_per_node 8 -m dho_fast.train.cli train --config ...``.
 """
 
@@ -13,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dho_fast.train.config import TrainConfig, field_types, load_config
+from dho_fast.train.config import SettingTypeError, TrainConfig, field_types, load_config
 
 
 def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -29,13 +31,12 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = kinds[f.name]
-        if bool in kind:
+        if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
-        elif tuple in kind:
+        elif kind is tuple:
             parser.add_argument(flag, dest=f.name, type=float, nargs="+", default=argparse.SUPPRESS)
         else:
-            convert = next(k for k in (int, float, str) if k in kind)
-            parser.add_argument(flag, dest=f.name, type=_optional(convert), default=argparse.SUPPRESS)
+            parser.add_argument(flag, dest=f.name, type=_optional(kind), default=argparse.SUPPRESS)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(metrics, f, indent=2)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, SettingTypeError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         print(f"dho-fast: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,33 +1,90 @@
-"""The trainer's settings: one flat dataclass, read from YAML files and command-line flags, checked in one place."""
+"""The trainer's settings: one flat dataclass, read from YAML files and command-line flags, checked in one place.
+
+A setting is checked in three stages, each naming the key, what it takes and the value it got:
+
+1. Its type, against the field's own type hint (:func:`conform`): ``bool`` takes only ``True``/``False`` (YAML
+   ``true``/``false``; a quoted ``"false"`` or ``"no"`` is a string and refused), ``int`` takes integers but not
+   booleans or ``1.5``, ``float`` takes integers and floats but not strings (``"0.1"``), ``tuple[float, float]``
+   a list of exactly two numbers and ``tuple[float, ...]`` a list of numbers (stored as tuples of floats), a
+   ``Literal`` one of its strings, and ``X | None`` also ``None`` (YAML ``null``, the flag value ``none``).
+   A wrong type raises :class:`SettingTypeError` (a ``TypeError``), a string outside a ``Literal``'s choices a
+   ``ValueError`` that lists them.
+2. Every number's range (``RANGES``): finite, since NaN is in no interval and an open ``inf`` end excludes ``inf``.
+3. The rules between settings (:meth:`TrainConfig.validate`). Both of the last two raise ``ValueError``.
+"""
 
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-METHODS = ("dho", "kd", "ce")
-DATA_FORMATS = ("imagefolder", "coop")
-TEACHERS = ("open_clip", "tip_adapter", "logits")
-PRECISIONS = ("fp32", "bf16", "fp16")
-TEACHER_PRECISIONS = ("auto", *PRECISIONS)
-LR_DECAYS = ("cosine", "linear", "constant")
-IMAGE_MODES = ("RGB", "L")
-DEVICES = ("auto", "cpu", "cuda")
-
-# Settings that may change between a run and its resumption without changing what is computed.
 # Keys of earlier releases: ce_weight / kd_weight now name the heads' matrices only.
 RENAMED_KEYS = {"ce_weight": "ce_loss_weight", "kd_weight": "kd_loss_weight"}
+# Settings that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "log_every", "tensorboard", "progress", "eval_batch_size"})
+
+# Under fp16 the loss scaler skips a step whose gradients hold inf or NaN and halves its scale, as usual; this many
+# skipped steps in a row (a scale 2^20 times smaller: far beyond the one or two of a transient overflow) stop the run.
+MAX_SKIPPED_STEPS = 20
+
+# The range of every number setting, as in mathematics; a list setting's every value. Every int and float field has
+# one (tests/test_config.py checks it), so no number setting goes unchecked.
+RANGES = {
+    "labelled_fraction": "(0, 1]",
+    "num_labelled": "[1, inf)",
+    "shots": "[1, inf)",
+    "split_seed": "[0, inf)",
+    "student_size": "[1, inf)",
+    "teacher_size": "[1, inf)",
+    "crop_scale": "(0, 1]",
+    "student_mean": "(-inf, inf)",
+    "student_std": "(0, inf)",
+    "num_workers": "[0, inf)",
+    "kd_logit_scale": "(0, inf)",
+    "cnn_width": "[1, inf)",
+    "epochs": "[1, inf)",
+    "max_steps": "[1, inf)",
+    "labelled_batch_size": "[1, inf)",
+    "unlabelled_batch_size": "[0, inf)",
+    "lr": "(0, inf)",
+    "weight_decay": "[0, inf)",
+    "warmup_steps": "[0, inf)",
+    "warmup_fraction": "[0, 1)",
+    "warmup_start_factor": "(0, 1]",
+    "accumulation_steps": "[1, inf)",
+    "grad_clip": "(0, inf)",
+    "temperature": "(0, inf)",
+    "ce_loss_weight": "[0, inf)",
+    "kd_loss_weight": "[0, inf)",
+    "label_smoothing": "[0, 1]",
+    "alpha": "[0, 1]",
+    "beta": "(0, inf)",
+    "eval_batch_size": "[1, inf)",
+    "seed": "[0, inf)",
+    "checkpoint_every": "[1, inf)",
+    "log_every": "[1, inf)",
+}
+
+
+class SettingTypeError(TypeError):
+    """A setting whose value has the wrong type. The CLI reports it as a mistake in the config; other TypeErrors
+    are bugs and keep their traceback."""
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. Batch sizes are global: per optimizer step, summed over ranks."""
+    """Every setting of a training run. Batch sizes are global: per optimizer step, summed over ranks.
+
+    A run stops with ``FloatingPointError`` naming the step and its loss terms when the loss is not finite, before
+    that step changes the weights; under ``precision: fp16`` the loss scaler skips steps with inf/NaN gradients
+    instead, and ``MAX_SKIPPED_STEPS`` (20) such steps (or steps with a non-finite loss) in a row stop the run the
+    same way. The count starts afresh when a run resumes.
+    """
 
     # Data: an ImageFolder tree (train_dir, val_dir, test_dir) or a CoOp split json (split_json, image_root).
-    data_format: str = "imagefolder"
+    data_format: Literal["imagefolder", "coop"] = "imagefolder"
     train_dir: str | None = None
     val_dir: str | None = None
     test_dir: str | None = None
@@ -39,18 +96,18 @@ class TrainConfig:
     num_labelled: int | None = None
     shots: int | None = None
     split_seed: int = 1
-    image_mode: str = "RGB"
+    image_mode: Literal["RGB", "L"] = "RGB"
     student_size: int = 224
     teacher_size: int | None = None  # None: the teacher model's own input size
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool = True
-    interpolation: str = "bicubic"
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     student_mean: tuple[float, ...] | None = None  # None: the student's own normalisation
     student_std: tuple[float, ...] | None = None
     num_workers: int = 4
 
     # Student.
-    method: str = "dho"
+    method: Literal["dho", "kd", "ce"] = "dho"
     student: str = "resnet18"  # resnet18, mobilenet_v2, cnn, timm:NAME, open_clip:ARCH
     student_pretrained: str | None = None  # a local weights file (open_clip students: also a pretrained tag)
     student_templates: str | None = None  # prompts of an open_clip student's head init; None: teacher_templates
@@ -62,10 +119,10 @@ class TrainConfig:
     open_clip_config: str | None = None
 
     # Teacher.
-    teacher: str = "open_clip"
+    teacher: Literal["open_clip", "tip_adapter", "logits"] = "open_clip"
     teacher_arch: str = "RN50"
     teacher_pretrained: str | None = "openai"  # an open_clip pretrained tag or a local checkpoint file
-    teacher_precision: str = "auto"
+    teacher_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     teacher_templates: str = "a photo of a {}."  # dho_imagenet, openai_imagenet, or one template with "{}"
     teacher_logits: str | None = None  # teacher="logits": a (num_train, C) tensor file, one row per train index
     tip_adapter_checkpoint: str | None = None
@@ -80,8 +137,8 @@ class TrainConfig:
     warmup_steps: int | None = None
     warmup_fraction: float = 0.1
     warmup_start_factor: float = 0.01
-    lr_decay: str = "linear"
-    precision: str = "fp32"
+    lr_decay: Literal["cosine", "linear", "constant"] = "linear"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 adds a loss scaler: see the class docs
     accumulation_steps: int = 1
     grad_clip: float | None = None
     temperature: float = 2.0
@@ -97,7 +154,7 @@ class TrainConfig:
     # Run.
     output_dir: str = "runs/dho"
     seed: int = 0
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = 500
     resume: bool = False
     log_every: int = 50
@@ -105,19 +162,20 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, conform(f.name, hints[f.name], getattr(self, f.name)))
         self.validate()
 
     def validate(self) -> None:
-        """Raises ValueError naming the first setting that is out of range or inconsistent with the others."""
-        _choice("data_format", self.data_format, DATA_FORMATS)
-        _choice("method", self.method, METHODS)
-        _choice("teacher", self.teacher, TEACHERS)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("teacher_precision", self.teacher_precision, TEACHER_PRECISIONS)
-        _choice("lr_decay", self.lr_decay, LR_DECAYS)
-        _choice("image_mode", self.image_mode, IMAGE_MODES)
-        _choice("device", self.device, DEVICES)
-        _choice("interpolation", self.interpolation, ("bicubic", "bilinear", "nearest"))
+        """Raises ValueError naming the first number out of its range (``RANGES``) or setting inconsistent with
+        the others. The types were checked on construction."""
+        for name, interval in RANGES.items():
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else (value,)
+            if value is not None and not all(_in_interval(v, interval) for v in values):
+                subject = f"every value of {name}" if isinstance(value, tuple) else name
+                raise ValueError(f"{subject} must be in {interval}, got {value!r}")
         if self.data_format == "imagefolder" and not self.train_dir:
             raise ValueError("train_dir is required when data_format is 'imagefolder'")
         if self.data_format == "coop" and not (self.split_json and self.image_root):
@@ -127,23 +185,13 @@ class TrainConfig:
             raise ValueError(
                 f"exactly one of labelled_fraction, num_labelled, shots must be set, got {chosen or 'none'}"
             )
-        if self.labelled_fraction is not None and not 0 < self.labelled_fraction <= 1:
-            raise ValueError(f"labelled_fraction must be in (0, 1], got {self.labelled_fraction}")
-        for name in ("num_labelled", "shots", "student_size", "teacher_size", "epochs", "max_steps", "cnn_width"):
-            _positive(name, getattr(self, name))
-        for name in ("labelled_batch_size", "eval_batch_size", "accumulation_steps", "checkpoint_every", "log_every"):
-            _positive(name, getattr(self, name))
         if self.epochs is None and self.max_steps is None:
             raise ValueError("max_steps must be set when epochs is None (no limit on epochs)")
-        if self.unlabelled_batch_size < 0:
-            raise ValueError(f"unlabelled_batch_size must be >= 0, got {self.unlabelled_batch_size}")
         if self.method != "ce" and self.unlabelled_batch_size == 0 and self.labelled_fraction != 1:
             raise ValueError(f"unlabelled_batch_size must be > 0 for method '{self.method}' (KD needs unlabelled rows)")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if lo > hi:
+            raise ValueError(f"crop_scale must be (lo, hi) with lo <= hi, got {self.crop_scale}")
         if (self.student_mean is None) != (self.student_std is None):
             raise ValueError("student_mean and student_std must be given together")
         channels = 1 if self.image_mode == "L" else 3
@@ -155,31 +203,8 @@ class TrainConfig:
             raise ValueError("teacher_logits (a file of precomputed logits) is required when teacher is 'logits'")
         if self.teacher == "tip_adapter" and self.method != "ce" and not self.tip_adapter_checkpoint:
             raise ValueError("tip_adapter_checkpoint is required when teacher is 'tip_adapter'")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not 0 < self.warmup_start_factor <= 1:
-            raise ValueError(f"warmup_start_factor must be in (0, 1], got {self.warmup_start_factor}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("ce_loss_weight", "kd_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.label_smoothing <= 1:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
         if (self.alpha is None) != (self.beta is None):
             raise ValueError("alpha and beta must be given together (fixed blend) or both left unset (searched)")
-        if self.alpha is not None and not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.beta is not None and self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (tuples as lists), as written to YAML and to checkpoints."""
@@ -187,30 +212,48 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Builds a config from plain values; unknown keys are an error that lists them."""
+        """Builds a config from plain values (lists for tuples); unknown keys are an error that lists them."""
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             renamed = [f"{key} is now {RENAMED_KEYS[key]}" for key in unknown if key in RENAMED_KEYS]
             hint = f" ({'; '.join(renamed)})" if renamed else ""
             raise ValueError(f"unknown config keys {unknown}{hint}")
-        kinds = field_types()
-        converted = {}
-        for key, value in values.items():
-            if value is not None and tuple in kinds[key]:
-                if not isinstance(value, list | tuple):
-                    raise ValueError(f"{key} must be a list of numbers, got {value!r}")
-                value = tuple(float(v) for v in value)
-            converted[key] = value
-        return cls(**converted)
+        return cls(**values)
 
 
-def field_types() -> dict[str, tuple[type, ...]]:
-    """For each setting, the plain types it accepts besides None (e.g. ``(int,)``, ``(tuple,)``)."""
-    hints = typing.get_type_hints(TrainConfig)
+def conform(name: str, hint: Any, value: Any) -> Any:
+    """``value`` as setting ``name``, of type ``hint``, stores it: unchanged, an int widened to float for a float, a
+    list of numbers made a tuple of floats for a tuple. Raises SettingTypeError when ``value`` is not of the type
+    ``hint`` names (module docs), ValueError when it is not one of a ``Literal``'s choices."""
+    kind, optional = _without_none(hint)
+    if value is None and optional:
+        return None
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if not (isinstance(value, str) and value in choices):
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        return value
+    if not _is_instance(value, kind):
+        expected = _describe(kind) + (" or null" if optional else "")
+        hint_text = ""
+        if isinstance(value, str) and _reads_as_float(value):
+            hint_text = "; write numbers unquoted, exponents with a dot (1.0e-3: YAML reads 1e-3 as a string)"
+        raise SettingTypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}){hint_text}")
+    if kind is float:
+        return float(value)
+    if typing.get_origin(kind) is tuple:
+        return tuple(float(v) for v in value)
+    return value
+
+
+def field_types() -> dict[str, type]:
+    """For each setting, the plain type of its values besides None: bool, int, float, str (also for the strings of a
+    ``Literal``) or tuple."""
     kinds = {}
-    for name, hint in hints.items():
-        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        kinds[name] = tuple(typing.get_origin(a) or a for a in args if a is not type(None))
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        kind, _ = _without_none(hint)
+        origin = typing.get_origin(kind)
+        kinds[name] = str if origin is Literal else origin or kind
     return kinds
 
 
@@ -231,11 +274,51 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return TrainConfig.from_dict(values)
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+def _without_none(hint: Any) -> tuple[Any, bool]:
+    """``(X, True)`` for ``X | None``, ``(hint, False)`` otherwise."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (kind,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+        return kind, True
+    return hint, False
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)  # True is an int to Python, not to a config
+
+
+def _is_instance(value: Any, kind: Any) -> bool:
+    if kind is bool or kind is str:
+        return isinstance(value, kind)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return _is_number(value)
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list | tuple):
+            return False
+        args = typing.get_args(kind)
+        return (args[-1] is Ellipsis or len(value) == len(args)) and all(_is_number(v) for v in value)
+    raise NotImplementedError(f"settings of type {kind} have no type check")
+
+
+def _describe(kind: Any) -> str:
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        return "a list of numbers" if args[-1] is Ellipsis else f"a list of {len(args)} numbers"
+    return {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}[kind]
+
+
+def _reads_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    """Whether ``value`` lies in ``interval``, written as ``"(0, 1]"`` or ``"[0, inf)"``; NaN lies in none."""
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below

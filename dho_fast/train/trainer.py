@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from dho_fast.train import checkpoint
 from dho_fast.train.build import build_data, build_run_student, build_teacher, eval_dataset, train_dataset
-from dho_fast.train.config import RESUMABLE_CHANGES, TrainConfig
+from dho_fast.train.config import MAX_SKIPPED_STEPS, RESUMABLE_CHANGES, TrainConfig
 from dho_fast.train.data import IGNORE_INDEX
 from dho_fast.train.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from dho_fast.train.evaluate import autocast, head_metrics, predict_logits
@@ -104,6 +104,7 @@ class _Trainer:
             self.optimizer, self.total_steps, min(warmup, self.total_steps), config.warmup_start_factor, config.lr_decay
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        self.overflows_in_a_row = 0  # fp16 steps in a row with inf/NaN gradients (skipped by the scaler) or loss
         self.step = 0
         self.alpha, self.beta = config.alpha, config.beta
         self.history: list[dict] = []
@@ -233,6 +234,7 @@ class _Trainer:
         progress = _progress(cfg.progress and info.is_main, self.total_steps, self.step)
         # Since the last log: summed loss, ce and kd terms of the micro-batches, their count, and the images.
         sums = torch.zeros(5, dtype=torch.float64, device=info.device)
+        step_terms = torch.zeros(3, dtype=torch.float64, device=info.device)  # this step's loss, ce and kd terms
         window_start = time.perf_counter()
         accum = cfg.accumulation_steps
         for micro, batch in enumerate(self._loader()):
@@ -252,9 +254,11 @@ class _Trainer:
                 self.scaler.scale(loss / accum).backward()
             terms = torch.stack([loss.detach(), ce_term.detach(), kd_term.detach()]).double()
             sums += torch.cat([terms, terms.new_tensor([1.0, len(images)])])
+            step_terms += terms
             if not last_micro:
                 continue
-            self._optimizer_step()
+            self._optimizer_step(step_terms)
+            step_terms.zero_()
             progress.update(1)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 window_start = self._log_train(sums, window_start, progress)
@@ -276,12 +280,46 @@ class _Trainer:
         self.log.close()
         return TrainResult(self.step, self.ckpt_path, self.alpha, self.beta, self.val_metrics, test, self.history)
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, step_terms: torch.Tensor) -> None:
+        """Applies one optimizer step; ``step_terms``: this rank's loss, ce and kd terms summed over the step's
+        micro-batches, (3,) float64.
+
+        Raises FloatingPointError naming the step and its terms when the loss is not finite on any rank, before the
+        weights change; under the fp16 loss scaler, which skips a step with inf/NaN gradients, only once it has
+        skipped ``MAX_SKIPPED_STEPS`` in a row. Every rank takes the same decision, so none is left waiting in a
+        collective: the loss terms are summed over ranks (a NaN anywhere makes the sum NaN) and the scaler's
+        verdict comes from gradients DDP has already averaged.
+        """
+        # One scalar sync per step, the price of naming the exact step and of no NaN update reaching a checkpoint.
+        totals = all_reduce_sum(step_terms, self.info).tolist()
+        finite = all(math.isfinite(v) for v in totals)
+        step = self.step + 1
+        means = ", ".join(
+            f"{name} {value / (self.config.accumulation_steps * self.info.world_size):.6g}"
+            for name, value in zip(("loss", "ce", "kd"), totals, strict=True)
+        )
+        if not finite and not self.scaler.is_enabled():
+            raise FloatingPointError(
+                f"the loss is not finite at step {step} ({means}; means over the step's micro-batches and ranks): "
+                "the run stops before this step changes the weights (a smaller lr may help)"
+            )
         if self.config.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.scaler.is_enabled():
+            # The scaler lowers its scale exactly when it skipped the step for inf/NaN gradients.
+            overflow = self.scaler.get_scale() < scale or not finite
+            self.overflows_in_a_row = self.overflows_in_a_row + 1 if overflow else 0
+            if self.overflows_in_a_row == MAX_SKIPPED_STEPS:
+                first = step - MAX_SKIPPED_STEPS + 1
+                raise FloatingPointError(
+                    f"inf or NaN gradients or loss in {MAX_SKIPPED_STEPS} fp16 steps in a row, steps {first} to "
+                    f"{step}, which the loss scaler skipped (step {step}: {means}; means over the step's micro-batches "
+                    "and ranks): the run stops"
+                )
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
