@@ -222,7 +222,10 @@ class LogitsTeacher(nn.Module):
                 loaded = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             # PyTorch's message advises weights_only=False, which would run whatever code the file holds.
-            raise ValueError(f"{source} holds objects other than tensors and plain Python values") from None
+            raise ValueError(
+                f"{source} cannot be read by torch.load with weights_only=True: it is damaged, or holds objects "
+                "other than tensors and plain Python values"
+            ) from None
         except Exception as error:  # numpy and torch report a damaged file with many exception types
             raise ValueError(f"{source} cannot be read: {type(error).__name__}: {error}") from None
         if isinstance(loaded, np.ndarray):
