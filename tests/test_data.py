@@ -1,6 +1,7 @@
 """Data splits, k-shot sampling, the paired batch sampler and the shared student/teacher crop."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from dho_fast.train.data import (
     k_shot_indices,
     load_coop_splits,
     load_image_folder_splits,
+    scan_image_folder,
 )
 from dho_fast.train.sampling import PairedBatchSampler, steps_per_epoch
 from dho_fast.train.transforms import PairedTransform
@@ -176,3 +178,49 @@ def test_dataset_items(tmp_path):
     assert labelled["index"] == 3 and "teacher" not in labelled
     torch.testing.assert_close(labelled["student"], unlabelled["student"])
     assert plain["student"].shape == (1, 8, 8) and plain["student"].dtype == torch.float32
+
+
+def test_empty_class_folder_is_an_error_a_missing_one_is_not(tmp_path):
+    trees = digits_trees(tmp_path)
+    _, class_dirs = scan_image_folder(trees["train"])
+    missing = tmp_path / "val" / "digit_2"
+    for image in missing.iterdir():
+        image.unlink()
+    missing.rmdir()
+    samples, _ = scan_image_folder(trees["val"], class_dirs)  # a val tree may lack a class
+    assert samples and 2 not in {s.label for s in samples}
+    missing.mkdir()
+    (missing / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=f"class folder {missing} holds no images"):
+        scan_image_folder(trees["val"], class_dirs)
+    empty = tmp_path / "train" / "digit_1"
+    for image in empty.iterdir():
+        image.unlink()
+    with pytest.raises(ValueError, match=f"class folder {empty} holds no images"):
+        load_image_folder_splits(trees["train"])
+
+
+def _truncate(path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, cause",
+    [
+        (_truncate, "OSError"),
+        (lambda p: p.write_bytes(b"not a png"), "UnidentifiedImageError"),
+        (Path.unlink, "No such file"),
+    ],
+)
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_unreadable_image_names_its_file(tmp_path, damage, cause, num_workers):
+    trees = digits_trees(tmp_path)
+    splits = load_image_folder_splits(trees["train"])
+    bad = Path(splits.train[5].path)
+    damage(bad)
+    dataset = ImageDataset(splits.train, PairedTransform(8, (0.5,), (0.5,)), "L")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=num_workers)
+    with pytest.raises(ValueError) as info:
+        list(loader)
+    assert type(info.value) is ValueError
+    assert f"image {bad} cannot be read" in str(info.value) and cause in str(info.value)

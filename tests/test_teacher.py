@@ -1,10 +1,12 @@
 """Teachers: a real (tiny, random-weight) open_clip model end to end, Tip-Adapter-F, precomputed logits."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from trainer_fixtures import register_tiny_clip, tiny_clip_config
+from trainer_fixtures import count_train_images, digits_trees, register_tiny_clip, run_settings, tiny_clip_config
 
 from dho_fast.train.build import build_teacher
 from dho_fast.train.config import TrainConfig
@@ -18,6 +20,7 @@ from dho_fast.train.teacher import (
     create_open_clip,
     prompt_templates,
 )
+from dho_fast.train.trainer import train
 
 CLASSES = ["cat", "dog", "ship"]
 
@@ -141,3 +144,97 @@ def test_logits_teacher(tmp_path, suffix):
         LogitsTeacher.from_file(path, 7, 3)
     with pytest.raises(FileNotFoundError, match="teacher_logits"):
         LogitsTeacher.from_file(tmp_path / "missing.pt", 6, 3)
+
+
+def _logits_with(row: int, column: int, value: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    logits = torch.randn(6, 3, dtype=dtype)
+    logits[row, column] = value
+    return logits
+
+
+def _write_npy(path, array) -> None:
+    with open(path, "wb") as f:  # np.save would append ".npy" to a name without it
+        np.save(f, array)
+
+
+def _truncated(path) -> None:
+    torch.save(torch.randn(6, 3), path)
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+#: name -> (writes the bad file at path, exception type, words of the message besides the file's name)
+BAD_LOGITS_FILES = {
+    "nan": (lambda p: torch.save(_logits_with(4, 1, float("nan")), p), ValueError, "row 4 column 1 is nan"),
+    "+inf": (lambda p: torch.save(_logits_with(2, 0, float("inf")), p), ValueError, "row 2 column 0 is inf"),
+    "row all -inf": (
+        lambda p: torch.save(torch.randn(6, 3).index_fill_(0, torch.tensor([3]), float("-inf")), p),
+        ValueError,
+        "row 3 is -inf in every column",
+    ),
+    "float64 overflowing float32": (
+        lambda p: torch.save(_logits_with(5, 2, 1e300, torch.float64), p),
+        ValueError,
+        "row 5 column 2 is inf",
+    ),
+    "npy nan": (lambda p: _write_npy(p, _logits_with(1, 2, float("nan")).numpy()), ValueError, "row 1 column 2"),
+    "rows": (lambda p: torch.save(torch.randn(7, 3), p), ValueError, "one column per class (6, 3), got (7, 3)"),
+    "columns": (lambda p: torch.save(torch.randn(6, 4), p), ValueError, "one column per class (6, 3), got (6, 4)"),
+    "1-d": (lambda p: torch.save(torch.randn(18), p), ValueError, "must be a float tensor (N, C), got shape (18,)"),
+    "int64": (lambda p: torch.save(torch.ones(6, 3, dtype=torch.int64), p), TypeError, "got a torch.int64 tensor"),
+    "npy int32": (lambda p: _write_npy(p, np.ones((6, 3), np.int32)), TypeError, "got a numpy int32 array"),
+    "dict without logits": (
+        lambda p: torch.save({"scores": torch.randn(6, 3)}, p),
+        TypeError,
+        "a dict with 'logits', got a dict of ['scores']",
+    ),
+    "list": (lambda p: torch.save([torch.randn(6, 3)], p), TypeError, "got a list"),
+    "empty": (lambda p: p.write_bytes(b""), ValueError, "cannot be read"),
+    "text": (lambda p: p.write_text("0.1, 0.2\n"), ValueError, "cannot be read"),
+    "truncated": (_truncated, ValueError, "cannot be read"),
+    "numpy in the pickle": (lambda p: torch.save({"logits": np.zeros((6, 3))}, p), ValueError, "objects other than"),
+    "npy of objects": (lambda p: _write_npy(p, np.array([{}] * 18).reshape(6, 3)), ValueError, "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LOGITS_FILES)
+def test_bad_logits_file_is_refused_naming_it(tmp_path, case):
+    write, error, words = BAD_LOGITS_FILES[case]
+    path = tmp_path / ("logits.npy" if case.startswith("npy") else "logits.pt")
+    write(path)
+    with pytest.raises(error) as info:
+        LogitsTeacher.from_file(path, 6, 3)
+    assert type(info.value) is error
+    assert str(info.value).startswith(f"teacher_logits {path} ") and words in str(info.value)
+    assert "weights_only=False" not in str(info.value)
+
+
+def test_logits_file_row_is_the_file_row_and_masks_are_kept(tmp_path):
+    """A NaN past the first block of rows the check reads at a time is reported at its row of the file."""
+    logits = torch.randn(70_000, 2)
+    logits[:, 1] = float("-inf")  # every row masks one class: allowed
+    path = tmp_path / "logits.pt"
+    torch.save(logits, path)
+    torch.testing.assert_close(LogitsTeacher.from_file(path, 70_000, 2).logits, logits)
+    logits[69_001, 0] = float("nan")
+    logits[69_002, 0] = float("inf")
+    torch.save(logits, path)
+    with pytest.raises(ValueError, match="row 69001 column 0 is nan"):
+        LogitsTeacher.from_file(path, 70_000, 2)
+
+
+def test_logits_file_hash_is_of_its_bytes(tmp_path):
+    path = tmp_path / "logits.pt"
+    torch.save(torch.randn(6, 3), path)
+    assert LogitsTeacher.from_file(path, 6, 3).sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_trainer_refuses_a_bad_logits_file_before_any_step(tmp_path):
+    trees = digits_trees(tmp_path / "digits")
+    logits = torch.randn(count_train_images(trees), 4)
+    logits[7, 3] = float("nan")
+    path = tmp_path / "logits.pt"
+    torch.save(logits, path)
+    settings = run_settings(trees, tmp_path / "out", teacher="logits", teacher_logits=str(path))
+    with pytest.raises(ValueError, match=f"teacher_logits {path} row 7 column 3 is nan"):
+        train(TrainConfig(**settings))
+    assert not (tmp_path / "out" / "last.pt").exists()

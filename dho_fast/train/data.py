@@ -40,7 +40,8 @@ def scan_image_folder(root: str | Path, class_dirs: Sequence[str] | None = None)
     """Images of an ImageFolder tree ``root/<class>/<image>``, sorted by class folder then file name.
 
     Class indices follow the sorted folder names, or ``class_dirs`` when given (so val and test trees index their
-    classes like the train tree; a class folder missing from them simply has no images).
+    classes like the train tree; a class folder missing from them simply has no images). A class folder that exists
+    but holds no image is an error: a class without images is a mistake in the tree, not a class.
     """
     root = Path(root)
     if not root.is_dir():
@@ -63,6 +64,8 @@ def scan_image_folder(root: str | Path, class_dirs: Sequence[str] | None = None)
             for f in names
             if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
         ]
+        if not files and name in found:
+            raise ValueError(f"class folder {root / name} holds no images with extensions {IMAGE_EXTENSIONS}")
         samples.extend(Sample(path, label) for path in sorted(files))
     if not samples:
         raise ValueError(f"image folder {root} holds no images with extensions {IMAGE_EXTENSIONS}")
@@ -195,10 +198,18 @@ def complement(indices: np.ndarray, size: int) -> np.ndarray:
 
 
 def pil_loader(path: str, mode: str = "RGB") -> Image.Image:
-    """Opens an image file and converts it to ``mode`` ("RGB" or "L")."""
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        return image.convert(mode)
+    """Opens an image file and converts it to ``mode`` ("RGB" or "L").
+
+    Raises ValueError naming ``path`` when the file is truncated or not an image PIL reads: a data-loader worker
+    passes only the message on, and PIL's (``image file is truncated``) names no file.
+    """
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert(mode)
+    # PIL raises OSError (UnidentifiedImageError, truncated data), SyntaxError and ValueError for broken files.
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"image {path} cannot be read: {type(error).__name__}: {error}") from error
 
 
 class ImageDataset(torch.utils.data.Dataset):

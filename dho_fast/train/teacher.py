@@ -5,6 +5,9 @@ Every teacher maps a batch to float32 logits ``(N, C)`` without gradients: ``tea
 indices.
 """
 
+import hashlib
+import io
+import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -175,35 +178,94 @@ class ClipTeacher(nn.Module):
 
 
 class LogitsTeacher(nn.Module):
-    """Precomputed teacher logits, one row per train-pool index: ``teacher(None, indices) = logits[indices]``."""
+    """Precomputed teacher logits, one row per train-pool index: ``teacher(None, indices) = logits[indices]``.
+
+    ``logits``: (N, C) float tensor (stored as float32), finite except ``-inf`` for masked classes, with a finite
+    entry in every row (the loss's rule for teacher logits); ``source`` names it in errors; ``sha256``: the hex
+    SHA-256 of the file it came from (:meth:`from_file`), which a resumed run compares with its checkpoint's.
+    """
 
     needs_images = False
 
-    def __init__(self, logits: torch.Tensor) -> None:
+    def __init__(self, logits: torch.Tensor, *, source: str = "teacher logits", sha256: str | None = None) -> None:
         super().__init__()
-        if logits.dim() != 2 or not logits.is_floating_point():
-            raise ValueError(f"teacher logits must be a float tensor (N, C), got {logits.dtype} {tuple(logits.shape)}")
-        self.register_buffer("logits", logits.float())
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+            what = f"a {logits.dtype} tensor" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
+            raise TypeError(f"{source} must be a float tensor (N, C), got {what}")
+        if logits.dim() != 2 or logits.shape[1] == 0:
+            raise ValueError(f"{source} must be a float tensor (N, C), got shape {tuple(logits.shape)}")
+        logits = logits.float()
+        _check_rows(logits, source)
+        self.register_buffer("logits", logits)
+        self.sha256 = sha256
 
     @classmethod
     def from_file(cls, path: str | Path, num_rows: int, num_classes: int) -> "LogitsTeacher":
-        """Reads a ``.pt``/``.pth`` file (a tensor, or a dict with ``"logits"``) or a ``.npy`` file of
-        shape (num_rows, num_classes)."""
+        """Reads a ``.pt``/``.pth`` file (a tensor, or a dict with ``"logits"``, loaded with ``weights_only=True``)
+        or a ``.npy`` file of shape (num_rows, num_classes), and checks it before any step runs.
+
+        The file is read once: its bytes are hashed (SHA-256, ~1 GB/s) and deserialised from memory, so the hash is
+        of exactly what was loaded (the bytes are held twice for a moment). Raises FileNotFoundError, ValueError
+        (unreadable file, wrong shape, NaN/+inf, a row -inf everywhere; naming the file row) or TypeError (not a float
+        tensor), each naming ``path``.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"teacher_logits {path} does not exist")
-        if path.suffix == ".npy":
-            logits = torch.from_numpy(np.load(path))
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-            logits = loaded["logits"] if isinstance(loaded, dict) else loaded
-        if tuple(logits.shape) != (num_rows, num_classes):
+        source = f"teacher_logits {path}"
+        content = path.read_bytes()
+        sha256 = hashlib.sha256(content).hexdigest()
+        try:
+            if path.suffix == ".npy":
+                loaded = np.load(io.BytesIO(content))
+            else:
+                loaded = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # PyTorch's message advises weights_only=False, which would run whatever code the file holds.
             raise ValueError(
-                f"teacher_logits {path} must have one row per train image and one column per class "
-                f"({num_rows}, {num_classes}), got {tuple(logits.shape)}"
+                f"{source} cannot be read by torch.load with weights_only=True: it is damaged, or holds objects "
+                "other than tensors and plain Python values"
+            ) from None
+        except Exception as error:  # numpy and torch report a damaged file with many exception types
+            raise ValueError(f"{source} cannot be read: {type(error).__name__}: {error}") from None
+        if isinstance(loaded, np.ndarray):
+            if loaded.dtype.kind != "f":
+                raise TypeError(f"{source} must be a float array (N, C), got a numpy {loaded.dtype} array")
+            loaded = torch.from_numpy(loaded)
+        if isinstance(loaded, dict):
+            if "logits" not in loaded:
+                keys = sorted(map(str, loaded))
+                raise TypeError(f"{source} must hold a tensor or a dict with 'logits', got a dict of {keys}")
+            loaded = loaded["logits"]
+        if isinstance(loaded, torch.Tensor) and loaded.dim() == 2 and tuple(loaded.shape) != (num_rows, num_classes):
+            raise ValueError(
+                f"{source} must have one row per train image and one column per class "
+                f"({num_rows}, {num_classes}), got {tuple(loaded.shape)}"
             )
-        return cls(logits)
+        return cls(loaded, source=source, sha256=sha256)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor | None, indices: torch.Tensor) -> torch.Tensor:
         return self.logits[indices.to(self.logits.device)]
+
+
+#: Rows checked at a time: the masks of a whole ImageNet logits table (1.28M x 1000) would take gigabytes.
+_CHECK_ROWS = 65536
+
+
+def _check_rows(logits: torch.Tensor, source: str) -> None:
+    """Raises ValueError naming the first row of ``logits`` (N, C) float32 with a NaN or +inf, or -inf in every
+    column: the loss accepts -inf only for masked classes."""
+    for start in range(0, logits.shape[0], _CHECK_ROWS):
+        block = logits[start : start + _CHECK_ROWS]
+        bad = (block.isnan() | block.isposinf()).any(dim=1) | block.isneginf().all(dim=1)
+        if bool(bad.any()):
+            row = start + int(bad.nonzero()[0, 0])
+            values = logits[row]
+            if values.isneginf().all():
+                raise ValueError(f"{source} row {row} is -inf in every column: the teacher distribution is undefined")
+            column = int((values.isnan() | values.isposinf()).nonzero()[0, 0])
+            raise ValueError(
+                f"{source} row {row} column {column} is {values[column].item()} "
+                "(only -inf is allowed, for masked classes)"
+            )

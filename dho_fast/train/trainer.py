@@ -21,9 +21,9 @@ from dho_fast.train.evaluate import autocast, head_metrics, predict_logits
 from dho_fast.train.metrics_log import MetricsLog
 from dho_fast.train.sampling import PairedBatchSampler, steps_per_epoch
 from dho_fast.train.schedule import build_scheduler
+from dho_fast.train.teacher import LogitsTeacher
 
 CHECKPOINT_NAME = "last.pt"
-CHECKPOINT_VERSION = 1
 
 
 @dataclass
@@ -74,6 +74,8 @@ class _Trainer:
             raise FileExistsError(
                 f"{self.ckpt_path} exists: pass resume to continue that run, or choose another output_dir"
             )
+        if info.is_main:
+            checkpoint.remove_stale_temp_files(self.ckpt_path)  # of a run killed while it wrote a checkpoint
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.data = build_data(config)
         splits = self.data.splits
@@ -119,6 +121,11 @@ class _Trainer:
     def _load_checkpoint(self) -> None:
         state = checkpoint.load(self.ckpt_path)
         _check_resumable(state["config"], self.config)
+        if state["teacher_logits_sha256"] != self._teacher_logits_sha256():
+            raise ValueError(
+                f"cannot resume: teacher_logits {self.config.teacher_logits} changed since {self.ckpt_path} was "
+                f"written (SHA-256 {self._teacher_logits_sha256()}, the checkpoint's {state['teacher_logits_sha256']})"
+            )
         self.student.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -135,11 +142,13 @@ class _Trainer:
             )
         checkpoint.set_rng_state(rng[self.info.rank % len(rng)])
 
+    def _teacher_logits_sha256(self) -> str | None:
+        return self.teacher.sha256 if isinstance(self.teacher, LogitsTeacher) else None
+
     def _save_checkpoint(self, test: dict | None = None) -> None:
         rng = gather_objects(checkpoint.rng_state(), self.info)  # every rank's generators, collected on all
         if self.info.is_main:
             state = {
-                "version": CHECKPOINT_VERSION,
                 "config": self.config.to_dict(),
                 "step": self.step,
                 "total_steps": self.total_steps,
@@ -156,6 +165,7 @@ class _Trainer:
                 "history": self.history,
                 "val": self.val_metrics,
                 "test": test,
+                "teacher_logits_sha256": self._teacher_logits_sha256(),
             }
             checkpoint.save_atomic(state, self.ckpt_path)
             self.log.log("checkpoint", self.step, {"path": str(self.ckpt_path)})
