@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from trainer_fixtures import count_train_images, digits_trees, register_tiny_clip, run_settings, tiny_clip_config
 
+from dho_fast.train import cli
 from dho_fast.train.build import build_teacher
-from dho_fast.train.config import TrainConfig
+from dho_fast.train.config import InputTypeError, TrainConfig
 from dho_fast.train.teacher import (
     DHO_IMAGENET_TEMPLATES,
     ClipTeacher,
@@ -180,14 +182,14 @@ BAD_LOGITS_FILES = {
     "rows": (lambda p: torch.save(torch.randn(7, 3), p), ValueError, "one column per class (6, 3), got (7, 3)"),
     "columns": (lambda p: torch.save(torch.randn(6, 4), p), ValueError, "one column per class (6, 3), got (6, 4)"),
     "1-d": (lambda p: torch.save(torch.randn(18), p), ValueError, "must be a float tensor (N, C), got shape (18,)"),
-    "int64": (lambda p: torch.save(torch.ones(6, 3, dtype=torch.int64), p), TypeError, "got a torch.int64 tensor"),
-    "npy int32": (lambda p: _write_npy(p, np.ones((6, 3), np.int32)), TypeError, "got a numpy int32 array"),
+    "int64": (lambda p: torch.save(torch.ones(6, 3, dtype=torch.int64), p), InputTypeError, "got a torch.int64 tensor"),
+    "npy int32": (lambda p: _write_npy(p, np.ones((6, 3), np.int32)), InputTypeError, "got a numpy int32 array"),
     "dict without logits": (
         lambda p: torch.save({"scores": torch.randn(6, 3)}, p),
-        TypeError,
+        InputTypeError,
         "a dict with 'logits', got a dict of ['scores']",
     ),
-    "list": (lambda p: torch.save([torch.randn(6, 3)], p), TypeError, "got a list"),
+    "list": (lambda p: torch.save([torch.randn(6, 3)], p), InputTypeError, "got a list"),
     "empty": (lambda p: p.write_bytes(b""), ValueError, "cannot be read"),
     "text": (lambda p: p.write_text("0.1, 0.2\n"), ValueError, "cannot be read"),
     "truncated": (_truncated, ValueError, "cannot be read"),
@@ -238,3 +240,14 @@ def test_trainer_refuses_a_bad_logits_file_before_any_step(tmp_path):
     with pytest.raises(ValueError, match=f"teacher_logits {path} row 7 column 3 is nan"):
         train(TrainConfig(**settings))
     assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_cli_reports_a_logits_file_of_the_wrong_type_without_a_traceback(tmp_path, capsys):
+    trees = digits_trees(tmp_path / "digits")
+    path = tmp_path / "logits.pt"
+    torch.save(torch.ones(count_train_images(trees), 4, dtype=torch.int64), path)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_settings(trees, tmp_path / "out", teacher="logits", teacher_logits=str(path))))
+    assert cli.main(["train", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert f"teacher_logits {path} must be a float tensor" in error and "Traceback" not in error

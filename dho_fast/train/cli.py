@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dho_fast.train.config import SettingTypeError, TrainConfig, field_types, load_config
+from dho_fast.train.config import InputTypeError, TrainConfig, field_types, load_config
 
 
 def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(metrics, f, indent=2)
-    except (ValueError, SettingTypeError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+    except (ValueError, InputTypeError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         print(f"dho-fast: error: {error}", file=sys.stderr)
         return 2
     return 0

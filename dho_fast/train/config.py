@@ -7,7 +7,7 @@ A setting is checked in three stages, each naming the key, what it takes and the
    booleans or ``1.5``, ``float`` takes integers and floats but not strings (``"0.1"``), ``tuple[float, float]``
    a list of exactly two numbers and ``tuple[float, ...]`` a list of numbers (stored as tuples of floats), a
    ``Literal`` one of its strings, and ``X | None`` also ``None`` (YAML ``null``, the flag value ``none``).
-   A wrong type raises :class:`SettingTypeError` (a ``TypeError``), a string outside a ``Literal``'s choices a
+   A wrong type raises :class:`InputTypeError` (a ``TypeError``), a string outside a ``Literal``'s choices a
    ``ValueError`` that lists them.
 2. Every number's range (``RANGES``): finite, since NaN is in no interval and an open ``inf`` end excludes ``inf``.
 3. The rules between settings (:meth:`TrainConfig.validate`). Both of the last two raise ``ValueError``.
@@ -68,9 +68,9 @@ RANGES = {
 }
 
 
-class SettingTypeError(TypeError):
-    """A setting whose value has the wrong type. The CLI reports it as a mistake in the config; other TypeErrors
-    are bugs and keep their traceback."""
+class InputTypeError(TypeError):
+    """A setting, or the contents of a file a setting names (e.g. ``teacher_logits``), of the wrong type. The CLI
+    reports it as the user's mistake; other TypeErrors are bugs and keep their traceback."""
 
 
 @dataclass
@@ -223,7 +223,7 @@ class TrainConfig:
 
 def conform(name: str, hint: Any, value: Any) -> Any:
     """``value`` as setting ``name``, of type ``hint``, stores it: unchanged, an int widened to float for a float, a
-    list of numbers made a tuple of floats for a tuple. Raises SettingTypeError when ``value`` is not of the type
+    list of numbers made a tuple of floats for a tuple. Raises InputTypeError when ``value`` is not of the type
     ``hint`` names (module docs), ValueError when it is not one of a ``Literal``'s choices."""
     kind, optional = _without_none(hint)
     if value is None and optional:
@@ -238,7 +238,7 @@ def conform(name: str, hint: Any, value: Any) -> Any:
         hint_text = ""
         if isinstance(value, str) and _reads_as_float(value):
             hint_text = "; write numbers unquoted, exponents with a dot (1.0e-3: YAML reads 1e-3 as a string)"
-        raise SettingTypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}){hint_text}")
+        raise InputTypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}){hint_text}")
     if kind is float:
         return float(value)
     if typing.get_origin(kind) is tuple:

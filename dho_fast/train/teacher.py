@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dho_fast.train.config import InputTypeError
+
 #: The 7 ImageNet prompts of the DHO reference (METHOD.md).
 DHO_IMAGENET_TEMPLATES = (
     "itap of a {}.",
@@ -191,7 +193,7 @@ class LogitsTeacher(nn.Module):
         super().__init__()
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
             what = f"a {logits.dtype} tensor" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
-            raise TypeError(f"{source} must be a float tensor (N, C), got {what}")
+            raise InputTypeError(f"{source} must be a float tensor (N, C), got {what}")
         if logits.dim() != 2 or logits.shape[1] == 0:
             raise ValueError(f"{source} must be a float tensor (N, C), got shape {tuple(logits.shape)}")
         logits = logits.float()
@@ -230,12 +232,12 @@ class LogitsTeacher(nn.Module):
             raise ValueError(f"{source} cannot be read: {type(error).__name__}: {error}") from None
         if isinstance(loaded, np.ndarray):
             if loaded.dtype.kind != "f":
-                raise TypeError(f"{source} must be a float array (N, C), got a numpy {loaded.dtype} array")
+                raise InputTypeError(f"{source} must be a float array (N, C), got a numpy {loaded.dtype} array")
             loaded = torch.from_numpy(loaded)
         if isinstance(loaded, dict):
             if "logits" not in loaded:
                 keys = sorted(map(str, loaded))
-                raise TypeError(f"{source} must hold a tensor or a dict with 'logits', got a dict of {keys}")
+                raise InputTypeError(f"{source} must hold a tensor or a dict with 'logits', got a dict of {keys}")
             loaded = loaded["logits"]
         if isinstance(loaded, torch.Tensor) and loaded.dim() == 2 and tuple(loaded.shape) != (num_rows, num_classes):
             raise ValueError(
