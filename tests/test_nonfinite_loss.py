@@ -6,6 +6,7 @@ The loss is made non-finite for real: AdamW's first update moves every weight by
 step), so ``lr = 1e30`` leaves weights near 1e30 whose products overflow in the next forward: step 2's loss is NaN.
 """
 
+import math
 import os
 import socket
 import subprocess
@@ -18,7 +19,9 @@ import yaml
 from trainer_fixtures import count_train_images, digits_trees, random_teacher_logits, run_settings
 
 from dho_fast.train import checkpoint, cli
-from dho_fast.train.config import MAX_SKIPPED_STEPS
+from dho_fast.train.config import MAX_SKIPPED_STEPS, TrainConfig
+from dho_fast.train.distributed import init_distributed, shutdown
+from dho_fast.train.trainer import _Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,3 +105,25 @@ def test_every_ddp_rank_stops_and_none_hangs(trees, logits_file, tmp_path):
         _, err = process.communicate(timeout=300)
         assert process.returncode == 2, err
         assert "dho-fast: error: the loss is not finite at step 2 (loss nan" in err
+
+
+def test_nonfinite_gradients_under_a_finite_loss_stop_the_run(trees, logits_file, tmp_path):
+    # A finite loss whose backward overflows (e.g. in a backbone's layer) is injected where it would arise: a hook
+    # on a real parameter of the real trainer's student makes step 2's gradient NaN.
+    settings = run_settings(trees, tmp_path / "run", teacher="logits", teacher_logits=logits_file, checkpoint_every=1)
+    info = init_distributed("cpu")
+    try:
+        trainer = _Trainer(TrainConfig(**settings), info)
+        backwards = []
+
+        def poison_the_second_step(grad: torch.Tensor) -> torch.Tensor:
+            backwards.append(None)
+            return grad * math.nan if len(backwards) == 2 else grad
+
+        next(trainer.student.parameters()).register_hook(poison_the_second_step)
+        with pytest.raises(FloatingPointError, match="the gradients are not finite at step 2 although the loss is"):
+            trainer.run()
+    finally:
+        shutdown(info)
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert state["step"] == 1 and finite_weights(state)

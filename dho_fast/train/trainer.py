@@ -316,6 +316,11 @@ class _Trainer:
         if self.config.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
+        if not self.scaler.is_enabled() and not self._gradients_finite():
+            raise FloatingPointError(
+                f"the gradients are not finite at step {step} although the loss is ({means}): the run stops before "
+                "this step changes the weights"
+            )
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -333,6 +338,12 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient element is finite; checked element-wise, as a norm of large finite gradients can
+        overflow. DDP has averaged the gradients, so every rank takes the same decision."""
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
 
     def _log_train(self, sums: torch.Tensor, window_start: float, progress) -> float:
         """Logs the mean loss terms and the throughput since the last log, over all ranks; returns the new start."""
