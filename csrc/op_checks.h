@@ -166,6 +166,9 @@ inline void check_teacher_row(int64_t row, int status) {
                     " contains NaN or +inf (only -inf is allowed, for masked classes)");
   TORCH_CHECK_VALUE(status != row_math::kTeacherAllMasked, "teacher_logits row ", row,
                     " is -inf in every class: the teacher distribution is undefined");
+  TORCH_CHECK_VALUE(status != row_math::kTeacherOverflow, "teacher_logits / temperature overflows float32 (float64 "
+                    "for float64 input) in row ", row, ": the teacher logits are finite, but too large for the "
+                    "temperature");
 }
 
 }  // namespace dho_fast

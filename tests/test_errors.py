@@ -12,7 +12,13 @@ import torch
 from helpers import IGNORE, backend_params, make_inputs
 
 import dho_fast
-from dho_fast.ops.validation import label_error, teacher_row_error
+from dho_fast.ops.validation import (
+    TEACHER_ALL_MASKED,
+    TEACHER_NON_FINITE,
+    TEACHER_OVERFLOW,
+    label_error,
+    teacher_row_error,
+)
 
 LOSS_BACKENDS = backend_params("cpu", "reference", "triton", "cuda", "triton-cuda")
 LINEAR_BACKENDS = backend_params("cpu", "reference", "cuda", "triton-cuda")
@@ -75,15 +81,24 @@ def test_bad_scalar_argument(backend_device, kwargs, name):
     assert type(info.value) is ValueError
 
 
-# (edit of (teacher, labels) of a (6, 50) batch, the message). The labels are all valid before the edit.
+# (edit of (teacher, labels) of a (6, 50) batch, the message). The labels are all valid before the edit; the loss is
+# called at KERNEL_FOUND_TEMPERATURE.
+KERNEL_FOUND_TEMPERATURE = 0.5
 KERNEL_FOUND = {
     "label = C": (lambda t, y: y.__setitem__(4, 50), label_error(4, 50, 50, IGNORE)),
     "label 100": (lambda t, y: y.__setitem__(2, 100), label_error(2, 100, 50, IGNORE)),
     "label -1": (lambda t, y: y.__setitem__(0, -1), label_error(0, -1, 50, IGNORE)),
     "label -101": (lambda t, y: y.__setitem__(5, -101), label_error(5, -101, 50, IGNORE)),
-    "NaN teacher": (lambda t, y: t.__setitem__((2, 5), math.nan), teacher_row_error(2, all_masked=False)),
-    "+inf teacher": (lambda t, y: t.__setitem__((3, 0), math.inf), teacher_row_error(3, all_masked=False)),
-    "teacher -inf everywhere": (lambda t, y: t.__setitem__(1, -math.inf), teacher_row_error(1, all_masked=True)),
+    "NaN teacher": (lambda t, y: t.__setitem__((2, 5), math.nan), teacher_row_error(2, TEACHER_NON_FINITE)),
+    "+inf teacher": (lambda t, y: t.__setitem__((3, 0), math.inf), teacher_row_error(3, TEACHER_NON_FINITE)),
+    "teacher -inf everywhere": (lambda t, y: t.__setitem__(1, -math.inf), teacher_row_error(1, TEACHER_ALL_MASKED)),
+    # Finite, but teacher / T overflows at the temperature of 0.5 the tests call with: not "contains +inf".
+    "teacher / T overflows": (lambda t, y: t.__setitem__((4, 7), 3e38), teacher_row_error(4, TEACHER_OVERFLOW)),
+    # An overflowing row before a NaN one: the first invalid row is reported, whatever its kind.
+    "overflowing row before a NaN row": (
+        lambda t, y: (t.__setitem__((1, 0), math.nan), t.__setitem__((0, 3), 2e38)),
+        teacher_row_error(0, TEACHER_OVERFLOW),
+    ),
 }
 
 
@@ -95,7 +110,7 @@ def test_kernel_found_value_errors_have_one_message(backend_device, edit, messag
     ce, kd, teacher, labels = make_inputs(6, 50, labelled="all", device=device)
     edit(teacher, labels)
     with pytest.raises(ValueError) as info:
-        call(backend, ce, kd, teacher, labels)
+        call(backend, ce, kd, teacher, labels, temperature=KERNEL_FOUND_TEMPERATURE)
     assert type(info.value) is ValueError
     assert str(info.value) == message
 
@@ -110,7 +125,8 @@ def test_linear_op_reports_value_errors_with_their_batch_row(backend_device, edi
     edit(teacher, labels)
     with pytest.raises(ValueError) as info:
         dho_fast.fused_linear_dual_head_loss(features, ce_weight, None, kd_weight, None, teacher, labels,
-                                             chunk_size=4, backend=backend)  # fmt: skip
+                                             chunk_size=4, temperature=KERNEL_FOUND_TEMPERATURE,
+                                             backend=backend)  # fmt: skip
     assert type(info.value) is ValueError
     assert str(info.value) == message
 
@@ -180,6 +196,17 @@ def test_chunk_op_reports_value_errors_with_their_batch_row(backend_device):
     with pytest.raises(ValueError) as info:
         getattr(torch.ops.dho_fast, CHUNK_OPS[backend])(*args)
     assert str(info.value) == label_error(7, 9, 9, IGNORE)
+
+
+@pytest.mark.parametrize("backend_device", CHUNK_BACKENDS)
+def test_chunk_op_reports_an_overflowing_teacher_with_its_batch_row(backend_device):
+    backend, device = backend_device
+    args = chunk_args(device, start=3, rows=6)
+    args[2][5, 4] = 3e38
+    args[6] = 0.5  # temperature: 3e38 / 0.5 overflows float32
+    with pytest.raises(ValueError) as info:
+        getattr(torch.ops.dho_fast, CHUNK_OPS[backend])(*args)
+    assert str(info.value) == teacher_row_error(5, TEACHER_OVERFLOW)
 
 
 @pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
