@@ -161,6 +161,60 @@ def test_compiled_op_checks_its_own_inputs():
         torch.ops.dho_fast.dual_head_loss(ce, kd.double(), teacher, labels, *scalars)
 
 
+# Direct callers of the compiled ops: every float argument finite and in range, each error naming its argument.
+NON_FINITE_SCALARS = [
+    ("temperature", math.inf, "temperature must be finite and > 0, got inf"),
+    ("temperature", math.nan, "temperature must be finite and > 0, got nan"),
+    ("temperature", -2.0, "temperature must be finite and > 0, got -2"),
+    ("ce_loss_weight", math.inf, "ce_loss_weight must be finite and >= 0, got inf"),
+    ("kd_loss_weight", math.nan, "kd_loss_weight must be finite and >= 0, got nan"),
+    ("label_smoothing", math.nan, "label_smoothing must be in [0, 1], got nan"),
+    ("label_smoothing", math.inf, "label_smoothing must be in [0, 1], got inf"),
+]
+LOSS_OP_SCALARS = dict(temperature=2.0, ce_loss_weight=0.5, kd_loss_weight=0.5, kd_split=True, ignore_index=IGNORE,
+                       label_smoothing=0.0, ce_grad=False, kd_grad=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("name, value, message", NON_FINITE_SCALARS)
+def test_compiled_loss_op_rejects_non_finite_scalars(name, value, message):
+    scalars = {**LOSS_OP_SCALARS, name: value}
+    with pytest.raises(ValueError) as info:
+        torch.ops.dho_fast.dual_head_loss(*make_inputs(4, 5, labelled="all"), *scalars.values())
+    assert type(info.value) is ValueError
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("name, value, message", [s for s in NON_FINITE_SCALARS if "weight" not in s[0]])
+def test_compiled_chunk_op_rejects_non_finite_scalars(name, value, message):
+    args = chunk_args("cpu")
+    args[{"temperature": 6, "label_smoothing": 9}[name]] = value
+    with pytest.raises(ValueError) as info:
+        torch.ops.dho_fast.dual_head_loss_chunk(*args)
+    assert type(info.value) is ValueError
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("op", ["fused_linear_dual_head_loss", "fused_linear_dual_head_loss_with_grads"])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        *NON_FINITE_SCALARS,
+        ("kd_logit_scale", math.inf, "kd_logit_scale must be finite and > 0, got inf"),
+        ("kd_logit_scale", math.nan, "kd_logit_scale must be finite and > 0, got nan"),
+        ("kd_logit_scale", 0.0, "kd_logit_scale must be finite and > 0, got 0"),
+    ],
+)
+def test_compiled_linear_ops_reject_non_finite_scalars(op, name, value, message):
+    scalars = dict(kd_cosine=False, kd_logit_scale=1.0, chunk_size=4, temperature=2.0, ce_loss_weight=0.5,
+                   kd_loss_weight=0.5, kd_split=True, ignore_index=IGNORE, label_smoothing=0.0)  # fmt: skip
+    scalars[name] = value
+    grads = (True, True, True) if op.endswith("with_grads") else ()
+    with pytest.raises(ValueError) as info:
+        getattr(torch.ops.dho_fast, op)(*linear_inputs(), *scalars.values(), *grads)
+    assert type(info.value) is ValueError
+    assert message in str(info.value)
+
+
 def chunk_args(device, start=3, rows=6):
     ce, kd, teacher, labels = make_inputs(13, 9, labelled="mixed", device=device)
     labelled = labels[start : start + rows] != IGNORE
