@@ -139,8 +139,8 @@ DHO_HD int teacher_row_status(T teacher_max) {
   return kTeacherOk;
 }
 
-// The status of a row that teacher_row_status found kTeacherNonFinite, from its raw teacher logits t[0, C) (any type
-// that converts to T): kTeacherNonFinite when t has a NaN or +inf, else kTeacherOverflow. Reads the row again, so
+// The status of a row that teacher_row_status found kTeacherNonFinite, from its raw teacher logits t[0, C) (the
+// input type, no wider than T): kTeacherNonFinite when t has a NaN or +inf, else kTeacherOverflow. Reads the row again, so
 // the kernels call it only on that error path.
 template <typename T, typename S>
 DHO_HD int teacher_overflow_status(const S* t, long long num_classes) {
