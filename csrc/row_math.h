@@ -96,7 +96,9 @@ template <typename T>
 DHO_HD KlStat<T> kl_rebase(KlStat<T> s, T new_teacher_max, T new_student_max) {
   const T r = rescale(s.teacher.max, new_teacher_max);
   T cross = T(0);
-  if (s.teacher.sum != T(0)) {
+  // A piece whose teacher mass vanishes at the new maximum (r = 0) adds nothing, as a masked class does: its maxima
+  // may be more than float's maximum below the new ones, and 0 * (cross - sum * inf) would be NaN.
+  if (s.teacher.sum != T(0) && r != T(0)) {
     const T shift = (new_teacher_max - s.teacher.max) - (new_student_max - s.student.max);
     cross = r * (s.cross - s.teacher.sum * shift);
   }

@@ -31,9 +31,10 @@ def kl_update(ma, sa, mb, sb, cross, a, b):
     mb_new = tl.maximum(mb, tl.max(b, 0))
     base_a = exp_base(ma_new)
     rescale_a = tl.exp(ma - base_a)
-    # Rebase the running cross term to the new maxima; an empty teacher piece has none (and -inf maxima).
+    # Rebase the running cross term to the new maxima; an empty teacher piece has none (and -inf maxima), nor has one
+    # whose mass vanishes at the new maximum (rescale_a = 0, where shift may overflow: 0 * inf is NaN).
     shift = (ma_new - ma) - (mb_new - mb)
-    cross = tl.where(sa != 0, rescale_a * (cross - sa * shift), 0.0)
+    cross = tl.where((sa != 0) & (rescale_a != 0), rescale_a * (cross - sa * shift), 0.0)
     da = a - base_a
     ea = tl.exp(da)
     # Masked teacher classes (ea = 0) contribute exactly 0, also where the student is -inf there.

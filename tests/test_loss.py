@@ -140,20 +140,23 @@ def test_rows_shifted_by_a_large_constant(backend_device, shift, label_smoothing
 def near_float_max_batch(c: int, dtype: torch.dtype, device: str):
     """(ce, kd, teacher, labels) of rows at float32's maximum, plus a plain random row: constant 3e38 rows (CE =
     log C, KL = 0), rows of +-3e38 (x_c - x_y = -6e38 overflows float32; the labels are on +3e38 entries), a +-3e38
-    teacher with a moderate student and a constant student with a moderate teacher. Row 2 is unlabelled."""
+    teacher with a moderate student, a constant student with a moderate teacher, and -3e38 in the first 6/7 of the
+    columns then +3e38 (whole blocks and tiles whose maxima are 6e38 below the row's). Row 2 is unlabelled."""
     big, cols = 3e38, torch.arange(c)
     const = torch.full((c,), big)
     ce_signs = torch.where(cols % 3 == 1, -big, big)
     kd_signs = torch.where(cols % 5 == 2, -big, big)
+    halves = torch.where(cols < 6 * c // 7, -big, big)
     rows = [
         (const, const, const),
         (ce_signs, kd_signs, kd_signs),
         (ce_signs, 3 * torch.randn(c), kd_signs),
         (const, const, 3 * torch.randn(c)),
+        (halves, halves, halves),
         tuple(3 * torch.randn(3, c)),
     ]
     ce, kd, teacher = (torch.stack([r[i] for r in rows]).to(device, dtype) for i in range(3))
-    labels = torch.tensor([0, 0, IGNORE, c - 1 - (c - 1) % 3, c // 2], device=device)
+    labels = torch.tensor([0, 0, IGNORE, c - 1, c - 1, c // 2], device=device)
     return ce, kd, teacher, labels
 
 
@@ -161,10 +164,17 @@ def near_float_max_batch(c: int, dtype: torch.dtype, device: str):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("c", [7, 700])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_rows_near_float_max(backend_device, dtype, c, label_smoothing):
+@pytest.mark.parametrize("temperature", [2.0, 1.0])
+def test_rows_near_float_max(backend_device, dtype, c, label_smoothing, temperature, monkeypatch):
+    # At T = 1 the maxima of a row's pieces (the CPU kernel's blocks, Triton's tiles: 64 columns here, so that C =
+    # 700 takes several) can be 6e38 apart, more than float's maximum.
     backend, device = backend_device
-    inputs = near_float_max_batch(c, dtype, device)
-    check_loss(backend, inputs, dtype, label_smoothing=label_smoothing, **LOSS_KW)
+    if backend == "triton":
+        from dho_fast.kernels import dual_head_loss as triton_loss
+
+        monkeypatch.setattr(triton_loss, "MAX_TILE", 64)
+    kwargs = dict(LOSS_KW, temperature=temperature)
+    check_loss(backend, near_float_max_batch(c, dtype, device), dtype, label_smoothing=label_smoothing, **kwargs)
 
 
 def adversarial_batch(c: int, dtype: torch.dtype, device: str):

@@ -111,6 +111,14 @@ int main() {
   std::vector<float> big_a{1e4f, -1e4f, 0.0f, 9999.0f}, big_b{-1e4f, 1e4f, 5e3f, 0.0f};
   check_row(big_a, big_b, "1e4 spread");
 
+  // Pieces whose maxima are more than float's maximum apart (rows of +-3e38 at T = 1): the lower piece's teacher mass
+  // vanishes and adds nothing, instead of 0 * inf = NaN. Teacher and student agree, so KL = 0.
+  std::vector<float> far(8, -3e38f);
+  for (int i = 5; i < 8; ++i) far[i] = 3e38f;
+  const auto low = tree_kl(far, far, 0, 5), high = tree_kl(far, far, 5, 8);
+  EXPECT_TRUE(rm::kl_value(rm::kl_merge(low, high)) == 0.0f, "pieces more than float's maximum apart");
+  EXPECT_TRUE(rm::kl_value(rm::kl_merge(high, low)) == 0.0f, "the same, merged the other way");
+
   // Merging empty pieces never makes NaN.
   const auto empty = rm::kl_merge(rm::kl_empty<float>(), rm::kl_empty<float>());
   EXPECT_TRUE(empty.teacher.sum == 0 && empty.cross == 0 && !std::isnan(empty.cross), "empty merge");
