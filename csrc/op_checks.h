@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -40,16 +41,18 @@ inline void check_labels(const at::Tensor& labels, int64_t n, const char* ref_na
 }
 
 inline void check_temperature(double temperature) {
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be finite and > 0, got ",
+                    temperature);
 }
 
+// NaN fails both comparisons, so the range check also rejects every non-finite value.
 inline void check_label_smoothing(double label_smoothing) {
   TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1, "label_smoothing must be in [0, 1], got ",
                     label_smoothing);
 }
 
 inline void check_loss_weight(const char* name, double weight) {
-  TORCH_CHECK_VALUE(weight >= 0, name, " must be >= 0, got ", weight);
+  TORCH_CHECK_VALUE(std::isfinite(weight) && weight >= 0, name, " must be finite and >= 0, got ", weight);
 }
 
 inline void check_loss_inputs(const at::Tensor& ce, const at::Tensor& kd, const at::Tensor& t,
@@ -99,7 +102,8 @@ inline void check_linear_loss_inputs(const LinearLossArgs& a) {
   check_like("teacher_logits", t, "features", x);
   check_labels(a.labels, N, "features", x);
   TORCH_CHECK_VALUE(a.chunk_size >= 1, "chunk_size must be >= 1, got ", a.chunk_size);
-  TORCH_CHECK_VALUE(a.kd_logit_scale > 0, "kd_logit_scale must be > 0, got ", a.kd_logit_scale);
+  TORCH_CHECK_VALUE(std::isfinite(a.kd_logit_scale) && a.kd_logit_scale > 0,
+                    "kd_logit_scale must be finite and > 0, got ", a.kd_logit_scale);
   check_temperature(a.temperature);
   check_loss_weight("ce_loss_weight", a.ce_loss_weight);
   check_loss_weight("kd_loss_weight", a.kd_loss_weight);
@@ -166,6 +170,9 @@ inline void check_teacher_row(int64_t row, int status) {
                     " contains NaN or +inf (only -inf is allowed, for masked classes)");
   TORCH_CHECK_VALUE(status != row_math::kTeacherAllMasked, "teacher_logits row ", row,
                     " is -inf in every class: the teacher distribution is undefined");
+  TORCH_CHECK_VALUE(status != row_math::kTeacherOverflow, "teacher_logits / temperature overflows float32 (float64 "
+                    "for float64 input) in row ", row, ": the teacher logits are finite, but too large for the "
+                    "temperature");
 }
 
 }  // namespace dho_fast

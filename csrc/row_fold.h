@@ -20,43 +20,41 @@ namespace dho_fast {
 namespace row_math {
 
 // One thread's share of a row: softmax statistic of the CE-head logits (labelled rows only), KL statistic of
-// teacher / T and student / T, the sum of the CE-head logits (label smoothing) and the CE-head logit of the label
-// (0 on threads that do not hold the label's column).
+// teacher / T and student / T, and the label-smoothing sum sum_c (h x_c - h x_y) of cross_entropy_value.
 template <typename T>
 struct RowStat {
   SoftmaxStat<T> ce;
   KlStat<T> kl;
   T ce_sum;
-  T target;
 };
 
 template <typename T>
 DHO_HD RowStat<T> row_empty() {
-  return {softmax_empty<T>(), kl_empty<T>(), T(0), T(0)};
+  return {softmax_empty<T>(), kl_empty<T>(), T(0)};
 }
 
 // Commutative bit for bit, so every lane of a butterfly ends with the same statistic.
 template <typename T>
 DHO_HD RowStat<T> row_merge(const RowStat<T>& x, const RowStat<T>& y) {
-  return {softmax_merge(x.ce, y.ce), kl_merge(x.kl, y.kl), x.ce_sum + y.ce_sum, x.target + y.target};
+  return {softmax_merge(x.ce, y.ce), kl_merge(x.kl, y.kl), x.ce_sum + y.ce_sum};
 }
 
 // Folds E columns into s with one rescaling per statistic. x: CE-head logits (-inf when the row has no CE head),
 // a: teacher / T, b: student / T. A column outside the row is -inf in all three and has no bit in `valid` (bit j:
-// column j is in the row); target_slot is the slot of the label's column, -1 when this thread does not hold it.
+// column j is in the row). target: the label's CE-head logit x_y, which every thread reads before the fold;
+// h = smoothing_scale(C).
 template <typename T, int E>
 DHO_HD RowStat<T> row_fold(RowStat<T> s, const T (&x)[E], const T (&a)[E], const T (&b)[E], uint32_t valid,
-                           int target_slot, bool do_ce) {
+                           T target, T h, bool do_ce) {
   static_assert(E <= 32, "valid has one bit per column");
   if (do_ce) {
     T m = s.ce.max;
     DHO_UNROLL for (int j = 0; j < E; ++j) m = nan_max(m, x[j]);
-    const T base = exp_base(m);
+    const T base = exp_base(m), h_target = h * target;
     T sum = 0;
     DHO_UNROLL for (int j = 0; j < E; ++j) {
       sum += std::exp(x[j] - base);
-      if (valid >> j & 1u) s.ce_sum += x[j];
-      if (j == target_slot) s.target += x[j];  // a compare per slot, not an index, keeps x in registers
+      if (valid >> j & 1u) s.ce_sum += h * x[j] - h_target;
     }
     s.ce = softmax_merge(s.ce, SoftmaxStat<T>{m, sum});
   }
@@ -78,7 +76,8 @@ DHO_HD RowStat<T> row_fold(RowStat<T> s, const T (&x)[E], const T (&a)[E], const
   return s;
 }
 
-// A row's loss values from its merged statistic: CE (0 without a CE head), KL and the teacher row status.
+// A row's loss values from its merged statistic and the label's logit: CE (0 without a CE head), KL and the teacher
+// row status (kTeacherNonFinite also for an overflowing t / T: the kernels refine it with teacher_overflow_status).
 template <typename T>
 struct RowValues {
   T ce;
@@ -87,8 +86,8 @@ struct RowValues {
 };
 
 template <typename T>
-DHO_HD RowValues<T> row_values(const RowStat<T>& s, T eps, long long num_classes, bool do_ce) {
-  const T ce = do_ce ? cross_entropy_value(logsumexp(s.ce), s.target, s.ce_sum, eps, num_classes) : T(0);
+DHO_HD RowValues<T> row_values(const RowStat<T>& s, T target, T eps, long long num_classes, bool do_ce) {
+  const T ce = do_ce ? cross_entropy_value(s.ce, target, s.ce_sum, eps, num_classes) : T(0);
   return {ce, kl_value(s.kl), teacher_row_status(s.kl.teacher.max)};
 }
 

@@ -96,7 +96,9 @@ template <typename T>
 DHO_HD KlStat<T> kl_rebase(KlStat<T> s, T new_teacher_max, T new_student_max) {
   const T r = rescale(s.teacher.max, new_teacher_max);
   T cross = T(0);
-  if (s.teacher.sum != T(0)) {
+  // A piece whose teacher mass vanishes at the new maximum (r = 0) adds nothing, as a masked class does: its maxima
+  // may be more than float's maximum below the new ones, and 0 * (cross - sum * inf) would be NaN.
+  if (s.teacher.sum != T(0) && r != T(0)) {
     const T shift = (new_teacher_max - s.teacher.max) - (new_student_max - s.student.max);
     cross = r * (s.cross - s.teacher.sum * shift);
   }
@@ -127,8 +129,10 @@ DHO_HD T kl_value(KlStat<T> s) {
   return s.cross / s.teacher.sum - std::log(s.teacher.sum) + std::log(s.student.sum);
 }
 
-// Status of a teacher row, judged from its maximum alone (NaN and +inf propagate into the maximum).
-enum TeacherRowStatus : int { kTeacherOk = 0, kTeacherNonFinite = 1, kTeacherAllMasked = 2 };
+// Status of a teacher row, judged from the maximum of a = t / T alone (NaN and +inf propagate into the maximum).
+// kTeacherOverflow: t itself is finite (or -inf) but t / T is not, which the maximum cannot tell from a NaN or +inf
+// in t; teacher_overflow_status tells them apart once a row is known to be invalid.
+enum TeacherRowStatus : int { kTeacherOk = 0, kTeacherNonFinite = 1, kTeacherAllMasked = 2, kTeacherOverflow = 3 };
 
 template <typename T>
 DHO_HD int teacher_row_status(T teacher_max) {
@@ -137,12 +141,41 @@ DHO_HD int teacher_row_status(T teacher_max) {
   return kTeacherOk;
 }
 
-// Cross-entropy with label smoothing eps over C classes:
-//   CE = lse - (1 - eps) * x_y - (eps / C) * sum_c x_c
+// The status of a row that teacher_row_status found kTeacherNonFinite, from its raw teacher logits t[0, C) (the
+// input type, no wider than T): kTeacherNonFinite when t has a NaN or +inf, else kTeacherOverflow. Reads the row again, so
+// the kernels call it only on that error path.
+template <typename T, typename S>
+DHO_HD int teacher_overflow_status(const S* t, long long num_classes) {
+  for (long long c = 0; c < num_classes; ++c) {
+    const T v = static_cast<T>(t[c]);
+    if (v != v || v == std::numeric_limits<T>::infinity()) return kTeacherNonFinite;
+  }
+  return kTeacherOverflow;
+}
+
+// The factor h of the label-smoothing sum (cross_entropy_value): the largest power of two with h * C <= 1/2.
+// Multiplying by a power of two is exact, and it keeps the sum of C differences of two floats representable.
 template <typename T>
-DHO_HD T cross_entropy_value(T lse, T target_logit, T logit_sum, T eps, long long num_classes) {
-  T ce = lse - (T(1) - eps) * target_logit;
-  if (eps != T(0)) ce -= eps / T(num_classes) * logit_sum;
+DHO_HD T smoothing_scale(long long num_classes) {
+  T h = T(0.5);
+  for (long long n = 1; n < num_classes; n *= 2) h *= T(0.5);
+  return h;
+}
+
+// Cross-entropy with label smoothing eps over C classes, from the softmax statistic s = (m, sum_c exp(x_c - m)) of
+// the row's logits x, the label's logit x_y and the smoothing sum d = sum_c (h x_c - h x_y), h = smoothing_scale(C):
+//   CE = lse - (1 - eps) x_y - (eps / C) sum_c x_c = (m - x_y) + log s + eps (x_y - mean_c x_c)
+//      = (m - x_y) + log s - eps / (C h) * d
+// Each term is a difference of nearby logits (exact in floating point) or of order log C, as in eager PyTorch's
+// log_softmax (x - m - log s): lse - x_y would round lse at the ulp of the logits (8e-4 at 1e5 in float32), and a sum
+// of raw logits would do the same to the smoothing term.
+template <typename T>
+DHO_HD T cross_entropy_value(SoftmaxStat<T> s, T target_logit, T smoothing_sum, T eps, long long num_classes) {
+  T ce = (s.max - target_logit) + std::log(s.sum);
+  // A label whose logit is -inf has CE +inf, smoothed or not; its smoothing sum is NaN (-inf - -inf).
+  if (eps != T(0) && target_logit != neg_inf<T>()) {
+    ce -= eps / (T(num_classes) * smoothing_scale<T>(num_classes)) * smoothing_sum;
+  }
   return ce;
 }
 

@@ -31,9 +31,10 @@ def kl_update(ma, sa, mb, sb, cross, a, b):
     mb_new = tl.maximum(mb, tl.max(b, 0))
     base_a = exp_base(ma_new)
     rescale_a = tl.exp(ma - base_a)
-    # Rebase the running cross term to the new maxima; an empty teacher piece has none (and -inf maxima).
+    # Rebase the running cross term to the new maxima; an empty teacher piece has none (and -inf maxima), nor has one
+    # whose mass vanishes at the new maximum (rescale_a = 0, where shift may overflow: 0 * inf is NaN).
     shift = (ma_new - ma) - (mb_new - mb)
-    cross = tl.where(sa != 0, rescale_a * (cross - sa * shift), 0.0)
+    cross = tl.where((sa != 0) & (rescale_a != 0), rescale_a * (cross - sa * shift), 0.0)
     da = a - base_a
     ea = tl.exp(da)
     # Masked teacher classes (ea = 0) contribute exactly 0, also where the student is -inf there.
@@ -51,8 +52,26 @@ def kl_value(sa, sb, cross):
 
 @triton.jit
 def teacher_row_status(bad, ma):
-    """row_math::TeacherRowStatus: 1 for NaN or +inf anywhere (bad != 0), 2 for a row that is -inf everywhere."""
-    return tl.where(bad != 0, 1, tl.where(ma == float("-inf"), 2, 0))
+    """row_math::TeacherRowStatus from the raw row's flag (bad != 0: NaN or +inf in t) and the maximum ma of t / T:
+    1 for NaN or +inf in t, 3 for a finite t whose t / T overflows, 2 for a row that is -inf everywhere."""
+    overflow = (ma != ma) | (ma == float("inf"))
+    return tl.where(bad != 0, 1, tl.where(overflow, 3, tl.where(ma == float("-inf"), 2, 0)))
+
+
+def smoothing_scale(num_classes: int) -> float:
+    """row_math::smoothing_scale: the largest power of two h with h * num_classes <= 1/2 (exact in float32)."""
+    return 0.5 ** ((num_classes - 1).bit_length() + 1)
+
+
+@triton.jit
+def cross_entropy_value(m, s, target, smoothing_sum, eps, num_classes, h, SMOOTH: tl.constexpr):
+    """row_math::cross_entropy_value: CE = (m - x_y) + log s - eps / (C h) * sum_c (h x_c - h x_y), every term
+    relative to the row maximum m or the label's logit x_y (s = sum_c exp(x_c - m))."""
+    ce = (m - target) + tl.log(s)
+    if SMOOTH:
+        # A label whose logit is -inf has CE +inf; its smoothing sum is NaN (-inf - -inf).
+        ce = tl.where(target == float("-inf"), ce, ce - eps / (num_classes * h) * smoothing_sum)
+    return ce
 
 
 @triton.jit

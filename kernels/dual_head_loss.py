@@ -13,9 +13,10 @@ with the schemas and semantics of the compiled ops ``dho_fast::dual_head_loss`` 
 3. ``_reduce_rows_kernel`` (one program): sums the weighted per-row values in a fixed order (deterministic) and
    finds the first invalid teacher row.
 
-Value errors (labels out of range, NaN/+inf teacher entries, teacher rows that are -inf everywhere) are flagged on
-the device in a small ``info`` tensor that the launchers return; the registered op raises them (eagerly that costs
-one device-to-host copy of four integers, a sync; under torch.compile they become device asserts).
+Value errors (labels out of range, NaN/+inf teacher entries, teacher rows that are -inf everywhere or overflow when
+divided by the temperature) are flagged on the device in a small ``info`` tensor that the launchers return; the
+registered op raises them (eagerly that costs one device-to-host copy of four integers, a sync; under torch.compile
+they become device asserts).
 """
 
 import os
@@ -71,7 +72,7 @@ def _load_tile(ce_row, kd_row, t_row, ce_bias, kd_bias, cols, num_classes, do_ce
 def _loss_rows_kernel(
     ce_ptr, ce_row_ptr, kd_ptr, t_ptr, labels_ptr, info_ptr, g_ce_ptr, g_kd_ptr, row_ce_ptr, row_kl_ptr, status_ptr,
     ce_bias_ptr, kd_bias_ptr, num_classes, num_rows, num_labelled, ce_rows, ignore_index, temperature,
-    label_smoothing, ce_grad_scale, kd_grad_scale,
+    label_smoothing, smoothing_scale, ce_grad_scale, kd_grad_scale,
     ACC: tl.constexpr, CE_ROW: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, KD_SPLIT: tl.constexpr,
     SMOOTH: tl.constexpr, CE_GRAD: tl.constexpr, KD_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
     SINGLE_TILE: tl.constexpr, HAS_CE_BIAS: tl.constexpr, HAS_KD_BIAS: tl.constexpr,
@@ -81,6 +82,7 @@ def _loss_rows_kernel(
     CE_ROW: row r's CE logits (and CE gradient) are row ce_row[r] of ce, -1 for none; else row r. num_labelled and
     num_rows describe the whole batch (row weights); COUNT_ON_DEVICE reads num_labelled from info[0] instead.
     HAS_*_BIAS: the (C,) bias is added to every row of ce / kd; the gradients written are times *_grad_scale.
+    smoothing_scale: row_math::smoothing_scale of num_classes.
     """
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
@@ -96,7 +98,12 @@ def _loss_rows_kernel(
     inv_t, eps = 1.0 / temperature, tl.cast(label_smoothing, ACC)
 
     neg_inf, zero = tl.full((), float("-inf"), ACC), tl.zeros((), ACC)
-    m_ce, s_ce, sum_ce, target = neg_inf, zero, zero, zero
+    m_ce, s_ce, sum_ce = neg_inf, zero, zero
+    # The label's logit, read first: the smoothing sum is accumulated relative to it (rm.cross_entropy_value).
+    target = tl.load(ce_row + label, mask=do_ce, other=0.0).to(ACC)
+    if HAS_CE_BIAS:
+        target += tl.load(ce_bias_ptr + label, mask=do_ce, other=0.0).to(ACC)
+    h_target = smoothing_scale * target
     ma, sa, mb, sb, cross = neg_inf, zero, neg_inf, zero, zero
     bad = tl.zeros((), tl.int32)
     cols = tl.arange(0, BLOCK_C)
@@ -110,9 +117,8 @@ def _loss_rows_kernel(
         )  # fmt: skip
         if do_ce:
             m_ce, s_ce = rm.softmax_update(m_ce, s_ce, x)
-            target += tl.sum(tl.where(c0 + cols == label, x, 0.0), 0)
             if SMOOTH:
-                sum_ce += tl.sum(tl.where(c0 + cols < num_classes, x, 0.0), 0)
+                sum_ce += tl.sum(tl.where(c0 + cols < num_classes, smoothing_scale * x - h_target, 0.0), 0)
         ma, sa, mb, sb, cross = rm.kl_update(ma, sa, mb, sb, cross, a, b)
         bad = tl.maximum(bad, tile_bad)
 
@@ -121,9 +127,7 @@ def _loss_rows_kernel(
     else:
         n_lab = tl.full((), num_labelled, tl.int64)
     w_ce, w_kd = rm.row_weights(labelled, n_lab, num_rows, temperature * temperature, KD_SPLIT, ACC)
-    ce = m_ce + tl.log(s_ce) - (1.0 - eps) * target
-    if SMOOTH:
-        ce -= eps / num_classes * sum_ce
+    ce = rm.cross_entropy_value(m_ce, s_ce, target, sum_ce, eps, num_classes, smoothing_scale, SMOOTH)
     tl.store(row_ce_ptr + row, tl.where(do_ce, w_ce * ce, 0.0))
     tl.store(row_kl_ptr + row, w_kd * rm.kl_value(sa, sb, cross))
     tl.store(status_ptr + row, rm.teacher_row_status(bad, ma))
@@ -212,7 +216,7 @@ def _launch_rows(ce, ce_row, kd, t, labels, info, g_ce, g_kd, row_ce, row_kl, st
         ce, labels if ce_row is None else ce_row, kd, t, labels, info, g_ce if ce_grad else labels,
         g_kd if kd_grad else labels, row_ce, row_kl, status, labels if ce_bias is None else ce_bias,
         labels if kd_bias is None else kd_bias, num_classes, num_rows, num_labelled or 0, ce_rows, ignore_index,
-        temperature, label_smoothing, ce_grad_scale, kd_grad_scale,
+        temperature, label_smoothing, rm.smoothing_scale(num_classes), ce_grad_scale, kd_grad_scale,
         ACC=tl.float64 if kd.dtype == torch.float64 else tl.float32, CE_ROW=ce_row is not None,
         COUNT_ON_DEVICE=num_labelled is None, KD_SPLIT=kd_split, SMOOTH=label_smoothing != 0, CE_GRAD=ce_grad,
         KD_GRAD=kd_grad, BLOCK_C=block, SINGLE_TILE=single, HAS_CE_BIAS=ce_bias is not None,

@@ -12,7 +12,13 @@ import torch
 from helpers import IGNORE, backend_params, make_inputs
 
 import dho_fast
-from dho_fast.ops.validation import label_error, teacher_row_error
+from dho_fast.ops.validation import (
+    TEACHER_ALL_MASKED,
+    TEACHER_NON_FINITE,
+    TEACHER_OVERFLOW,
+    label_error,
+    teacher_row_error,
+)
 
 LOSS_BACKENDS = backend_params("cpu", "reference", "triton", "cuda", "triton-cuda")
 LINEAR_BACKENDS = backend_params("cpu", "reference", "cuda", "triton-cuda")
@@ -240,15 +246,24 @@ def test_reference_backend_refuses_meta_tensors_clearly():
     assert probabilities.device.type == "meta" and probabilities.shape == (4, 5)
 
 
-# (edit of (teacher, labels) of a (6, 50) batch, the message). The labels are all valid before the edit.
+# (edit of (teacher, labels) of a (6, 50) batch, the message). The labels are all valid before the edit; the loss is
+# called at KERNEL_FOUND_TEMPERATURE.
+KERNEL_FOUND_TEMPERATURE = 0.5
 KERNEL_FOUND = {
     "label = C": (lambda t, y: y.__setitem__(4, 50), label_error(4, 50, 50, IGNORE)),
     "label 100": (lambda t, y: y.__setitem__(2, 100), label_error(2, 100, 50, IGNORE)),
     "label -1": (lambda t, y: y.__setitem__(0, -1), label_error(0, -1, 50, IGNORE)),
     "label -101": (lambda t, y: y.__setitem__(5, -101), label_error(5, -101, 50, IGNORE)),
-    "NaN teacher": (lambda t, y: t.__setitem__((2, 5), math.nan), teacher_row_error(2, all_masked=False)),
-    "+inf teacher": (lambda t, y: t.__setitem__((3, 0), math.inf), teacher_row_error(3, all_masked=False)),
-    "teacher -inf everywhere": (lambda t, y: t.__setitem__(1, -math.inf), teacher_row_error(1, all_masked=True)),
+    "NaN teacher": (lambda t, y: t.__setitem__((2, 5), math.nan), teacher_row_error(2, TEACHER_NON_FINITE)),
+    "+inf teacher": (lambda t, y: t.__setitem__((3, 0), math.inf), teacher_row_error(3, TEACHER_NON_FINITE)),
+    "teacher -inf everywhere": (lambda t, y: t.__setitem__(1, -math.inf), teacher_row_error(1, TEACHER_ALL_MASKED)),
+    # Finite, but teacher / T overflows at the temperature of 0.5 the tests call with: not "contains +inf".
+    "teacher / T overflows": (lambda t, y: t.__setitem__((4, 7), 3e38), teacher_row_error(4, TEACHER_OVERFLOW)),
+    # An overflowing row before a NaN one: the first invalid row is reported, whatever its kind.
+    "overflowing row before a NaN row": (
+        lambda t, y: (t.__setitem__((1, 0), math.nan), t.__setitem__((0, 3), 2e38)),
+        teacher_row_error(0, TEACHER_OVERFLOW),
+    ),
 }
 
 
@@ -260,7 +275,7 @@ def test_kernel_found_value_errors_have_one_message(backend_device, edit, messag
     ce, kd, teacher, labels = make_inputs(6, 50, labelled="all", device=device)
     edit(teacher, labels)
     with pytest.raises(ValueError) as info:
-        call(backend, ce, kd, teacher, labels)
+        call(backend, ce, kd, teacher, labels, temperature=KERNEL_FOUND_TEMPERATURE)
     assert type(info.value) is ValueError
     assert str(info.value) == message
 
@@ -275,7 +290,8 @@ def test_linear_op_reports_value_errors_with_their_batch_row(backend_device, edi
     edit(teacher, labels)
     with pytest.raises(ValueError) as info:
         dho_fast.fused_linear_dual_head_loss(features, ce_weight, None, kd_weight, None, teacher, labels,
-                                             chunk_size=4, backend=backend)  # fmt: skip
+                                             chunk_size=4, temperature=KERNEL_FOUND_TEMPERATURE,
+                                             backend=backend)  # fmt: skip
     assert type(info.value) is ValueError
     assert str(info.value) == message
 
@@ -302,6 +318,60 @@ def test_compiled_op_checks_its_own_inputs():
         torch.ops.dho_fast.dual_head_loss(ce, kd, teacher, labels, 0.0, *scalars[1:])
     with pytest.raises(TypeError, match="kd_logits"):
         torch.ops.dho_fast.dual_head_loss(ce, kd.double(), teacher, labels, *scalars)
+
+
+# Direct callers of the compiled ops: every float argument finite and in range, each error naming its argument.
+NON_FINITE_SCALARS = [
+    ("temperature", math.inf, "temperature must be finite and > 0, got inf"),
+    ("temperature", math.nan, "temperature must be finite and > 0, got nan"),
+    ("temperature", -2.0, "temperature must be finite and > 0, got -2"),
+    ("ce_loss_weight", math.inf, "ce_loss_weight must be finite and >= 0, got inf"),
+    ("kd_loss_weight", math.nan, "kd_loss_weight must be finite and >= 0, got nan"),
+    ("label_smoothing", math.nan, "label_smoothing must be in [0, 1], got nan"),
+    ("label_smoothing", math.inf, "label_smoothing must be in [0, 1], got inf"),
+]
+LOSS_OP_SCALARS = dict(temperature=2.0, ce_loss_weight=0.5, kd_loss_weight=0.5, kd_split=True, ignore_index=IGNORE,
+                       label_smoothing=0.0, ce_grad=False, kd_grad=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("name, value, message", NON_FINITE_SCALARS)
+def test_compiled_loss_op_rejects_non_finite_scalars(name, value, message):
+    scalars = {**LOSS_OP_SCALARS, name: value}
+    with pytest.raises(ValueError) as info:
+        torch.ops.dho_fast.dual_head_loss(*make_inputs(4, 5, labelled="all"), *scalars.values())
+    assert type(info.value) is ValueError
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("name, value, message", [s for s in NON_FINITE_SCALARS if "weight" not in s[0]])
+def test_compiled_chunk_op_rejects_non_finite_scalars(name, value, message):
+    args = chunk_args("cpu")
+    args[{"temperature": 6, "label_smoothing": 9}[name]] = value
+    with pytest.raises(ValueError) as info:
+        torch.ops.dho_fast.dual_head_loss_chunk(*args)
+    assert type(info.value) is ValueError
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("op", ["fused_linear_dual_head_loss", "fused_linear_dual_head_loss_with_grads"])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        *NON_FINITE_SCALARS,
+        ("kd_logit_scale", math.inf, "kd_logit_scale must be finite and > 0, got inf"),
+        ("kd_logit_scale", math.nan, "kd_logit_scale must be finite and > 0, got nan"),
+        ("kd_logit_scale", 0.0, "kd_logit_scale must be finite and > 0, got 0"),
+    ],
+)
+def test_compiled_linear_ops_reject_non_finite_scalars(op, name, value, message):
+    scalars = dict(kd_cosine=False, kd_logit_scale=1.0, chunk_size=4, temperature=2.0, ce_loss_weight=0.5,
+                   kd_loss_weight=0.5, kd_split=True, ignore_index=IGNORE, label_smoothing=0.0)  # fmt: skip
+    scalars[name] = value
+    grads = (True, True, True) if op.endswith("with_grads") else ()
+    with pytest.raises(ValueError) as info:
+        getattr(torch.ops.dho_fast, op)(*linear_inputs(), *scalars.values(), *grads)
+    assert type(info.value) is ValueError
+    assert message in str(info.value)
 
 
 def chunk_args(device, start=3, rows=6):
@@ -339,6 +409,17 @@ def test_chunk_op_reports_value_errors_with_their_batch_row(backend_device):
     with pytest.raises(ValueError) as info:
         getattr(torch.ops.dho_fast, CHUNK_OPS[backend])(*args)
     assert str(info.value) == label_error(7, 9, 9, IGNORE)
+
+
+@pytest.mark.parametrize("backend_device", CHUNK_BACKENDS)
+def test_chunk_op_reports_an_overflowing_teacher_with_its_batch_row(backend_device):
+    backend, device = backend_device
+    args = chunk_args(device, start=3, rows=6)
+    args[2][5, 4] = 3e38
+    args[6] = 0.5  # temperature: 3e38 / 0.5 overflows float32
+    with pytest.raises(ValueError) as info:
+        getattr(torch.ops.dho_fast, CHUNK_OPS[backend])(*args)
+    assert str(info.value) == teacher_row_error(5, TEACHER_OVERFLOW)
 
 
 @pytest.mark.parametrize("backend_device", LOSS_BACKENDS)

@@ -35,6 +35,7 @@ if kernels.has_triton() and not kernels.interpreted():
 
     from dho_fast.kernels import blend as triton_blend  # isort: skip
     from dho_fast.kernels import dual_head_loss as triton_loss  # isort: skip
+    from dho_fast.kernels._row_math import smoothing_scale  # isort: skip
 
 # Without a driver, torch cannot ask Triton which arguments a kernel writes and says so at length; it then assumes
 # all of them, which is only less optimal.
@@ -92,7 +93,8 @@ def loss_rows_args(dtype, num_classes: int, chunk: bool):
         ce_ptr=x, ce_row_ptr=i64, kd_ptr=x, t_ptr=x, labels_ptr=i64, info_ptr=i64, g_ce_ptr=x, g_kd_ptr=x,
         row_ce_ptr=acc, row_kl_ptr=acc, status_ptr=t(torch.int32), ce_bias_ptr=x if chunk else i64,
         kd_bias_ptr=x if chunk else i64, num_classes=num_classes, num_rows=512, num_labelled=256, ce_rows=256,
-        ignore_index=-100, temperature=2.0, label_smoothing=0.1, ce_grad_scale=0.5, kd_grad_scale=0.5,
+        ignore_index=-100, temperature=2.0, label_smoothing=0.1, smoothing_scale=smoothing_scale(num_classes),
+        ce_grad_scale=0.5, kd_grad_scale=0.5,
         ACC=tl.float64 if dtype == torch.float64 else tl.float32, CE_ROW=chunk, COUNT_ON_DEVICE=not chunk,
         KD_SPLIT=True, SMOOTH=True, CE_GRAD=True, KD_GRAD=True, BLOCK_C=block, SINGLE_TILE=single,
         HAS_CE_BIAS=chunk, HAS_KD_BIAS=chunk,

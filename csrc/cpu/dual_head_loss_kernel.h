@@ -122,13 +122,15 @@ inline acc_t block_exp(const acc_t* x, int64_t n, acc_t scale, acc_t m, acc_t* o
   return lane_sum(total);
 }
 
+// sum_c (h x_c - h_target) over a block: the label-smoothing sum of row_math::cross_entropy_value.
 template <typename acc_t>
-inline acc_t block_sum(const acc_t* x, int64_t n) {
+inline acc_t block_smoothing_sum(const acc_t* x, int64_t n, acc_t h, acc_t h_target) {
   using V = Vectorized<acc_t>;
+  const V hv(h), tv(h_target);
   V total(0);
   int64_t c = 0;
-  for (; c + V::size() <= n; c += V::size()) total += V::loadu(x + c);
-  if (c < n) total += V::loadu(x + c, n - c);
+  for (; c + V::size() <= n; c += V::size()) total += V::loadu(x + c) * hv - tv;
+  if (c < n) total += V::set(V(0), V::loadu(x + c, n - c) * hv - tv, n - c);
   return lane_sum(total);
 }
 
@@ -179,7 +181,11 @@ RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_
 
   rm::SoftmaxStat<acc_t> ce_stat = rm::softmax_empty<acc_t>();
   rm::KlStat<acc_t> kl_stat = rm::kl_empty<acc_t>();
-  acc_t ce_logit_sum = 0, target_logit = 0;
+  // The label's logit is read before pass 1 (which may overwrite it with its gradient): the smoothing sum is
+  // accumulated relative to it.
+  const acc_t target_logit = do_ce ? ce[label] : acc_t(0);
+  const acc_t h = rm::smoothing_scale<acc_t>(C), h_target = h * target_logit;
+  acc_t ce_smoothing_sum = 0;
   acc_t* bmax = scratch.block_max.data();
 
   // Pass 1: each input element is read from memory once; the block's running maxima are recorded so the exps
@@ -189,8 +195,7 @@ RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_
     const int64_t n = std::min(kBlock, C - b0);
     if (do_ce) {
       const acc_t m = rm::nan_max(ce_stat.max, block_max(ce + b0, n, acc_t(1)));
-      if (p.label_smoothing != 0) ce_logit_sum += block_sum(ce + b0, n);
-      if (label >= b0 && label < b0 + n) target_logit = ce[label];
+      if (p.label_smoothing != 0) ce_smoothing_sum += block_smoothing_sum(ce + b0, n, h, h_target);
       const acc_t s = block_exp(ce + b0, n, acc_t(1), m, g_ce ? g_ce + b0 : nullptr);
       ce_stat = rm::softmax_merge(ce_stat, rm::SoftmaxStat<acc_t>{m, s});
       bmax[3 * blk] = m;
@@ -206,11 +211,12 @@ RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_
   }
 
   RowResult result{0.0, 0.0, rm::teacher_row_status(kl_stat.teacher.max)};
+  if (result.teacher_status == rm::kTeacherNonFinite) result.teacher_status = rm::teacher_overflow_status<acc_t>(t, C);
   if (result.teacher_status != rm::kTeacherOk) return result;
   result.kl = double(rm::kl_value(kl_stat));
   if (do_ce) {
-    const acc_t lse = rm::logsumexp(ce_stat);
-    result.ce = double(rm::cross_entropy_value(lse, target_logit, ce_logit_sum, acc_t(p.label_smoothing), C));
+    result.ce = double(
+        rm::cross_entropy_value(ce_stat, target_logit, ce_smoothing_sum, acc_t(p.label_smoothing), C));
   }
 
   // Pass 2: finalise the gradients in place (rows are cache-resident by now), times the gradient scales.

@@ -85,13 +85,15 @@ struct RowsArgs {
   acc_t ce_grad_scale = 1, kd_grad_scale = 1;  // factors of the gradients written (chunk op only)
 };
 
-// One row's pointers (nullptr: absent), whether each starts 16-byte aligned, its label and weights.
+// One row's pointers (nullptr: absent), whether each starts 16-byte aligned, its label, the label's CE-head logit
+// (plus bias; 0 without a CE head) and weights.
 template <typename scalar_t>
 struct Row {
   const scalar_t *ce, *kd, *t;
   scalar_t *g_ce, *g_kd;
   bool ce_vec, kd_vec, t_vec, g_ce_vec, g_kd_vec;
   int64_t label;
+  acc_type<scalar_t> target;
   rm::RowWeights<acc_type<scalar_t>> w, grad_w;  // weights of the row's loss values and of its gradients
 };
 
@@ -122,6 +124,9 @@ __device__ __forceinline__ Row<scalar_t> row_of(const RowsArgs<scalar_t>& p, int
   row.g_ce_vec = aligned16(row.g_ce);
   row.g_kd_vec = aligned16(row.g_kd);
   row.label = label;
+  // Read by every thread before any gradient is written over the logits (chunk op), as load_cols would give it.
+  const acc_t target_bias = do_ce && p.ce_bias ? static_cast<acc_t>(p.ce_bias[label]) : acc_t(0);
+  row.target = do_ce ? static_cast<acc_t>(row.ce[label]) + target_bias : acc_t(0);
   row.w = rm::row_weights<acc_t>(labelled, n_lab, p.batch_rows, p.kd_split, p.temperature);
   row.grad_w = row.w;
   row.grad_w.ce *= p.ce_grad_scale;
@@ -179,8 +184,7 @@ __device__ __forceinline__ rm::RowStat<T> shfl_xor(const rm::RowStat<T>& s, int 
           {{__shfl_xor_sync(kAll, s.kl.teacher.max, mask), __shfl_xor_sync(kAll, s.kl.teacher.sum, mask)},
            {__shfl_xor_sync(kAll, s.kl.student.max, mask), __shfl_xor_sync(kAll, s.kl.student.sum, mask)},
            __shfl_xor_sync(kAll, s.kl.cross, mask)},
-          __shfl_xor_sync(kAll, s.ce_sum, mask),
-          __shfl_xor_sync(kAll, s.target, mask)};
+          __shfl_xor_sync(kAll, s.ce_sum, mask)};
 }
 
 // Butterfly: row_merge is commutative bit for bit, so every lane ends with the same statistic.
@@ -209,10 +213,11 @@ __device__ rm::RowStat<T> block_merge(rm::RowStat<T> s, rm::RowStat<T>* partial)
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_row_values(const RowsArgs<scalar_t>& p, int64_t r, const Row<scalar_t>& row,
                                                  const rm::RowStat<acc_t>& s) {
-  const rm::RowValues<acc_t> v = rm::row_values(s, p.eps, p.cols, row.ce != nullptr);
+  const rm::RowValues<acc_t> v = rm::row_values(s, row.target, p.eps, p.cols, row.ce != nullptr);
   p.row_ce[r] = row.ce ? row.w.ce * v.ce : acc_t(0);
   p.row_kl[r] = row.w.kd * v.kl;
-  p.status[r] = v.status;
+  // One thread re-reads an invalid row to tell a NaN or +inf teacher from an overflowing t / T (error path only).
+  p.status[r] = v.status == rm::kTeacherNonFinite ? rm::teacher_overflow_status<acc_t>(row.t, p.cols) : v.status;
 }
 
 // Gradients of E columns starting at col from their inputs (x, a, b as loaded), into the rows' gradient rows.
@@ -258,7 +263,8 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) warp_rows_kernel(const
       if (col + j == row.label) target_slot = k * V + j;
     }
   }
-  rm::RowStat<acc_t> s = rm::row_fold(rm::row_empty<acc_t>(), x, a, b, valid, target_slot, row.ce != nullptr);
+  const acc_t h = rm::smoothing_scale<acc_t>(C);
+  rm::RowStat<acc_t> s = rm::row_fold(rm::row_empty<acc_t>(), x, a, b, valid, row.target, h, row.ce != nullptr);
   s = warp_merge(s);
   if (lane == 0) write_row_values(p, r, row, s);
   if (!row.g_ce && !row.g_kd) return;
@@ -279,6 +285,7 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>) block_rows_kernel(co
   const int64_t r = blockIdx.x, C = p.cols;
   const int64_t first = int64_t(threadIdx.x) * E, step = int64_t(blockDim.x) * E;
   const Row<scalar_t> row = row_of(p, r);
+  const acc_t h = rm::smoothing_scale<acc_t>(C);
   rm::RowStat<acc_t> s = rm::row_empty<acc_t>();
   for (int64_t col = first; col < C; col += step) {
     acc_t x[E], a[E], b[E];
@@ -288,8 +295,7 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>) block_rows_kernel(co
     uint32_t valid = 0;
 #pragma unroll
     for (int j = 0; j < E; ++j) valid |= (col + j < C ? 1u : 0u) << j;
-    const int64_t target = row.label - col;
-    s = rm::row_fold(s, x, a, b, valid, target >= 0 && target < E ? int(target) : -1, row.ce != nullptr);
+    s = rm::row_fold(s, x, a, b, valid, row.target, h, row.ce != nullptr);
   }
   s = block_merge(s, partial);
   if (threadIdx.x == 0) write_row_values(p, r, row, s);

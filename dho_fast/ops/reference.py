@@ -38,11 +38,23 @@ def dual_head_loss(
     acc = torch.float64 if ce_logits.dtype == torch.float64 else torch.float32
     ce, kd, t = ce_logits.to(acc), kd_logits.to(acc), teacher_logits.to(acc)
     num_labelled = count_labelled(labels, ce.shape[1], ignore_index)
-    check_teacher_values(teacher_logits)
+    check_teacher_values(teacher_logits, temperature)
     labelled = labels != ignore_index
 
     if num_labelled > 0:
-        ce_term = F.cross_entropy(ce[labelled], labels[labelled], label_smoothing=label_smoothing)
+        x, y = ce[labelled], labels[labelled]
+        ce_rows = F.cross_entropy(x, y, reduction="none")  # (m - x_y) + log s: relative to the row maximum m
+        if label_smoothing:
+            # + eps (x_y - mean_c x_c) as in csrc/row_math.h cross_entropy_value: each difference relative to x_y, and
+            # scaled by a power of two h <= 1 / (2 C), so that neither x_c - x_y nor their sum overflows near float's
+            # maximum (F.cross_entropy's smoothing sums log-probabilities, which overflows there).
+            c = x.shape[1]
+            h = 0.5 ** ((c - 1).bit_length() + 1)
+            x_y = x.gather(1, y[:, None])
+            smoothing = label_smoothing / (c * h) * (x * h - x_y * h).sum(1)
+            # A label whose logit is -inf has CE +inf; its smoothing sum is NaN (-inf - -inf).
+            ce_rows = ce_rows - torch.where(x_y.squeeze(1).isneginf(), 0.0, smoothing)
+        ce_term = ce_rows.mean()
     else:
         ce_term = ce.sum() * 0.0  # keeps the graph connected so backward gives a zero gradient
 

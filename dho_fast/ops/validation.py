@@ -172,14 +172,20 @@ def count_labelled(labels: torch.Tensor, num_classes: int, ignore_index: int) ->
     return int(labelled.sum())
 
 
-def check_teacher_values(teacher_logits: torch.Tensor) -> None:
-    """Teacher logits may be -inf (masked classes) but never NaN or +inf, and no row may be entirely -inf."""
-    bad = teacher_logits.isnan() | teacher_logits.isposinf()
-    if bool(bad.any()):
-        raise ValueError(teacher_row_error(int(bad.any(dim=1).nonzero()[0, 0]), all_masked=False))
-    all_masked = teacher_logits.isneginf().all(dim=1)
-    if bool(all_masked.any()):
-        raise ValueError(teacher_row_error(int(all_masked.nonzero()[0, 0]), all_masked=True))
+def check_teacher_values(teacher_logits: torch.Tensor, temperature: float | None = None) -> None:
+    """Teacher logits may be -inf (masked classes) but never NaN or +inf, and no row may be entirely -inf; with a
+    temperature, ``teacher_logits / temperature`` in the accumulation dtype (float32, float64 for float64 input) must
+    not overflow either. Raises for the first invalid row, as the kernels do."""
+    t = teacher_logits
+    status = torch.where(t.isneginf().all(dim=1), TEACHER_ALL_MASKED, TEACHER_VALID)
+    if temperature is not None:
+        a = t.to(torch.promote_types(t.dtype, torch.float32)) / temperature
+        status = torch.where((a.isnan() | a.isposinf()).any(dim=1), TEACHER_OVERFLOW, status)
+    status = torch.where((t.isnan() | t.isposinf()).any(dim=1), TEACHER_NON_FINITE, status)
+    bad = status.nonzero()
+    if len(bad):
+        row = int(bad[0, 0])
+        raise ValueError(teacher_row_error(row, int(status[row])))
 
 
 def label_error(row: int, label: int, num_classes: int, ignore_index: int) -> str:
@@ -190,15 +196,21 @@ def label_error(row: int, label: int, num_classes: int, ignore_index: int) -> st
     )
 
 
-def teacher_row_error(row: int, *, all_masked: bool) -> str:
-    """The message for an invalid teacher row (the same as the compiled ops')."""
-    if all_masked:
+def teacher_row_error(row: int, status: int) -> str:
+    """The message for a teacher row of an invalid ``status`` (a TEACHER_* value; the same as the compiled ops')."""
+    if status == TEACHER_ALL_MASKED:
         return f"teacher_logits row {row} is -inf in every class: the teacher distribution is undefined"
+    if status == TEACHER_OVERFLOW:
+        return (
+            f"teacher_logits / temperature overflows float32 (float64 for float64 input) in row {row}: "
+            "the teacher logits are finite, but too large for the temperature"
+        )
     return f"teacher_logits row {row} contains NaN or +inf (only -inf is allowed, for masked classes)"
 
 
-#: row_math::TeacherRowStatus (csrc/row_math.h) of a teacher row, as the kernels report it.
-TEACHER_VALID, TEACHER_NON_FINITE, TEACHER_ALL_MASKED = 0, 1, 2
+#: row_math::TeacherRowStatus (csrc/row_math.h) of a teacher row, as the kernels report it. TEACHER_OVERFLOW: the row
+#: is finite (or -inf), but teacher_logits / temperature overflows.
+TEACHER_VALID, TEACHER_NON_FINITE, TEACHER_ALL_MASKED, TEACHER_OVERFLOW = 0, 1, 2, 3
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -215,13 +227,17 @@ def raise_flagged_values(
     n = labels.shape[0]
     if _traced(info):
         torch._assert_async(info[1] == n, "labels: a label is neither ignore_index nor in [0, num_classes)")
-        torch._assert_async(info[2] == n, "teacher_logits: a row contains NaN or +inf, or is -inf in every class")
+        torch._assert_async(
+            info[2] == n,
+            "teacher_logits: a row contains NaN or +inf, is -inf in every class, or overflows when divided by the "
+            "temperature",
+        )
         return None
     num_labelled, bad_label, bad_row, status = info.tolist()  # the one host sync of the op
     if bad_label < n:
         raise ValueError(label_error(first_row + bad_label, int(labels[bad_label]), num_classes, ignore_index))
     if bad_row < n:
-        raise ValueError(teacher_row_error(first_row + bad_row, all_masked=status == TEACHER_ALL_MASKED))
+        raise ValueError(teacher_row_error(first_row + bad_row, status))
     return num_labelled
 
 

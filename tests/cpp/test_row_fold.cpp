@@ -41,10 +41,10 @@ struct Result {
 static bool same_bits(const Stat& x, const Stat& y) {
   // NaN payloads and signs of zero may differ between lanes; everything else must be identical.
   const float fx[] = {x.ce.max, x.ce.sum, x.kl.teacher.max, x.kl.teacher.sum, x.kl.student.max, x.kl.student.sum,
-                      x.kl.cross, x.ce_sum, x.target};
+                      x.kl.cross, x.ce_sum};
   const float fy[] = {y.ce.max, y.ce.sum, y.kl.teacher.max, y.kl.teacher.sum, y.kl.student.max, y.kl.student.sum,
-                      y.kl.cross, y.ce_sum, y.target};
-  for (int i = 0; i < 9; ++i)
+                      y.kl.cross, y.ce_sum};
+  for (int i = 0; i < 8; ++i)
     if (!(fx[i] == fy[i] || (std::isnan(fx[i]) && std::isnan(fy[i])))) return false;
   return true;
 }
@@ -54,7 +54,10 @@ static Result finish(const Case& c, const Stat& s) {
   const long long C = (long long)c.kd.size();
   const bool do_ce = c.label >= 0;
   const auto w = rm::row_weights<float>(do_ce, 3, 8, true, kT);
-  Result r{rm::row_values(s, c.eps, C, do_ce), std::vector<float>(C), std::vector<float>(C)};
+  const float target = do_ce ? c.ce[c.label] : 0.0f;
+  Result r{rm::row_values(s, target, c.eps, C, do_ce), std::vector<float>(C), std::vector<float>(C)};
+  // The kernels refine an invalid status from the raw teacher row.
+  if (r.values.status == rm::kTeacherNonFinite) r.values.status = rm::teacher_overflow_status<float>(c.t.data(), C);
   const auto g = rm::grad_scales(s, w, c.eps, C, kInvT);
   for (long long j = 0; j < C; ++j) {
     r.g_ce[j] = do_ce ? rm::ce_grad(c.ce[j], j == c.label, g) : 0.0f;
@@ -70,16 +73,15 @@ static Stat fold_columns(const Case& c, const long long* cols, Stat s = rm::row_
   const bool do_ce = c.label >= 0;
   float x[E], a[E], b[E];
   uint32_t valid = 0;
-  int target = -1;
   for (int j = 0; j < E; ++j) {
     const bool inside = cols[j] < C;
     x[j] = inside && do_ce ? c.ce[cols[j]] : kNegInf;
     a[j] = inside ? c.t[cols[j]] * kInvT : kNegInf;
     b[j] = inside ? c.kd[cols[j]] * kInvT : kNegInf;
     if (inside) valid |= 1u << j;
-    if (cols[j] == c.label) target = j;
   }
-  return rm::row_fold(s, x, a, b, valid, target, do_ce);
+  const float target = do_ce ? c.ce[c.label] : 0.0f;
+  return rm::row_fold(s, x, a, b, valid, target, rm::smoothing_scale<float>(C), do_ce);
 }
 
 // Butterfly over 32 lanes; every lane must end with the same statistic.
@@ -132,42 +134,51 @@ static void check_against_direct(const Case& c, const Result& r, const char* wha
   const size_t C = c.kd.size();
   const bool do_ce = c.label >= 0;
   const auto w = rm::row_weights<double>(do_ce, 3, 8, true, kT);
-  auto lse = [](const std::vector<long double>& v) {
+  // log softmax with the maximum subtracted first: m + log s would lose log s at 3e38 even in long double.
+  auto log_softmax = [](const std::vector<long double>& v) {
     long double m = -INFINITY, s = 0;
     for (auto x : v) m = std::max(m, x);
     for (auto x : v) s += std::exp(x - m);
-    return m + std::log(s);
+    std::vector<long double> out(v.size());
+    for (size_t j = 0; j < v.size(); ++j) out[j] = (v[j] - m) - std::log(s);
+    return out;
   };
   std::vector<long double> x(C), a(C), b(C);
-  long double mag = 1;
   for (size_t j = 0; j < C; ++j) {
     x[j] = c.ce[j];
     a[j] = (long double)(c.t[j] * kInvT);
     b[j] = (long double)(c.kd[j] * kInvT);
-    if (std::isfinite((double)b[j])) mag = std::max(mag, std::fabs(b[j]));
   }
-  const long double la = lse(a), lb = lse(b), lx = lse(x);
-  long double kl = 0, sum_x = 0;
+  const std::vector<long double> lp = log_softmax(a), lq = log_softmax(b), lx = log_softmax(x);
+  // float32 rounding of logits relative to their maxima: the absolute error grows with the spread of a row (its
+  // finite logits' distance to the maximum), not with a constant added to it.
+  long double spread = 1, kl = 0;
   for (size_t j = 0; j < C; ++j) {
-    if (std::isfinite((double)a[j])) kl += std::exp(a[j] - la) * ((a[j] - la) - (b[j] - lb));
-    sum_x += x[j];
+    if (std::isfinite((double)lp[j])) spread = std::max(spread, -lp[j]);
+    if (std::isfinite((double)lq[j])) spread = std::max(spread, -lq[j]);
+    if (std::isfinite((double)a[j])) kl += std::exp(lp[j]) * (lp[j] - lq[j]);
   }
-  // float32 rounding of logits relative to their maxima: absolute error grows with the logits' magnitude.
-  const double tol = 4e-6 * (double)mag;
+  const double tol = 4e-6 * (double)spread;
   expect_near(r.values.kl, (double)kl, tol, what);
   if (r.values.status != rm::kTeacherOk) {
     std::printf("FAIL %s: status %d for a valid teacher row\n", what, r.values.status);
     ++failures;
   }
+  const long double eps = c.eps;  // (1 - eps) in float would round at the ulp of the logits times 2^-24
   if (do_ce) {
-    const long double ce = lx - (1 - c.eps) * x[c.label] - (c.eps ? c.eps / C * sum_x : 0);
-    expect_near(r.values.ce, (double)ce, tol, what);
+    // CE = -sum_c target_c log softmax_c, held to its terms' size whatever constant the row is shifted by.
+    long double ce = 0, terms = 0;
+    for (size_t j = 0; j < C; ++j) {
+      ce -= (((long long)j == c.label ? 1 - eps : 0) + eps / C) * lx[j];
+      terms += eps / C * std::fabs(lx[j] - lx[c.label]);
+    }
+    terms -= lx[c.label];
+    expect_near(r.values.ce, (double)ce, 4e-6 * (double)((1 + terms) / (1 + std::fabs(ce))), what);
   }
   for (size_t j = 0; j < C; ++j) {
-    const long double p = std::isfinite((double)a[j]) ? std::exp(a[j] - la) : 0, q = std::exp(b[j] - lb);
+    const long double p = std::isfinite((double)a[j]) ? std::exp(lp[j]) : 0, q = std::exp(lq[j]);
     expect_near(r.g_kd[j], (double)(w.kd / kT * (q - p)), 2e-6, what, (int)j);
-    const long double gce =
-        do_ce ? w.ce * (std::exp(x[j] - lx) - c.eps / C - ((long long)j == c.label ? 1 - c.eps : 0)) : 0;
+    const long double gce = do_ce ? w.ce * (std::exp(lx[j]) - eps / C - ((long long)j == c.label ? 1 - eps : 0)) : 0;
     expect_near(r.g_ce[j], (double)gce, 2e-6, what, (int)j);
   }
 }
@@ -224,6 +235,30 @@ int main() {
   spread.ce[3] = -1e4f;
   spread.ce[1] = 1e4f;
   check_case(spread, "1e4 spread");
+
+  // A constant added to a row changes no loss: the values stay as accurate as at 0 (the CE term rounded lse - x_y
+  // at the ulp of the logits before row_math computed it relative to the row's maximum).
+  for (float shift : {1e4f, 1e5f, 1e6f, 1e7f})
+    for (float eps : {0.0f, 0.1f})
+      for (int label : {-1, 0, 499}) {
+        Case shifted = random_case(gen, 1000, 3.0f, label, eps);
+        for (auto* v : {&shifted.ce, &shifted.kd, &shifted.t})
+          for (float& x : *v) x += shift;
+        check_case(shifted, "shifted row");
+      }
+  // Near float32's maximum: constant rows (CE = log C, KL = 0), and rows of +-3e38 with the label on a +3e38 entry,
+  // where x_c - x_y alone (-6e38) would overflow the smoothing sum.
+  for (float eps : {0.0f, 0.1f}) {
+    Case constant{std::vector<float>(700, 3e38f), std::vector<float>(700, 3e38f), std::vector<float>(700, 3e38f), 3,
+                  eps};
+    check_case(constant, "constant 3e38 row");
+    Case signs = random_case(gen, 700, 1.0f, 3, eps);
+    for (int j = 0; j < 700; ++j) {
+      signs.ce[j] = j % 3 == 1 ? -3e38f : 3e38f;
+      signs.kd[j] = signs.t[j] = j % 5 == 2 ? -3e38f : 3e38f;
+    }
+    check_case(signs, "+-3e38 row");
+  }
 
   // Invalid teacher rows surface in the status, whichever lane holds the bad column.
   for (int col : {0, 31, 32, 700, 999}) {

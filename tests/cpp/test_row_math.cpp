@@ -111,6 +111,14 @@ int main() {
   std::vector<float> big_a{1e4f, -1e4f, 0.0f, 9999.0f}, big_b{-1e4f, 1e4f, 5e3f, 0.0f};
   check_row(big_a, big_b, "1e4 spread");
 
+  // Pieces whose maxima are more than float's maximum apart (rows of +-3e38 at T = 1): the lower piece's teacher mass
+  // vanishes and adds nothing, instead of 0 * inf = NaN. Teacher and student agree, so KL = 0.
+  std::vector<float> far(8, -3e38f);
+  for (int i = 5; i < 8; ++i) far[i] = 3e38f;
+  const auto low = tree_kl(far, far, 0, 5), high = tree_kl(far, far, 5, 8);
+  EXPECT_TRUE(rm::kl_value(rm::kl_merge(low, high)) == 0.0f, "pieces more than float's maximum apart");
+  EXPECT_TRUE(rm::kl_value(rm::kl_merge(high, low)) == 0.0f, "the same, merged the other way");
+
   // Merging empty pieces never makes NaN.
   const auto empty = rm::kl_merge(rm::kl_empty<float>(), rm::kl_empty<float>());
   EXPECT_TRUE(empty.teacher.sum == 0 && empty.cross == 0 && !std::isnan(empty.cross), "empty merge");
@@ -123,18 +131,55 @@ int main() {
   EXPECT_TRUE(rm::teacher_row_status(std::numeric_limits<float>::infinity()) == rm::kTeacherNonFinite, "+inf");
   EXPECT_TRUE(rm::teacher_row_status(kNegInf) == rm::kTeacherAllMasked, "all -inf");
   EXPECT_TRUE(rm::teacher_row_status(0.0f) == rm::kTeacherOk, "finite");
+  // An invalid row's status from its raw logits: NaN or +inf in t itself, or a finite t whose t / T overflowed.
+  const float finite_row[] = {3e38f, kNegInf, -1.0f}, inf_row[] = {3e38f, INFINITY, 1.0f};
+  const float nan_row[] = {1.0f, std::nanf(""), 2.0f};
+  EXPECT_TRUE(rm::teacher_overflow_status<float>(finite_row, 3) == rm::kTeacherOverflow, "overflowing t / T");
+  EXPECT_TRUE(rm::teacher_overflow_status<float>(inf_row, 3) == rm::kTeacherNonFinite, "+inf in t");
+  EXPECT_TRUE(rm::teacher_overflow_status<float>(nan_row, 3) == rm::kTeacherNonFinite, "NaN in t");
   EXPECT_TRUE(std::isnan(rm::nan_max(1.0f, std::nanf(""))) && std::isnan(rm::nan_max(std::nanf(""), 1.0f)),
               "nan_max propagates NaN from either side");
 
-  // Cross-entropy with label smoothing against its definition: -sum_c target_c log softmax_c.
-  const std::vector<float> z{1.0f, -2.0f, 0.5f, 3.0f};
-  const double lse = (double)direct_lse(z), eps = 0.2;
-  double want = 0, sum = 0;
-  for (int c = 0; c < 4; ++c) {
-    want -= ((c == 2 ? 1 - eps : 0) + eps / 4) * (z[c] - lse);
-    sum += z[c];
+  // Cross-entropy with label smoothing against its definition, -sum_c target_c log softmax_c in long double, from
+  // float statistics: at 0, shifted by up to 1e7 (where lse - x_y rounds lse at the ulp of the logits: 1 at 1e7), and
+  // near float's maximum (where x_c - x_y overflows without the smoothing scale h). The tolerance is an ulp of the
+  // CE's terms, whatever the shift.
+  for (float shift : {0.0f, 1e4f, 1e5f, 1e6f, 1e7f, 3e38f}) {
+    for (float eps : {0.0f, 0.2f}) {
+      std::vector<float> z{1.0f, -2.0f, 0.5f, 3.0f, 3.0f};
+      if (shift == 3e38f) {
+        z = {3e38f, -3e38f, 3e38f, -1e38f, 3e38f};
+      } else {
+        for (float& v : z) v += shift;
+      }
+      const int y = 2, C = int(z.size());
+      const float h = rm::smoothing_scale<float>(C);
+      rm::SoftmaxStat<float> s = rm::softmax_empty<float>();
+      float d = 0;
+      for (float v : z) {
+        s = rm::softmax_push(s, v);
+        d += h * v - h * z[y];
+      }
+      // log softmax with the maximum subtracted first: m + log s loses log s at 3e38, even in long double.
+      long double m = -INFINITY, sum_exp = 0;
+      for (float v : z) m = std::max<long double>(m, v);
+      for (float v : z) sum_exp += std::exp(v - m);
+      auto log_p = [&](int c) { return ((long double)z[c] - m) - std::log(sum_exp); };
+      long double want = 0, terms = -log_p(y);
+      for (int c = 0; c < C; ++c) {
+        want -= ((c == y ? 1 - (long double)eps : 0) + (long double)eps / C) * log_p(c);
+        terms += (long double)eps / C * std::fabs((long double)z[c] - z[y]);
+      }
+      const double got = rm::cross_entropy_value(s, z[y], d, eps, C);
+      EXPECT_NEAR(got, (double)want, 1e-6 * (double)(terms / (1 + std::fabs(want))), "cross-entropy of a shifted row");
+    }
   }
-  EXPECT_NEAR(rm::cross_entropy_value<double>(lse, z[2], sum, eps, 4), want, 1e-12, "label smoothing");
+  EXPECT_TRUE(rm::smoothing_scale<float>(1) == 0.5f && rm::smoothing_scale<float>(4) == 0.125f &&
+                  rm::smoothing_scale<float>(5) == 0.0625f && rm::smoothing_scale<double>(1000) == 1.0 / 2048,
+              "smoothing scale: the largest power of two h with h C <= 1/2");
+  // A label whose logit is -inf: CE = +inf, smoothed or not (its smoothing sum is NaN).
+  const rm::SoftmaxStat<float> one{1.0f, 1.0f};
+  EXPECT_TRUE(rm::cross_entropy_value(one, kNegInf, std::nanf(""), 0.1f, 2) == INFINITY, "-inf label logit");
 
   // Row weights: split means per group, mean over all rows; the KD weight carries T^2.
   const auto lab = rm::row_weights<double>(true, 4, 10, true, 2.0);
