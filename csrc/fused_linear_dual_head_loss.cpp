@@ -289,6 +289,13 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
+    // Autograd runs a backward in grad mode exactly when a graph of it is wanted (create_graph=True). The saved
+    // gradients are constants to it, so that graph would miss the loss's second-order term: refuse.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "dho_fast.fused_linear_dual_head_loss has no double backward: its backward scales gradients the "
+                "forward computed, so a graph of it (create_graph=True, e.g. a gradient penalty) would miss the "
+                "loss's second-order term; use backend=\"reference\" (pure PyTorch), whose double backward is "
+                "correct");
     const auto saved = ctx->get_saved_variables();
     const Tensor& grad_loss = grad_outputs[0];
     // The factor for the saved gradients of gradient_scale(w) * term: d loss / d term / gradient_scale(w) with

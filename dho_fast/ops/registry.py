@@ -2,7 +2,9 @@
 autograd formulas, and the Triton launchers of dho_fast.kernels registered with ``torch.library.triton_op``.
 
 The loss ops return the gradients of both loss terms from the forward pass (grad-in-forward), so their backward only
-scales them by the incoming gradients. fused_linear_dual_head_loss's autograd kernel is C++
+scales them by the incoming gradients. That backward is not itself differentiable: asked for a graph of it
+(``create_graph=True``, the only time autograd runs a backward in grad mode) it raises rather than return a gradient
+whose own gradient misses the loss's second-order term. fused_linear_dual_head_loss's autograd kernel is C++
 (csrc/fused_linear_dual_head_loss.cpp): its fixed cost is paid every training step. Importing this module registers
 everything; dho_fast.ops.backends, which every op goes through, imports it.
 """
@@ -71,6 +73,14 @@ def fused_linear_dual_head_loss_with_grads_fake(
     )  # fmt: skip
 
 
+#: What a backward asked for a graph of itself says; {op} names the op.
+DOUBLE_BACKWARD_MESSAGE = (
+    "{op} has no double backward: its backward scales gradients the forward computed, so a graph of it "
+    "(create_graph=True, e.g. a gradient penalty) would miss the loss's second-order term; use backend=\"reference\" "
+    "(pure PyTorch), whose double backward is correct"
+)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     ctx.ce_loss_weight, ctx.kd_loss_weight = inputs[5], inputs[6]
     ctx.save_for_backward(output[3], output[4])
@@ -92,6 +102,8 @@ def _scaled(grad_term: torch.Tensor, weight: float, grad_loss, grad_of_term, nam
 
 
 def _backward(ctx, grad_loss, grad_ce_term, grad_kd_term, _grad_ce_out, _grad_kd_out):
+    if torch.is_grad_enabled():
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(op="dho_fast.fused_dual_head_loss"))
     grad_ce, grad_kd = ctx.saved_tensors
     d_ce = d_kd = None
     if ctx.needs_input_grad[0]:
