@@ -62,8 +62,9 @@ def test_double_backward_of_the_loss(backend_device):
     with torch.enable_grad():
         grads = torch.autograd.grad(loss(*inputs), inputs)
     want = torch.autograd.grad(loss_fn(teacher, labels, "reference")(*inputs), inputs)
+    # Triton takes its scalars (1 / T) in float32: 1e-7 relative, even for float64 logits.
     for got, expected in zip(grads, want, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("backend_device", LINEAR_BACKENDS)
