@@ -148,10 +148,15 @@ Outputs fused_linear_forward(const LinearLossArgs& a) {
   const Tensor workspace = at::empty({max_ce_rows + max_rows, C}, x.options());
   // The logits' gradients in the accumulation dtype: over the logits for float32 and float64 inputs, in a float32
   // workspace of the same layout for half ones (which the gradient GEMMs below then run in, on float32 weights).
-  const bool half = x.scalar_type() != acc;
+  const bool ce_grad = a.grad_features || a.grad_ce_head, kd_grad = a.grad_features || a.grad_kd_head;
+  const bool half_grads = x.scalar_type() != acc && (ce_grad || kd_grad);
   const auto acc_options = x.options().dtype(acc);
-  const Tensor grad_workspace = half ? at::empty({max_ce_rows + max_rows, C}, acc_options) : workspace;
-  const Tensor ce_weight = a.ce_weight.to(acc), kd_weight = a.kd_weight.to(acc);
+  const Tensor grad_workspace = half_grads ? at::empty({max_ce_rows + max_rows, C}, acc_options) : workspace;
+  Tensor ce_weight, kd_weight;  // for d features only; the weights themselves unless half
+  if (a.grad_features) {
+    ce_weight = a.ce_weight.to(acc);
+    kd_weight = a.kd_weight.to(acc);
+  }
 
   // Gradients of ce_scale * ce_term and kd_scale * kd_term, in the accumulation dtype; undefined: not asked for (or
   // no bias).
@@ -196,14 +201,14 @@ Outputs fused_linear_forward(const LinearLossArgs& a) {
     const Tensor g_ce = grad_workspace.narrow(0, 0, num_ce);
     const Tensor g_kd = grad_workspace.narrow(0, max_ce_rows, c.stop - c.start);
     std::optional<Tensor> ce_grad_out, kd_grad_out;
-    if (half) {
+    if (half_grads) {
       ce_grad_out = g_ce;
       kd_grad_out = g_kd;
     }
     const auto [ce_sum, kd_sum] =
         loss_chunk(z_ce, z_kd, teacher, y, c.start, num_labelled, a.temperature, a.kd_split, a.ignore_index,
-                   a.label_smoothing, a.grad_features || a.grad_ce_head, a.grad_features || a.grad_kd_head, ce_bias_c,
-                   kd_bias_c, ce_scale, kd_scale, ce_grad_out, kd_grad_out);
+                   a.label_smoothing, ce_grad, kd_grad, ce_bias_c, kd_bias_c, ce_scale, kd_scale, ce_grad_out,
+                   kd_grad_out);
     ce_term.add_(ce_sum);
     kd_term.add_(kd_sum);
     // g_ce and g_kd now hold ce_scale * d ce_term / d z_ce and kd_scale * d kd_term / d z_kd.
