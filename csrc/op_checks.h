@@ -161,8 +161,8 @@ inline void check_chunk_grad_out(const char* name, const std::optional<at::Tenso
                    logits_name, "), got ", grad_out->scalar_type());
   TORCH_CHECK_VALUE(grad_out->sizes() == logits.sizes() && grad_out->device() == logits.device() &&
                         grad_out->is_contiguous(),
-                    name, " must be contiguous of ", logits_name, "'s shape ", logits.sizes(), " on ", logits.device(),
-                    ", got shape ", grad_out->sizes(), " on ", grad_out->device());
+                    name, " must be contiguous, of the shape of ", logits_name, " ", logits.sizes(), " on ",
+                    logits.device(), ", got shape ", grad_out->sizes(), " on ", grad_out->device());
 }
 
 // The chunk's labelled rows, counted from its labels: one row of ce_logits each, and no more than the batch's.

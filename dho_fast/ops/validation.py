@@ -204,8 +204,8 @@ def check_chunk_grad_out(
         raise TypeError(f"{name} must be {acc} (the accumulation dtype of {logits_name}), got {grad_out.dtype}")
     if grad_out.shape != logits.shape or grad_out.device != logits.device or not grad_out.is_contiguous():
         raise ValueError(
-            f"{name} must be contiguous of {logits_name}'s shape {tuple(logits.shape)} on {logits.device}, got "
-            f"shape {tuple(grad_out.shape)} on {grad_out.device}"
+            f"{name} must be contiguous, of the shape of {logits_name} {tuple(logits.shape)} on {logits.device}, "
+            f"got shape {tuple(grad_out.shape)} on {grad_out.device}"
         )
 
 
