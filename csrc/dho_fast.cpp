@@ -5,7 +5,8 @@
 TORCH_LIBRARY(dho_fast, m) {
   // Loss terms of both heads and, when asked, their unweighted gradients (grad-in-forward):
   //   loss = ce_loss_weight * ce_term + kd_loss_weight * kd_term
-  //   ce_grad_out = d ce_term / d ce_logits, kd_grad_out = d kd_term / d kd_logits (empty when not asked)
+  //   ce_grad_out = d ce_term / d ce_logits, kd_grad_out = d kd_term / d kd_logits (empty when not asked), in the
+  //   accumulation dtype (float32 for half logits, so that backward scales them before rounding to half)
   m.def(
       "dual_head_loss(Tensor ce_logits, Tensor kd_logits, Tensor teacher_logits, Tensor labels, float temperature, "
       "float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, float label_smoothing, "
@@ -19,13 +20,17 @@ TORCH_LIBRARY(dho_fast, m) {
   //   ce_bias, kd_bias (C,) or None: added to every row of ce_logits / kd_logits (the heads' biases, so that the
   //   GEMMs producing the logits need not add them).
   // Returns this chunk's contributions to ce_term and kd_term (the batch's terms are their sums over the chunks)
-  // and, when ce_grad / kd_grad, overwrites ce_logits / kd_logits with ce_grad_scale * d ce_term / d ce_logits and
-  // kd_grad_scale * d kd_term / d kd_logits. All tensors contiguous, logits, biases and teacher of one dtype.
+  // and, when ce_grad / kd_grad, writes ce_grad_scale * d ce_term / d ce_logits and kd_grad_scale * d kd_term /
+  // d kd_logits in the accumulation dtype: into ce_grad_out / kd_grad_out (the logits' shape) when given, else over
+  // ce_logits / kd_logits, which must then be float32 or float64 (half logits need float32 buffers: a loss scale
+  // applied later must come before the rounding to half). All tensors contiguous, logits, biases and teacher of one
+  // dtype.
   m.def(
       "dual_head_loss_chunk(Tensor(a!) ce_logits, Tensor(b!) kd_logits, Tensor teacher_logits, Tensor labels, "
       "int start, int num_labelled, float temperature, bool kd_split, int ignore_index, float label_smoothing, "
       "bool ce_grad, bool kd_grad, Tensor? ce_bias=None, Tensor? kd_bias=None, float ce_grad_scale=1.0, "
-      "float kd_grad_scale=1.0) -> (Tensor ce_term, Tensor kd_term)");
+      "float kd_grad_scale=1.0, Tensor(c!)? ce_grad_out=None, Tensor(d!)? kd_grad_out=None) -> (Tensor ce_term, "
+      "Tensor kd_term)");
 
   // The DHO loss of two linear heads over shared features, in row chunks (csrc/fused_linear_dual_head_loss.cpp):
   //   ce_logits = features @ ce_weight.T + ce_bias,
@@ -37,7 +42,8 @@ TORCH_LIBRARY(dho_fast, m) {
       "float temperature, float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, "
       "float label_smoothing) -> (Tensor loss, Tensor ce_term, Tensor kd_term)");
   // Its forward as its autograd kernel runs it: also the gradients (d_*_ce) of s_ce * ce_term and (d_*_kd) of
-  // s_kd * kd_term that the grad flags ask for, each a (0,) placeholder when not asked for (or when its bias is None).
+  // s_kd * kd_term that the grad flags ask for, each a (0,) placeholder when not asked for (or when its bias is None),
+  // in the accumulation dtype (float32 for half inputs: backward rounds them to the inputs' dtype after scaling).
   // s = the term's loss weight, or 1 where that is 0: the usual loss.backward() then scales nothing.
   m.def(
       "fused_linear_dual_head_loss_with_grads(Tensor features, Tensor ce_weight, Tensor? ce_bias, Tensor kd_weight, "

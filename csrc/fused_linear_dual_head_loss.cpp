@@ -1,8 +1,11 @@
 // dho_fast::fused_linear_dual_head_loss, for every device: row chunks of both heads' GEMMs (ATen) around
 // dho_fast::dual_head_loss_chunk, which the dispatcher sends to the tensors' device's kernel. Only one chunk's logits
 // exist at a time. The gradients are computed in the forward pass (grad-in-forward) and the autograd kernel below
-// only scales them, or returns them as they are in the usual loss.backward(). It is C++ rather than Python because
-// the op's fixed cost is part of every training step.
+// only scales them, or returns them as they are in the usual loss.backward(). For half inputs every gradient is kept
+// in float32 (the chunks' logit gradients, the gradient GEMMs, d features, the head gradients) and rounded to the
+// inputs' dtype once, in backward, after the loss scale of mixed-precision training has been applied: rounded in
+// the forward, the small entries of a gradient underflow before that scale can lift them. It is C++ rather than
+// Python because the op's fixed cost is part of every training step.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/TensorSubclassLikeUtils.h>
@@ -37,15 +40,19 @@ std::tuple<Tensor, Tensor> loss_chunk(Tensor& ce_logits, Tensor& kd_logits, cons
                                       int64_t start, int64_t num_labelled, double temperature, bool kd_split,
                                       int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad,
                                       const std::optional<Tensor>& ce_bias, const std::optional<Tensor>& kd_bias,
-                                      double ce_grad_scale, double kd_grad_scale) {
+                                      double ce_grad_scale, double kd_grad_scale,
+                                      const std::optional<Tensor>& ce_grad_out,
+                                      const std::optional<Tensor>& kd_grad_out) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("dho_fast::dual_head_loss_chunk", "")
           .typed<std::tuple<Tensor, Tensor>(Tensor&, Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, double,
                                             bool, int64_t, double, bool, bool, const std::optional<Tensor>&,
-                                            const std::optional<Tensor>&, double, double)>();
+                                            const std::optional<Tensor>&, double, double,
+                                            const std::optional<Tensor>&, const std::optional<Tensor>&)>();
   return op.call(ce_logits, kd_logits, teacher, labels, start, num_labelled, temperature, kd_split, ignore_index,
-                 label_smoothing, ce_grad, kd_grad, ce_bias, kd_bias, ce_grad_scale, kd_grad_scale);
+                 label_smoothing, ce_grad, kd_grad, ce_bias, kd_bias, ce_grad_scale, kd_grad_scale, ce_grad_out,
+                 kd_grad_out);
 }
 
 // One chunk of rows [start, stop) and its labelled rows: entries [first, last) of the batch's labelled-row list.
@@ -91,26 +98,26 @@ void scaled_mm_out(Tensor out, const Tensor& a, const Tensor& b, double scale) {
 }
 
 // grad_weight = beta * grad_weight + scale * dz^T x and grad_bias = beta * grad_bias + scale * sum_rows dz, with
-// beta = 0 for the first chunk (the accumulators start uninitialised); in the accumulators' float32 for half inputs.
+// beta = 0 for the first chunk (the accumulators start uninitialised). dz and the accumulators are in the
+// accumulation dtype; x is upcast to it for half inputs.
 void accumulate(Tensor& grad_weight, Tensor& grad_bias, const Tensor& dz, const Tensor& x, double scale, bool first) {
-  const Tensor dz_acc = dz.to(grad_weight.scalar_type());
-  grad_weight.addmm_(dz_acc.t(), x.to(grad_weight.scalar_type()), first ? 0.0 : 1.0, scale);
+  grad_weight.addmm_(dz.t(), x.to(grad_weight.scalar_type()), first ? 0.0 : 1.0, scale);
   if (!grad_bias.defined()) return;
   if (!first) {
-    grad_bias.add_(dz_acc.sum(0), scale);
+    grad_bias.add_(dz.sum(0), scale);
     return;
   }
-  at::sum_out(grad_bias, dz_acc, 0);
+  at::sum_out(grad_bias, dz, 0);
   if (scale != 1.0) grad_bias.mul_(scale);
 }
 
 // d/dx of scale * (x / max(|x|, eps)) given g = d/d(that) / scale: scale * (g - u (u . g)) / |x|, or scale * g / eps
-// where the clamp is active (the norm is then a constant). Row-wise, so it applies to any chunk of rows. In float32
-// for half inputs: the tangential part can be much smaller than g.
+// where the clamp is active (the norm is then a constant). Row-wise, so it applies to any chunk of rows. grad and the
+// result are in the accumulation dtype (the tangential part can be much smaller than g), x_unit is upcast to it.
 Tensor normalize_backward(const Tensor& grad, const Tensor& x_unit, const Tensor& norm, double scale) {
-  const Tensor g = grad.to(norm.scalar_type()), u = x_unit.to(norm.scalar_type());
-  const Tensor radial = at::where(norm > kNormEps, (u * g).sum(1, /*keepdim=*/true), 0.0);
-  return ((g - u * radial) * (scale / norm.clamp_min(kNormEps))).to(grad.scalar_type());
+  const Tensor u = x_unit.to(norm.scalar_type());
+  const Tensor radial = at::where(norm > kNormEps, (u * grad).sum(1, /*keepdim=*/true), 0.0);
+  return (grad - u * radial) * (scale / norm.clamp_min(kNormEps));
 }
 
 // The op's forward: the loss terms and, as a.grad_* ask, the gradients described at the op's _with_grads schema.
@@ -139,14 +146,25 @@ Outputs fused_linear_forward(const LinearLossArgs& a) {
   for (const Chunk& c : chunks) max_ce_rows = std::max(max_ce_rows, c.last - c.first);
   const int64_t max_rows = std::min(a.chunk_size, N);
   const Tensor workspace = at::empty({max_ce_rows + max_rows, C}, x.options());
+  // The logits' gradients in the accumulation dtype: over the logits for float32 and float64 inputs, in a float32
+  // workspace of the same layout for half ones (which the gradient GEMMs below then run in, on float32 weights).
+  const bool ce_grad = a.grad_features || a.grad_ce_head, kd_grad = a.grad_features || a.grad_kd_head;
+  const bool half_grads = x.scalar_type() != acc && (ce_grad || kd_grad);
+  const auto acc_options = x.options().dtype(acc);
+  const Tensor grad_workspace = half_grads ? at::empty({max_ce_rows + max_rows, C}, acc_options) : workspace;
+  Tensor ce_weight, kd_weight;  // for d features only; the weights themselves unless half
+  if (a.grad_features) {
+    ce_weight = a.ce_weight.to(acc);
+    kd_weight = a.kd_weight.to(acc);
+  }
 
-  // Gradients of ce_scale * ce_term and kd_scale * kd_term; undefined: not asked for (or no bias).
+  // Gradients of ce_scale * ce_term and kd_scale * kd_term, in the accumulation dtype; undefined: not asked for (or
+  // no bias).
   Tensor d_x_ce, d_x_kd, d_w_ce, d_b_ce, d_w_kd, d_b_kd;
   if (a.grad_features) {
-    d_x_ce = at::empty({N, D}, x.options());
-    d_x_kd = at::empty({N, D}, x.options());
+    d_x_ce = at::empty({N, D}, acc_options);
+    d_x_kd = at::empty({N, D}, acc_options);
   }
-  const auto acc_options = x.options().dtype(acc);
   // The first chunk overwrites an accumulator; only a batch without rows (no chunk) leaves it at zero.
   auto accumulator = [&](at::IntArrayRef shape) {
     return N ? at::empty(shape, acc_options) : at::zeros(shape, acc_options);
@@ -180,50 +198,47 @@ Outputs fused_linear_forward(const LinearLossArgs& a) {
     Tensor z_ce = workspace.narrow(0, 0, num_ce), z_kd = workspace.narrow(0, max_ce_rows, c.stop - c.start);
     scaled_mm_out(z_ce, x_ce, a.ce_weight.t(), 1.0);
     scaled_mm_out(z_kd, x_kd, a.kd_weight.t(), a.kd_logit_scale);
+    const Tensor g_ce = grad_workspace.narrow(0, 0, num_ce);
+    const Tensor g_kd = grad_workspace.narrow(0, max_ce_rows, c.stop - c.start);
+    std::optional<Tensor> ce_grad_out, kd_grad_out;
+    if (half_grads) {
+      ce_grad_out = g_ce;
+      kd_grad_out = g_kd;
+    }
     const auto [ce_sum, kd_sum] =
         loss_chunk(z_ce, z_kd, teacher, y, c.start, num_labelled, a.temperature, a.kd_split, a.ignore_index,
-                   a.label_smoothing, a.grad_features || a.grad_ce_head, a.grad_features || a.grad_kd_head, ce_bias_c,
-                   kd_bias_c, ce_scale, kd_scale);
+                   a.label_smoothing, ce_grad, kd_grad, ce_bias_c, kd_bias_c, ce_scale, kd_scale, ce_grad_out,
+                   kd_grad_out);
     ce_term.add_(ce_sum);
     kd_term.add_(kd_sum);
-    // z_ce and z_kd now hold ce_scale * d ce_term / d z_ce and kd_scale * d kd_term / d z_kd.
+    // g_ce and g_kd now hold ce_scale * d ce_term / d z_ce and kd_scale * d kd_term / d z_kd.
     if (a.grad_features) {
       // Unlabelled rows get no CE gradient.
       if (c.consecutive) {
-        scaled_mm_out(d_x_ce.slice(0, c.first_row, c.first_row + num_ce), z_ce, a.ce_weight, 1.0);
+        scaled_mm_out(d_x_ce.slice(0, c.first_row, c.first_row + num_ce), g_ce, ce_weight, 1.0);
         d_x_ce.slice(0, c.start, c.first_row).zero_();
         d_x_ce.slice(0, c.first_row + num_ce, c.stop).zero_();
       } else {
         d_x_ce.slice(0, c.start, c.stop).zero_();
-        d_x_ce.index_add_(0, rows, at::mm(z_ce, a.ce_weight));
+        d_x_ce.index_add_(0, rows, at::mm(g_ce, ce_weight));
       }
       const Tensor d_x_kd_rows = d_x_kd.slice(0, c.start, c.stop);
       if (a.kd_cosine) {
-        d_x_kd_rows.copy_(normalize_backward(at::mm(z_kd, a.kd_weight), x_kd, norm.slice(0, c.start, c.stop),
-                                             a.kd_logit_scale));
+        d_x_kd_rows.copy_(
+            normalize_backward(at::mm(g_kd, kd_weight), x_kd, norm.slice(0, c.start, c.stop), a.kd_logit_scale));
       } else {
-        scaled_mm_out(d_x_kd_rows, z_kd, a.kd_weight, a.kd_logit_scale);
+        scaled_mm_out(d_x_kd_rows, g_kd, kd_weight, a.kd_logit_scale);
       }
     }
     const bool first = c.start == 0;
-    if (a.grad_ce_head) accumulate(d_w_ce, d_b_ce, z_ce, x_ce, 1.0, first);
-    if (a.grad_kd_head) accumulate(d_w_kd, d_b_kd, z_kd, x_kd, a.kd_logit_scale, first);
+    if (a.grad_ce_head) accumulate(d_w_ce, d_b_ce, g_ce, x_ce, 1.0, first);
+    if (a.grad_kd_head) accumulate(d_w_kd, d_b_kd, g_kd, x_kd, a.kd_logit_scale, first);
   }
 
-  // A gradient not asked for is returned as a (0,) placeholder; weight gradients in their weights' dtype.
-  auto out = [&](const Tensor& grad, const Tensor& like) {
-    return grad.defined() ? grad.to(like.scalar_type()) : at::empty({0}, x.options());
-  };
+  // A gradient not asked for is returned as a (0,) placeholder.
+  auto out = [&](const Tensor& grad) { return grad.defined() ? grad : at::empty({0}, x.options()); };
   Tensor loss = ce_term * a.ce_loss_weight + kd_term * a.kd_loss_weight;
-  return {loss,
-          ce_term,
-          kd_term,
-          out(d_x_ce, x),
-          out(d_x_kd, x),
-          out(d_w_ce, a.ce_weight),
-          out(d_b_ce, a.ce_weight),
-          out(d_w_kd, a.kd_weight),
-          out(d_b_kd, a.kd_weight)};
+  return {loss, ce_term, kd_term, out(d_x_ce), out(d_x_kd), out(d_w_ce), out(d_b_ce), out(d_w_kd), out(d_b_kd)};
 }
 
 using Terms = std::tuple<Tensor, Tensor, Tensor>;
@@ -284,12 +299,23 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     ctx->saved_data["kd_loss_weight"] = a.kd_loss_weight;
     ctx->saved_data["has_ce_bias"] = a.ce_bias.has_value();
     ctx->saved_data["has_kd_bias"] = a.kd_bias.has_value();
+    ctx->saved_data["dtype"] = a.features.scalar_type();
     return {loss, ce_term, kd_term};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
+    // Autograd runs a backward in grad mode exactly when a graph of it is wanted (create_graph=True). The saved
+    // gradients are constants to it, so that graph would miss the loss's second-order term: refuse.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "dho_fast.fused_linear_dual_head_loss has no double backward: its backward scales gradients the "
+                "forward computed, so a graph of it (create_graph=True, e.g. a gradient penalty) would miss the "
+                "loss's second-order term; use backend=\"reference\" (pure PyTorch), whose double backward is "
+                "correct");
     const auto saved = ctx->get_saved_variables();
+    // The saved gradients are in the accumulation dtype; each is rounded to the inputs' dtype once, after scaling (a
+    // no-op for float32 and float64 inputs).
+    const auto dtype = ctx->saved_data["dtype"].toScalarType();
     const Tensor& grad_loss = grad_outputs[0];
     // The factor for the saved gradients of gradient_scale(w) * term: d loss / d term / gradient_scale(w) with
     // d loss / d term = grad_loss * w + grad_term. It is grad_loss itself in the usual backward of the loss alone.
@@ -310,12 +336,13 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
       return present[input] && ctx->needs_input_grad(std::count(present, present + input, true));
     };
     auto scaled = [&](size_t input, const Tensor& grad, const Tensor& factor) -> Tensor {
-      return wanted(input) && factor.defined() ? times_factor(grad, factor) : Tensor();
+      return wanted(input) && factor.defined() ? times_factor(grad, factor).to(dtype) : Tensor();
     };
     // d features = f_ce * d_x_ce + f_kd * d_x_kd, with one factor for both in the usual case.
     Tensor d_features;
     if (wanted(0) && f_ce.defined() && f_kd.defined()) {
       d_features = f_ce.is_same(f_kd) ? times_factor(saved[0] + saved[1], f_ce) : saved[0] * f_ce + saved[1] * f_kd;
+      d_features = d_features.to(dtype);
     } else {
       d_features = f_ce.defined() ? scaled(0, saved[0], f_ce) : scaled(0, saved[1], f_kd);
     }

@@ -149,6 +149,26 @@ inline void check_chunk_inputs(const at::Tensor& ce, const at::Tensor& kd, const
   check_chunk_bias("kd_bias", kd_bias, "kd_logits", kd);
 }
 
+// A chunk's gradient buffer of `logits` when `wanted`: the gradient is written in the accumulation dtype, into
+// grad_out when given (contiguous, of the logits' shape and device), else over the logits, which must then be float32
+// or float64 (half logits need a float32 grad_out).
+inline void check_chunk_grad_out(const char* name, const std::optional<at::Tensor>& grad_out, const char* logits_name,
+                                 const at::Tensor& logits, bool wanted) {
+  if (!wanted) return;
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (!grad_out) {
+    TORCH_CHECK_TYPE(logits.scalar_type() == acc, name, " must be given for ", logits.scalar_type(), " ",
+                     logits_name, ": their gradient is written in ", acc);
+    return;
+  }
+  TORCH_CHECK_TYPE(grad_out->scalar_type() == acc, name, " must be ", acc, " (the accumulation dtype of ",
+                   logits_name, "), got ", grad_out->scalar_type());
+  TORCH_CHECK_VALUE(grad_out->sizes() == logits.sizes() && grad_out->device() == logits.device() &&
+                        grad_out->is_contiguous(),
+                    name, " must be contiguous, of the shape of ", logits_name, " ", logits.sizes(), " on ",
+                    logits.device(), ", got shape ", grad_out->sizes(), " on ", grad_out->device());
+}
+
 // The chunk's labelled rows, counted from its labels: one row of ce_logits each, and no more than the batch's.
 inline void check_chunk_labelled(const at::Tensor& ce, int64_t chunk_labelled, int64_t num_labelled) {
   TORCH_CHECK_VALUE(ce.size(0) == chunk_labelled, "ce_logits must have one row per labelled row of the chunk (",

@@ -193,10 +193,15 @@ def tile_config(num_classes: int) -> tuple[int, bool, int]:
 
 
 def _empty_like_grad(x: torch.Tensor, wanted: bool) -> torch.Tensor:
+    """The gradient buffer of logits x: in the accumulation dtype (float32 for half x), so that the loss scale the
+    backward applies comes before the rounding to x's dtype."""
     if not wanted:
         return x.new_empty((0,))
+    acc = torch.promote_types(x.dtype, torch.float32)
     # Tests poison the outputs so that an element a kernel fails to write shows up as NaN.
-    return torch.full_like(x, float("nan")) if os.environ.get("DHO_FAST_POISON_OUTPUTS") else torch.empty_like(x)
+    if os.environ.get("DHO_FAST_POISON_OUTPUTS"):
+        return torch.full_like(x, float("nan"), dtype=acc)
+    return torch.empty_like(x, dtype=acc)
 
 
 def _launch_rows(ce, ce_row, kd, t, labels, info, g_ce, g_kd, row_ce, row_kl, status, *, num_rows, num_labelled,
@@ -233,7 +238,8 @@ def dual_head_loss(
     arguments as dho_fast::dual_head_loss takes them (validated by the caller). info (4,) int64: the number of
     labelled rows, the first row with a bad label (N if none), the first bad teacher row (N if none) and its
     row_math::TeacherRowStatus; the caller raises the errors. Scalars are float32 in the kernels (exact for the usual
-    temperatures); statistics accumulate in float32, float64 for float64 input."""
+    temperatures); statistics accumulate in float32, float64 for float64 input, and the gradients are in that
+    accumulation dtype (float32 for half logits)."""
     ce, kd, t, y = ce_logits.contiguous(), kd_logits.contiguous(), teacher_logits.contiguous(), labels.contiguous()
     n, c = ce.shape
     acc = torch.promote_types(ce.dtype, torch.float32)
@@ -260,13 +266,15 @@ def dual_head_loss_chunk(
     ce_logits: torch.Tensor, kd_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, start: int,
     num_labelled: int, temperature: float, kd_split: bool, ignore_index: int, label_smoothing: float, ce_grad: bool,
     kd_grad: bool, ce_bias: torch.Tensor | None = None, kd_bias: torch.Tensor | None = None,
-    ce_grad_scale: float = 1.0, kd_grad_scale: float = 1.0,
+    ce_grad_scale: float = 1.0, kd_grad_scale: float = 1.0, ce_grad_out: torch.Tensor | None = None,
+    kd_grad_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(ce_term, kd_term, info) contributions of batch rows [start, start + R) whose KD logits are kd_logits (R, C)
-    and whose labelled rows' CE logits are ce_logits (L, C), each plus its (C,) bias when given; overwrites
-    ce_logits / kd_logits with ce_grad_scale * d ce_term / d ce_logits and kd_grad_scale * d kd_term / d kd_logits
-    when ce_grad / kd_grad. The row weights are those of the whole batch (teacher_logits (N, C), num_labelled).
-    info as in :func:`dual_head_loss`, for the chunk's rows (the layout is validated by the caller)."""
+    and whose labelled rows' CE logits are ce_logits (L, C), each plus its (C,) bias when given; writes
+    ce_grad_scale * d ce_term / d ce_logits and kd_grad_scale * d kd_term / d kd_logits, when ce_grad / kd_grad,
+    into ce_grad_out / kd_grad_out (float32 for half logits), or over the logits when those are None. The row
+    weights are those of the whole batch (teacher_logits (N, C), num_labelled). info as in :func:`dual_head_loss`,
+    for the chunk's rows (the layout is validated by the caller)."""
     rows, c = kd_logits.shape
     n = teacher_logits.shape[0]
     t = teacher_logits.contiguous()[start : start + rows]
@@ -281,7 +289,8 @@ def dual_head_loss_chunk(
 
     wrap_triton(_count_labels_kernel)[(1,)](y, info, rows, c, ignore_index, BLOCK=_SCAN_BLOCK)
     _launch_rows(
-        ce_logits, ce_row, kd_logits, t, y, info, ce_logits, kd_logits, row_ce, row_kl, status, num_rows=n,
+        ce_logits, ce_row, kd_logits, t, y, info, ce_logits if ce_grad_out is None else ce_grad_out,
+        kd_logits if kd_grad_out is None else kd_grad_out, row_ce, row_kl, status, num_rows=n,
         num_labelled=num_labelled, temperature=temperature, kd_split=kd_split, ignore_index=ignore_index,
         label_smoothing=label_smoothing, ce_grad=ce_grad, kd_grad=kd_grad, ce_bias=ce_bias, kd_bias=kd_bias,
         ce_grad_scale=ce_grad_scale, kd_grad_scale=kd_grad_scale,

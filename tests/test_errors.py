@@ -402,6 +402,32 @@ def test_chunk_op_rejects_a_bias_of_the_wrong_shape(backend_device, name):
 
 
 @pytest.mark.parametrize("backend_device", CHUNK_BACKENDS)
+@pytest.mark.parametrize(
+    "dtype, grad_out, error, match",
+    [
+        # Half logits cannot hold their float32 gradient in place. (The compiled kernels spell dtypes as ATen does.)
+        (torch.bfloat16, None, TypeError, "ce_grad_out must be given for (torch.bfloat16|BFloat16) ce_logits"),
+        (torch.float16, torch.empty_like, TypeError, "ce_grad_out must be (torch.float32|Float).*(float16|Half)"),
+        (torch.float64, lambda z: z.float(), TypeError, "ce_grad_out must be (torch.float64|Double)"),
+        (torch.float16, lambda z: z.new_empty((z.shape[0] + 1, 9), dtype=torch.float32), ValueError,
+         "ce_grad_out must be contiguous, of the shape of ce_logits"),
+    ],
+)  # fmt: skip
+def test_chunk_op_rejects_a_bad_gradient_buffer(backend_device, dtype, grad_out, error, match):
+    backend, device = backend_device
+    args = chunk_args(device)
+    args[:3] = [x.to(dtype) for x in args[:3]]
+    kwargs = {}
+    if grad_out is not None:
+        kwargs = dict(ce_grad_out=grad_out(args[0]), kd_grad_out=torch.empty_like(args[1], dtype=torch.float32))
+        if dtype == torch.float64:
+            kwargs["kd_grad_out"] = torch.empty_like(args[1])
+    with pytest.raises(error, match=match) as info:
+        getattr(torch.ops.dho_fast, CHUNK_OPS[backend])(*args, **kwargs)
+    assert type(info.value) is error
+
+
+@pytest.mark.parametrize("backend_device", CHUNK_BACKENDS)
 def test_chunk_op_reports_value_errors_with_their_batch_row(backend_device):
     backend, device = backend_device
     args = chunk_args(device, start=3, rows=6)

@@ -86,11 +86,12 @@ def t(dtype, *shape):
 
 
 def loss_rows_args(dtype, num_classes: int, chunk: bool):
-    """The whole-batch op's launch, or (chunk) the chunk op's as the fused linear op makes it, with both biases."""
+    """The whole-batch op's launch, or (chunk) the chunk op's as the fused linear op makes it, with both biases; the
+    gradients in the accumulation dtype, as both write them."""
     block, single, warps = triton_loss.tile_config(num_classes)
     x, i64, acc = t(dtype, 2, 8), t(torch.int64), t(torch.promote_types(dtype, torch.float32))
     args = dict(
-        ce_ptr=x, ce_row_ptr=i64, kd_ptr=x, t_ptr=x, labels_ptr=i64, info_ptr=i64, g_ce_ptr=x, g_kd_ptr=x,
+        ce_ptr=x, ce_row_ptr=i64, kd_ptr=x, t_ptr=x, labels_ptr=i64, info_ptr=i64, g_ce_ptr=acc, g_kd_ptr=acc,
         row_ce_ptr=acc, row_kl_ptr=acc, status_ptr=t(torch.int32), ce_bias_ptr=x if chunk else i64,
         kd_bias_ptr=x if chunk else i64, num_classes=num_classes, num_rows=512, num_labelled=256, ce_rows=256,
         ignore_index=-100, temperature=2.0, label_smoothing=0.1, smoothing_scale=smoothing_scale(num_classes),

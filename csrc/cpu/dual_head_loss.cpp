@@ -33,8 +33,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
                      .label_smoothing = label_smoothing,
                      .kd_split = kd_split};
 
-  at::Tensor g_ce = ce_grad ? at::empty_like(ce) : at::empty({0}, ce.options());
-  at::Tensor g_kd = kd_grad ? at::empty_like(kd) : at::empty({0}, kd.options());
+  // The gradients in the accumulation dtype (float32 for half logits): the backward rounds them once, after scaling.
+  const auto acc_dtype = ce.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor g_ce = ce_grad ? at::empty_like(ce, ce.options().dtype(acc_dtype)) : at::empty({0}, ce.options());
+  at::Tensor g_kd = kd_grad ? at::empty_like(kd, kd.options().dtype(acc_dtype)) : at::empty({0}, kd.options());
   if (std::getenv("DHO_FAST_POISON_OUTPUTS")) {  // tests: an element the kernel fails to write stays NaN
     g_ce.fill_(std::numeric_limits<double>::quiet_NaN());
     g_kd.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -49,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
                               .kd = kd.const_data_ptr<scalar_t>(),
                               .teacher = t.const_data_ptr<scalar_t>(),
                               .labels = y_ptr,
-                              .g_ce = ce_grad ? g_ce.mutable_data_ptr<scalar_t>() : nullptr,
-                              .g_kd = kd_grad ? g_kd.mutable_data_ptr<scalar_t>() : nullptr,
+                              .g_ce = ce_grad ? g_ce.mutable_data_ptr<acc_type<scalar_t>>() : nullptr,
+                              .g_kd = kd_grad ? g_kd.mutable_data_ptr<acc_type<scalar_t>>() : nullptr,
                               .row_ce = row_ce.data(),
                               .row_kl = row_kl.data(),
                               .row_status = status.data()};
@@ -58,7 +60,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
   });
 
   const auto [ce_term, kd_term] = reduce_rows(y_ptr, N, 0, row_ce.data(), row_kl.data(), status.data(), p);
-  const auto acc_dtype = ce.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto scalar = [&](double v) { return at::scalar_tensor(v, ce.options().dtype(acc_dtype)); };
   return {scalar(ce_loss_weight * ce_term + kd_loss_weight * kd_term), scalar(ce_term), scalar(kd_term), g_ce,
           g_kd};

@@ -1,5 +1,5 @@
 // CPU implementation of dho_fast::dual_head_loss_chunk: the row kernel of dual_head_loss run over one chunk of a
-// batch's rows, with the batch's row counts, writing the logit gradients over the logits.
+// batch's rows, with the batch's row counts, writing the logit gradients into their buffers or over the logits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -22,9 +22,13 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logit
                                                             double label_smoothing, bool ce_grad, bool kd_grad,
                                                             const std::optional<at::Tensor>& ce_bias,
                                                             const std::optional<at::Tensor>& kd_bias,
-                                                            double ce_grad_scale, double kd_grad_scale) {
+                                                            double ce_grad_scale, double kd_grad_scale,
+                                                            const std::optional<at::Tensor>& ce_grad_out,
+                                                            const std::optional<at::Tensor>& kd_grad_out) {
   check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, label_smoothing,
                      ce_bias, kd_bias);
+  check_chunk_grad_out("ce_grad_out", ce_grad_out, "ce_logits", ce_logits, ce_grad);
+  check_chunk_grad_out("kd_grad_out", kd_grad_out, "kd_logits", kd_logits, kd_grad);
   const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1), R = kd_logits.size(0);
   const int64_t* y = labels.const_data_ptr<int64_t>() + start;
   std::vector<int64_t> ce_row(R);
@@ -43,16 +47,18 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logit
   std::vector<double> row_ce(R), row_kl(R);
   std::vector<int> status(R);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kd_logits.scalar_type(), "dual_head_loss_chunk_cpu", [&] {
-    scalar_t* ce = ce_logits.mutable_data_ptr<scalar_t>();
-    scalar_t* kd = kd_logits.mutable_data_ptr<scalar_t>();
+    // Where a gradient goes: its buffer, or over the logits (then of the accumulation dtype: checked above).
+    auto grad_ptr = [](bool wanted, const std::optional<at::Tensor>& out, at::Tensor& logits) {
+      return wanted ? (out ? *out : logits).mutable_data_ptr<acc_type<scalar_t>>() : nullptr;
+    };
     const RowsIO<scalar_t> io{.rows = R,
-                              .ce = ce,
+                              .ce = ce_logits.const_data_ptr<scalar_t>(),
                               .ce_row = ce_row.data(),
-                              .kd = kd,
+                              .kd = kd_logits.const_data_ptr<scalar_t>(),
                               .teacher = teacher_logits.const_data_ptr<scalar_t>() + start * C,
                               .labels = y,
-                              .g_ce = ce_grad ? ce : nullptr,
-                              .g_kd = kd_grad ? kd : nullptr,
+                              .g_ce = grad_ptr(ce_grad, ce_grad_out, ce_logits),
+                              .g_kd = grad_ptr(kd_grad, kd_grad_out, kd_logits),
                               .row_ce = row_ce.data(),
                               .row_kl = row_kl.data(),
                               .row_status = status.data(),

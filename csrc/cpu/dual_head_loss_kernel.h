@@ -30,19 +30,15 @@ constexpr int64_t kBlock = 512;
 
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> ce, kd, teacher;               // converted inputs, or logits plus bias
-  std::vector<acc_t> exp_ce, exp_kd, exp_teacher;   // exp(x - running max) per column, finalised in place
-  std::vector<acc_t> block_max;                      // running maxima used for each block: 3 per block
+  std::vector<acc_t> ce, kd, teacher;  // converted inputs, or logits plus bias
+  std::vector<acc_t> exp_teacher;      // exp(t / T - running max) per column
+  std::vector<acc_t> block_max;        // running maxima used for each block: 3 per block
   RowScratch(int64_t C, bool convert, bool biased) : block_max(3 * ((C + kBlock - 1) / kBlock)) {
     if (convert || biased) {
       ce.resize(C);
       kd.resize(C);
     }
-    if (convert) {
-      teacher.resize(C);
-      exp_ce.resize(C);
-      exp_kd.resize(C);
-    }
+    if (convert) teacher.resize(C);
     exp_teacher.resize(C);
   }
 };
@@ -251,7 +247,7 @@ RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_
 
 template <typename scalar_t>
 void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = acc_type<scalar_t>;
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
   const int64_t C = p.num_classes;
   // One task per thread, each taking every num_tasks-th row: labelled rows (which also have the CE head's work) are
@@ -269,29 +265,17 @@ void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
     const int64_t ce_i = io.ce_row ? io.ce_row[i] : i;
     // A row without CE logits has no CE gradient row either; with ce_row == nullptr every row has both.
     const scalar_t* ce_in = ce_i >= 0 ? io.ce + ce_i * C : nullptr;
-    scalar_t* g_ce_out = io.g_ce && ce_i >= 0 ? io.g_ce + ce_i * C : nullptr;
-    scalar_t* g_kd_out = io.g_kd ? io.g_kd + off : nullptr;
+    acc_t* g_ce_row = io.g_ce && ce_i >= 0 ? io.g_ce + ce_i * C : nullptr;
+    acc_t* g_kd_row = io.g_kd ? io.g_kd + off : nullptr;
     // An unlabelled row's CE logits are never read (the whole-batch op still writes its zero CE gradient).
     const bool labelled = io.labels[i] != p.ignore_index;
     const acc_t* ce_row = ce_in && labelled ? load_row(ce_in, ce_bias, scratch.ce, C) : nullptr;
     const acc_t* kd_row = load_row(io.kd + off, kd_bias, scratch.kd, C);
     const acc_t* t_row = load_row(io.teacher + off, static_cast<const acc_t*>(nullptr), scratch.teacher, C);
-    acc_t *gce_row = nullptr, *gkd_row = nullptr;
-    if constexpr (convert) {
-      if (g_ce_out) gce_row = scratch.exp_ce.data();
-      if (g_kd_out) gkd_row = scratch.exp_kd.data();
-    } else {
-      gce_row = g_ce_out;
-      gkd_row = g_kd_out;
-    }
-    const RowResult r = dual_head_row<acc_t>(ce_row, kd_row, t_row, io.labels[i], p, gce_row, gkd_row, scratch);
+    const RowResult r = dual_head_row<acc_t>(ce_row, kd_row, t_row, io.labels[i], p, g_ce_row, g_kd_row, scratch);
     io.row_ce[i] = r.ce;
     io.row_kl[i] = r.kl;
     io.row_status[i] = r.teacher_status;
-    if constexpr (convert) {
-      if (g_ce_out) at::vec::convert(gce_row, g_ce_out, C);
-      if (g_kd_out) at::vec::convert(gkd_row, g_kd_out, C);
-    }
   };
   at::parallel_for(0, num_tasks, 1, [&](int64_t first_task, int64_t end_task) {
     RowScratch<acc_t> scratch(C, convert, biased);

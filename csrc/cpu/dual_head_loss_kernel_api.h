@@ -6,6 +6,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace dho_fast {
 namespace cpu {
@@ -25,6 +26,11 @@ struct LossParams {
   double kd_grad_scale = 1.0;
 };
 
+// The dtype the kernel computes in, and writes the gradients in: float32 for float32 and half inputs, so that the
+// gradients are rounded to a half dtype only once, after the backward has scaled them (by a loss scale, say).
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
 // The rows one kernel call processes (the whole batch, or a chunk of it), each of num_classes columns.
 template <typename scalar_t>
 struct RowsIO {
@@ -36,10 +42,11 @@ struct RowsIO {
   const scalar_t* kd;       // (rows, C)
   const scalar_t* teacher;  // (rows, C)
   const int64_t* labels;    // (rows,), already validated
-  // Unweighted gradients of ce_term and kd_term (nullptr: not wanted), laid out as ce and kd. They may be ce and
-  // kd themselves: the kernel reads a block of a row before it overwrites it.
-  scalar_t* g_ce;
-  scalar_t* g_kd;
+  // Unweighted gradients of ce_term and kd_term (nullptr: not wanted), laid out as ce and kd, in acc_type. For
+  // float32 and float64 inputs they may be ce and kd themselves: the kernel reads a block of a row before it
+  // overwrites it.
+  acc_type<scalar_t>* g_ce;
+  acc_type<scalar_t>* g_kd;
   double* row_ce;   // (rows,) CE of each labelled row
   double* row_kl;   // (rows,) KL of each row
   int* row_status;  // (rows,) row_math::TeacherRowStatus

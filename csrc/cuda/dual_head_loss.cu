@@ -70,8 +70,10 @@ struct RowsArgs {
   const scalar_t* kd;       // (rows, C)
   const scalar_t* teacher;  // (rows, C)
   const int64_t* labels;    // (rows,)
-  scalar_t* g_ce;           // laid out as ce (nullptr: not wanted); may be ce itself
-  scalar_t* g_kd;           // laid out as kd (nullptr: not wanted); may be kd itself
+  // The gradients, in acc_t (float32 for half inputs: backward rounds them after scaling), laid out as ce and kd
+  // (nullptr: not wanted); for float32 and float64 inputs they may be ce and kd themselves.
+  acc_t* g_ce;
+  acc_t* g_kd;
   acc_t* row_ce;            // (rows,) weighted CE, 0 for rows without a CE head
   acc_t* row_kl;            // (rows,) weighted KL
   int* status;              // (rows,) row_math::TeacherRowStatus
@@ -90,7 +92,7 @@ struct RowsArgs {
 template <typename scalar_t>
 struct Row {
   const scalar_t *ce, *kd, *t;
-  scalar_t *g_ce, *g_kd;
+  acc_type<scalar_t> *g_ce, *g_kd;
   bool ce_vec, kd_vec, t_vec, g_ce_vec, g_kd_vec;
   int64_t label;
   acc_type<scalar_t> target;
@@ -159,6 +161,7 @@ __device__ __forceinline__ void load_cols(const scalar_t* row, const scalar_t* b
   }
 }
 
+// Columns [col, col + E) of an output row of type scalar_t (E a multiple of its vector width) from v.
 template <int E, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_cols(scalar_t* row, bool vec, int64_t col, int64_t C, const acc_t* v) {
   constexpr int V = kVec<scalar_t>;
@@ -432,9 +435,10 @@ int64_t raise_flagged_errors(const at::Tensor& info, const at::Tensor& labels, i
   return v[0];
 }
 
+// The gradient of x, in the accumulation dtype.
 at::Tensor gradient_buffer(const at::Tensor& x, bool wanted) {
   if (!wanted) return at::empty({0}, x.options());
-  at::Tensor g = at::empty_like(x);
+  at::Tensor g = at::empty_like(x, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   // Tests poison the outputs so that an element the kernel fails to write shows up as NaN.
   if (std::getenv("DHO_FAST_POISON_OUTPUTS")) g.fill_(std::numeric_limits<double>::quiet_NaN());
   return g;
@@ -469,8 +473,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
                                .kd = kd.const_data_ptr<scalar_t>(),
                                .teacher = t.const_data_ptr<scalar_t>(),
                                .labels = y.const_data_ptr<int64_t>(),
-                               .g_ce = ce_grad ? g_ce.mutable_data_ptr<scalar_t>() : nullptr,
-                               .g_kd = kd_grad ? g_kd.mutable_data_ptr<scalar_t>() : nullptr,
+                               .g_ce = ce_grad ? g_ce.mutable_data_ptr<acc_t>() : nullptr,
+                               .g_kd = kd_grad ? g_kd.mutable_data_ptr<acc_t>() : nullptr,
                                .row_ce = row_ce.mutable_data_ptr<acc_t>(),
                                .row_kl = row_kl.mutable_data_ptr<acc_t>(),
                                .status = status.mutable_data_ptr<int>(),
@@ -500,9 +504,13 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
                                                              bool ce_grad, bool kd_grad,
                                                              const std::optional<at::Tensor>& ce_bias,
                                                              const std::optional<at::Tensor>& kd_bias,
-                                                             double ce_grad_scale, double kd_grad_scale) {
+                                                             double ce_grad_scale, double kd_grad_scale,
+                                                             const std::optional<at::Tensor>& ce_grad_out,
+                                                             const std::optional<at::Tensor>& kd_grad_out) {
   check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, label_smoothing,
                      ce_bias, kd_bias);
+  check_chunk_grad_out("ce_grad_out", ce_grad_out, "ce_logits", ce_logits, ce_grad);
+  check_chunk_grad_out("kd_grad_out", kd_grad_out, "kd_logits", kd_logits, kd_grad);
   const c10::cuda::CUDAGuard guard(kd_logits.device());
   const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1), R = kd_logits.size(0);
   const at::Tensor y = labels.narrow(0, start, R), t = teacher_logits.narrow(0, start, R);
@@ -520,14 +528,18 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
   launch_count(y, C, ignore_index, info, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kd_logits.scalar_type(), "dual_head_loss_chunk_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
+    // Where a gradient goes: its buffer, or over the logits (then of the accumulation dtype: checked above).
+    auto grad_ptr = [](bool wanted, const std::optional<at::Tensor>& out, at::Tensor& logits) {
+      return wanted ? (out ? *out : logits).mutable_data_ptr<acc_t>() : nullptr;
+    };
     const RowsArgs<scalar_t> p{.ce = ce_logits.const_data_ptr<scalar_t>(),
                                .ce_row = ce_row.const_data_ptr<int64_t>(),
                                .ce_rows = ce_logits.size(0),
                                .kd = kd_logits.const_data_ptr<scalar_t>(),
                                .teacher = t.const_data_ptr<scalar_t>(),
                                .labels = y.const_data_ptr<int64_t>(),
-                               .g_ce = ce_grad ? ce_logits.mutable_data_ptr<scalar_t>() : nullptr,
-                               .g_kd = kd_grad ? kd_logits.mutable_data_ptr<scalar_t>() : nullptr,
+                               .g_ce = grad_ptr(ce_grad, ce_grad_out, ce_logits),
+                               .g_kd = grad_ptr(kd_grad, kd_grad_out, kd_logits),
                                .row_ce = row_ce.mutable_data_ptr<acc_t>(),
                                .row_kl = row_kl.mutable_data_ptr<acc_t>(),
                                .status = status.mutable_data_ptr<int>(),

@@ -68,8 +68,12 @@ def fused_linear_dual_head_loss(
         ``(loss, ce_term, kd_term)`` with ``return_terms``; all differentiable.
 
     Gradients for ``features``, both weights and both biases are computed during the forward pass, chunk by chunk
-    (``d features = dZ_ce W_ce + dZ_kd W_kd``, ``d W += dZ^T features``, weight gradients accumulated in float32 for
-    half inputs), when autograd needs them; backward only scales them.
+    (``d features = dZ_ce W_ce + dZ_kd W_kd``, ``d W += dZ^T features``), when autograd needs them; backward only
+    scales them. For half inputs they are all kept in float32 (the chunks' logit gradients ``dZ``, and the gradient
+    GEMMs on float32 copies of the weights and of each chunk's features) and rounded to the inputs' dtype once, in
+    backward, after the incoming gradient (a loss scale) has been applied: as accurate as eager AMP's. Backward has
+    no graph of itself: ``create_graph=True`` (a gradient penalty, double backward) raises ``RuntimeError`` on every
+    backend but "reference".
 
     Under ``torch.autocast`` every floating input is first cast to the autocast dtype, as autocast does for
     ``nn.Linear``; the gradients flow back through the casts to the parameters' own dtype.

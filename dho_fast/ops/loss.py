@@ -53,11 +53,15 @@ def fused_dual_head_loss(
         ``KL_i = sum_c p_c (log p_c - log q_c)``, ``p = softmax(teacher / T)``, ``q = softmax(kd / T)``.
         With ``return_terms`` the tuple ``(loss, ce_term, kd_term)``; all three are differentiable.
 
-    Gradients with respect to ``ce_logits`` and ``kd_logits`` (in their dtype) are computed during the forward
-    pass when autograd needs them; backward only scales them. Statistics accumulate in float32 (float64 for
-    float64 input). NaN or inf in the student logits is not an error: it propagates to the loss, so mixed-precision
-    loss scaling can skip the step. Bad shapes or values raise ``ValueError``, wrong dtypes or non-tensor arguments
-    ``TypeError``, on every backend. Meta tensors give meta results (the compiled ops' shape functions).
+    Gradients with respect to ``ce_logits`` and ``kd_logits`` are computed during the forward pass when autograd needs
+    them, in float32 (float64 for float64 input); backward scales them by the incoming gradient and rounds them to the
+    logits' dtype once, so that under a loss scale (``(loss * 65536).backward()``) half-precision logits get eager
+    PyTorch's float32-then-rounded gradient rather than entries that underflowed before the scale. Backward has no graph
+    of itself: ``create_graph=True`` (a gradient penalty, double backward) raises ``RuntimeError`` on every backend but
+    "reference". Statistics accumulate in float32 (float64 for float64 input). NaN or inf in the student logits is not
+    an error: it propagates to the loss, so mixed-precision loss scaling can skip the step. Bad shapes or values raise
+    ``ValueError``, wrong dtypes or non-tensor arguments ``TypeError``, on every backend. Meta tensors give meta
+    results (the compiled ops' shape functions).
 
     Under ``torch.autocast`` the three logit tensors are first cast to their common dtype (float32 when the teacher's
     logits are float32 and the heads' are half), as autocast does for PyTorch's own losses.

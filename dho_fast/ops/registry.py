@@ -2,7 +2,11 @@
 autograd formulas, and the Triton launchers of dho_fast.kernels registered with ``torch.library.triton_op``.
 
 The loss ops return the gradients of both loss terms from the forward pass (grad-in-forward), so their backward only
-scales them by the incoming gradients. fused_linear_dual_head_loss's autograd kernel is C++
+scales them by the incoming gradients. The gradients are in the accumulation dtype (float32 for half inputs): the
+backward scales them there and rounds to the logits' dtype once, so that a loss scale (GradScaler's 65536) keeps
+small gradient entries from underflowing. That backward is not itself differentiable: asked for a graph of it
+(``create_graph=True``, the only time autograd runs a backward in grad mode) it raises rather than return a gradient
+whose own gradient misses the loss's second-order term. fused_linear_dual_head_loss's autograd kernel is C++
 (csrc/fused_linear_dual_head_loss.cpp): its fixed cost is paid every training step. Importing this module registers
 everything; dho_fast.ops.backends, which every op goes through, imports it.
 """
@@ -11,7 +15,12 @@ import torch
 
 from dho_fast import kernels
 from dho_fast.ops.extension import has_cuda_kernels, has_extension
-from dho_fast.ops.validation import check_chunk_labelled, check_chunk_layout, raise_flagged_values
+from dho_fast.ops.validation import (
+    check_chunk_grad_out,
+    check_chunk_labelled,
+    check_chunk_layout,
+    raise_flagged_values,
+)
 
 LOSS_SCHEMA = (
     "(Tensor ce_logits, Tensor kd_logits, Tensor teacher_logits, Tensor labels, float temperature, "
@@ -22,8 +31,8 @@ LOSS_SCHEMA = (
 CHUNK_SCHEMA = (
     "(Tensor(a!) ce_logits, Tensor(b!) kd_logits, Tensor teacher_logits, Tensor labels, int start, int num_labelled, "
     "float temperature, bool kd_split, int ignore_index, float label_smoothing, bool ce_grad, bool kd_grad, "
-    "Tensor? ce_bias=None, Tensor? kd_bias=None, float ce_grad_scale=1.0, float kd_grad_scale=1.0) -> "
-    "(Tensor ce_term, Tensor kd_term)"
+    "Tensor? ce_bias=None, Tensor? kd_bias=None, float ce_grad_scale=1.0, float kd_grad_scale=1.0, "
+    "Tensor(c!)? ce_grad_out=None, Tensor(d!)? kd_grad_out=None) -> (Tensor ce_term, Tensor kd_term)"
 )
 
 
@@ -35,15 +44,17 @@ def dual_head_loss_fake(
     ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index,
     label_smoothing, ce_grad, kd_grad,
 ):  # fmt: skip
-    scalar = ce_logits.new_empty((), dtype=_accumulate_dtype(ce_logits.dtype))
-    grad_ce = torch.empty_like(ce_logits) if ce_grad else ce_logits.new_empty((0,))
-    grad_kd = torch.empty_like(kd_logits) if kd_grad else kd_logits.new_empty((0,))
+    acc = _accumulate_dtype(ce_logits.dtype)
+    scalar = ce_logits.new_empty((), dtype=acc)
+    grad_ce = torch.empty_like(ce_logits, dtype=acc) if ce_grad else ce_logits.new_empty((0,))
+    grad_kd = torch.empty_like(kd_logits, dtype=acc) if kd_grad else kd_logits.new_empty((0,))
     return scalar, scalar.clone(), scalar.clone(), grad_ce, grad_kd
 
 
 def dual_head_loss_chunk_fake(
     ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, kd_split, ignore_index,
     label_smoothing, ce_grad, kd_grad, ce_bias=None, kd_bias=None, ce_grad_scale=1.0, kd_grad_scale=1.0,
+    ce_grad_out=None, kd_grad_out=None,
 ):  # fmt: skip
     scalar = kd_logits.new_empty((), dtype=_accumulate_dtype(kd_logits.dtype))
     return scalar, scalar.clone()
@@ -59,10 +70,11 @@ def fused_linear_dual_head_loss_with_grads_fake(
     temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index, label_smoothing, grad_features,
     grad_ce_head, grad_kd_head,
 ):  # fmt: skip
-    scalar = features.new_empty((), dtype=_accumulate_dtype(features.dtype))
+    acc = _accumulate_dtype(features.dtype)
+    scalar = features.new_empty((), dtype=acc)
 
     def grad(t: torch.Tensor | None, wanted: bool) -> torch.Tensor:
-        return features.new_empty(t.shape, dtype=t.dtype) if wanted and t is not None else features.new_empty((0,))
+        return features.new_empty(t.shape, dtype=acc) if wanted and t is not None else features.new_empty((0,))
 
     return (
         scalar, scalar.clone(), scalar.clone(), grad(features, grad_features), grad(features, grad_features),
@@ -71,8 +83,17 @@ def fused_linear_dual_head_loss_with_grads_fake(
     )  # fmt: skip
 
 
+#: What a backward asked for a graph of itself says; {op} names the op.
+DOUBLE_BACKWARD_MESSAGE = (
+    "{op} has no double backward: its backward scales gradients the forward computed, so a graph of it "
+    '(create_graph=True, e.g. a gradient penalty) would miss the loss\'s second-order term; use backend="reference" '
+    "(pure PyTorch), whose double backward is correct"
+)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     ctx.ce_loss_weight, ctx.kd_loss_weight = inputs[5], inputs[6]
+    ctx.ce_dtype, ctx.kd_dtype = inputs[0].dtype, inputs[1].dtype
     ctx.save_for_backward(output[3], output[4])
     # The returned gradients are results, not functions of the inputs to differentiate; and the loss terms a caller
     # ignores should not be backpropagated as materialised zeros.
@@ -80,7 +101,10 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _scaled(grad_term: torch.Tensor, weight: float, grad_loss, grad_of_term, name: str) -> torch.Tensor:
+def _scaled(
+    grad_term: torch.Tensor, weight: float, grad_loss, grad_of_term, name: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """(grad_loss * weight + grad_of_term) * grad_term in grad_term's accumulation dtype, rounded once to dtype."""
     if grad_term.dim() != 2:  # the (0,) placeholder of a gradient the forward was told not to compute
         raise RuntimeError(f"the gradient of {name} was not computed in the forward pass (its grad flag was False)")
     scale = 0.0
@@ -88,16 +112,19 @@ def _scaled(grad_term: torch.Tensor, weight: float, grad_loss, grad_of_term, nam
         scale = grad_loss * weight
     if grad_of_term is not None:
         scale = scale + grad_of_term
-    return grad_term * scale
+    # A no-op for float32 and float64 logits; for half ones, the one rounding, after the scale.
+    return (grad_term * scale).to(dtype)
 
 
 def _backward(ctx, grad_loss, grad_ce_term, grad_kd_term, _grad_ce_out, _grad_kd_out):
+    if torch.is_grad_enabled():
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(op="dho_fast.fused_dual_head_loss"))
     grad_ce, grad_kd = ctx.saved_tensors
     d_ce = d_kd = None
     if ctx.needs_input_grad[0]:
-        d_ce = _scaled(grad_ce, ctx.ce_loss_weight, grad_loss, grad_ce_term, "ce_logits")
+        d_ce = _scaled(grad_ce, ctx.ce_loss_weight, grad_loss, grad_ce_term, "ce_logits", ctx.ce_dtype)
     if ctx.needs_input_grad[1]:
-        d_kd = _scaled(grad_kd, ctx.kd_loss_weight, grad_loss, grad_kd_term, "kd_logits")
+        d_kd = _scaled(grad_kd, ctx.kd_loss_weight, grad_loss, grad_kd_term, "kd_logits", ctx.kd_dtype)
     return (d_ce, d_kd) + (None,) * 10
 
 
@@ -133,17 +160,25 @@ def _register_triton_ops() -> None:
 
     torch.library.register_autograd("dho_fast::dual_head_loss_triton", _backward, setup_context=_setup_context)
 
-    @triton_op("dho_fast::dual_head_loss_chunk_triton", mutates_args={"ce_logits", "kd_logits"}, schema=CHUNK_SCHEMA)
+    @triton_op(
+        "dho_fast::dual_head_loss_chunk_triton",
+        mutates_args={"ce_logits", "kd_logits", "ce_grad_out", "kd_grad_out"},
+        schema=CHUNK_SCHEMA,
+    )
     def dual_head_loss_chunk_triton(
         ce_logits: torch.Tensor, kd_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
         start: int, num_labelled: int, temperature: float, kd_split: bool, ignore_index: int, label_smoothing: float,
         ce_grad: bool, kd_grad: bool, ce_bias: torch.Tensor | None = None, kd_bias: torch.Tensor | None = None,
-        ce_grad_scale: float = 1.0, kd_grad_scale: float = 1.0,
+        ce_grad_scale: float = 1.0, kd_grad_scale: float = 1.0, ce_grad_out: torch.Tensor | None = None,
+        kd_grad_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         check_chunk_layout(ce_logits, kd_logits, teacher_logits, labels, start, ce_bias, kd_bias)
+        check_chunk_grad_out("ce_grad_out", ce_grad_out, "ce_logits", ce_logits, ce_grad)
+        check_chunk_grad_out("kd_grad_out", kd_grad_out, "kd_logits", kd_logits, kd_grad)
         ce_term, kd_term, info = triton_loss.dual_head_loss_chunk(
             ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, kd_split, ignore_index,
-            label_smoothing, ce_grad, kd_grad, ce_bias, kd_bias, ce_grad_scale, kd_grad_scale,
+            label_smoothing, ce_grad, kd_grad, ce_bias, kd_bias, ce_grad_scale, kd_grad_scale, ce_grad_out,
+            kd_grad_out,
         )  # fmt: skip
         rows = labels[start : start + kd_logits.shape[0]]
         chunk_labelled = raise_flagged_values(info, rows, kd_logits.shape[1], ignore_index, first_row=start)

@@ -241,6 +241,30 @@ def raise_flagged_values(
     return num_labelled
 
 
+def check_chunk_grad_out(
+    name: str, grad_out: torch.Tensor | None, logits_name: str, logits: torch.Tensor, wanted: bool
+) -> None:
+    """dual_head_loss_chunk's gradient buffer of ``logits`` (csrc/dho_fast.cpp; op_checks.h for the compiled op):
+    the gradient is written in the accumulation dtype, into ``grad_out`` when given, else over ``logits``, which must
+    then be float32 or float64 (half logits need a float32 ``grad_out``)."""
+    if not wanted:
+        return
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if grad_out is None:
+        if logits.dtype != acc:
+            raise TypeError(
+                f"{name} must be given for {logits.dtype} {logits_name}: their gradient is written in {acc}"
+            )
+        return
+    if grad_out.dtype != acc:
+        raise TypeError(f"{name} must be {acc} (the accumulation dtype of {logits_name}), got {grad_out.dtype}")
+    if grad_out.shape != logits.shape or grad_out.device != logits.device or not grad_out.is_contiguous():
+        raise ValueError(
+            f"{name} must be contiguous, of the shape of {logits_name} {tuple(logits.shape)} on {logits.device}, "
+            f"got shape {tuple(grad_out.shape)} on {grad_out.device}"
+        )
+
+
 def check_chunk_layout(
     ce: torch.Tensor,
     kd: torch.Tensor,
