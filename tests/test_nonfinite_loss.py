@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from trainer_fixtures import count_train_images, digits_trees, random_teacher_logits, run_settings
+from trainer_fixtures import run_settings
 
 from dho_fast.train import checkpoint, cli
 from dho_fast.train.config import MAX_SKIPPED_STEPS, TrainConfig
@@ -24,16 +24,6 @@ from dho_fast.train.distributed import init_distributed, shutdown
 from dho_fast.train.trainer import _Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def trees(tmp_path_factory):
-    return digits_trees(tmp_path_factory.mktemp("digits"))
-
-
-@pytest.fixture(scope="module")
-def logits_file(trees, tmp_path_factory):
-    return random_teacher_logits(tmp_path_factory.mktemp("teacher") / "logits.pt", count_train_images(trees), 4)
 
 
 def blow_up_config(trees, logits_file, out: Path, **changes) -> Path:

@@ -10,9 +10,6 @@ import yaml
 from PIL import Image
 from trainer_fixtures import (
     assert_same_weights,
-    count_train_images,
-    digits_trees,
-    random_teacher_logits,
     register_tiny_clip,
     run_settings,
     tiny_clip_config,
@@ -26,16 +23,6 @@ from dho_fast.train.teacher import class_text_embeddings, create_open_clip, prom
 from dho_fast.train.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(scope="module")
-def trees(tmp_path_factory):
-    return digits_trees(tmp_path_factory.mktemp("digits"))
-
-
-@pytest.fixture(scope="module")
-def logits_file(trees, tmp_path_factory):
-    return random_teacher_logits(tmp_path_factory.mktemp("teacher") / "logits.pt", count_train_images(trees), 4)
 
 
 def settings(trees, logits_file, out, **changes):
