@@ -19,6 +19,7 @@ from trainer_fixtures import count_train_images, digits_trees, random_teacher_lo
 from dho_fast.train import checkpoint, cli
 from dho_fast.train.config import TrainConfig
 from dho_fast.train.eval_checkpoint import evaluate_checkpoint
+from dho_fast.train.students import build_student
 from dho_fast.train.trainer import train
 
 REFUSED = "is corrupt or not a dho_fast checkpoint"
@@ -219,3 +220,26 @@ def test_killed_write_leaves_a_temp_file_the_next_run_removes(run):
     assert not temp.exists() and all(other.is_file() for other in others)
     for other in others:
         other.unlink()
+
+
+def _unreadable_user_files(tmp_path) -> dict:
+    good = tmp_path / "good.pt"
+    torch.save({"weight": torch.randn(64, 64)}, good)
+    return {
+        "empty": b"",
+        "text": b"not a torch file",
+        "truncated": good.read_bytes()[: good.stat().st_size // 2],
+        "pickled object": pickle.dumps(Path("an object, not a tensor")),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "text", "truncated", "pickled object"])
+def test_unreadable_student_weights_are_refused_naming_the_file(tmp_path, case):
+    # The user's own files (student_pretrained, tip_adapter_checkpoint) go through checkpoint.load_file.
+    path = tmp_path / "weights.pt"
+    path.write_bytes(_unreadable_user_files(tmp_path)[case])
+    with pytest.raises(ValueError, match=f"student_pretrained {path} cannot be read") as info:
+        build_student("cnn", 4, "dho", pretrained=str(path), in_channels=1, cnn_width=4)
+    assert "weights_only=False" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match=f"student_pretrained {tmp_path / 'missing.pt'} does not exist"):
+        build_student("cnn", 4, "dho", pretrained=str(tmp_path / "missing.pt"), in_channels=1, cnn_width=4)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dho_fast.train.checkpoint import load_file
 from dho_fast.train.config import TrainConfig
 from dho_fast.train.data import (
     DatasetSplits,
@@ -83,7 +84,8 @@ def build_teacher(config: TrainConfig, classnames: Sequence[str], num_train: int
         templates = prompt_templates(config.teacher_templates)
         head = ZeroShotHead(class_text_embeddings(model, tokenizer, classnames, templates, device=device))
     else:
-        state = torch.load(config.tip_adapter_checkpoint, map_location="cpu", weights_only=True)
+        path = config.tip_adapter_checkpoint
+        state = load_file(path, f"tip_adapter_checkpoint {path}")
         head = TipAdapterHead(state)
         if head.clip_weights.shape[1] != len(classnames):
             raise ValueError(

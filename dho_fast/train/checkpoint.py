@@ -16,6 +16,9 @@ A checkpoint is a ``torch.save`` zip archive of a dict stamped ``"format": FORMA
 Corruption, not tampering, is the threat: whoever can rewrite the file can rewrite the hash. Files without the stamp
 are refused, including checkpoints of version 1 (dho_fast before these checks): they cannot be told from a foreign
 ``torch.save`` dict, and no released version wrote them.
+
+Files the user names (pretrained weights, a Tip-Adapter checkpoint, teacher logits) are read by :func:`load_file`,
+which refuses an unreadable one naming it.
 """
 
 import hashlib
@@ -25,6 +28,7 @@ import random
 import re
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -154,6 +158,24 @@ def load(path: str | Path) -> dict:
             path, "its contents do not match the SHA-256 stored with them (the file changed after it was written)"
         )
     return state
+
+
+def load_file(file: str | Path | BinaryIO, name: str) -> object:
+    """``torch.load(file, weights_only=True)`` on the CPU of a file the user names; ``name`` (the setting and the
+    path, e.g. "student_pretrained /weights.pt") starts every error. A missing path is FileNotFoundError; a damaged
+    file, or one holding objects other than tensors and plain Python values, ValueError, never PyTorch's advice to
+    retry with ``weights_only=False`` (which would run whatever code the file holds)."""
+    if isinstance(file, (str, Path)) and not Path(file).is_file():
+        raise FileNotFoundError(f"{name} does not exist")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{name} cannot be read by torch.load with weights_only=True: it is damaged, or holds objects other than "
+            "tensors and plain Python values"
+        ) from None
+    except Exception as error:  # torch reports a damaged file with many exception types
+        raise ValueError(f"{name} cannot be read: {type(error).__name__}: {error}") from None
 
 
 def rng_state() -> dict:

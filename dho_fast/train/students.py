@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dho_fast.ops import DualHead, fused_dual_head_loss, init_linears_from_text
+from dho_fast.train.checkpoint import load_file
 from dho_fast.train.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 TORCHVISION_STUDENTS = ("resnet18", "mobilenet_v2")
@@ -37,9 +38,7 @@ class SmallConvNet(nn.Module):
 
 def _load_state_dict(model: nn.Module, path: str, classifier_prefix: str) -> None:
     """Loads a torchvision-style weights file; only the (replaced) classifier may be missing or extra."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"student_pretrained {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_file(path, f"student_pretrained {path}")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     result = model.load_state_dict(state, strict=False)
     bad = [k for k in result.missing_keys + result.unexpected_keys if not k.startswith(classifier_prefix)]
@@ -181,12 +180,10 @@ def build_student(
     if name in TORCHVISION_STUDENTS:
         backbone, dim = torchvision_backbone(name, pretrained)
     elif name == "cnn":
-        if pretrained and not Path(pretrained).is_file():
-            raise FileNotFoundError(f"student_pretrained {pretrained} does not exist")
         backbone = SmallConvNet(in_channels, cnn_width)
         dim = backbone.num_features
         if pretrained:
-            backbone.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
+            backbone.load_state_dict(load_file(pretrained, f"student_pretrained {pretrained}"))
         if in_channels == 1:
             mean, std = (0.5,), (0.5,)
     elif name.startswith("timm:"):

@@ -7,7 +7,6 @@ indices.
 
 import hashlib
 import io
-import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dho_fast.train.checkpoint import load_file
 from dho_fast.train.config import InputTypeError
 
 #: The 7 ImageNet prompts of the DHO reference (METHOD.md).
@@ -217,19 +217,13 @@ class LogitsTeacher(nn.Module):
         source = f"teacher_logits {path}"
         content = path.read_bytes()
         sha256 = hashlib.sha256(content).hexdigest()
-        try:
-            if path.suffix == ".npy":
+        if path.suffix == ".npy":
+            try:
                 loaded = np.load(io.BytesIO(content))
-            else:
-                loaded = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # PyTorch's message advises weights_only=False, which would run whatever code the file holds.
-            raise ValueError(
-                f"{source} cannot be read by torch.load with weights_only=True: it is damaged, or holds objects "
-                "other than tensors and plain Python values"
-            ) from None
-        except Exception as error:  # numpy and torch report a damaged file with many exception types
-            raise ValueError(f"{source} cannot be read: {type(error).__name__}: {error}") from None
+            except Exception as error:  # numpy reports a damaged file with many exception types
+                raise ValueError(f"{source} cannot be read: {type(error).__name__}: {error}") from None
+        else:
+            loaded = load_file(io.BytesIO(content), source)
         if isinstance(loaded, np.ndarray):
             if loaded.dtype.kind != "f":
                 raise InputTypeError(f"{source} must be a float array (N, C), got a numpy {loaded.dtype} array")
