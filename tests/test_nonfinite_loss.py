@@ -68,6 +68,18 @@ def test_fp16_scaler_skips_a_bounded_number_of_steps_then_stops(trees, logits_fi
     assert state["scaler"]["scale"] == 2.0**16 * 0.5 ** (last - 2)
 
 
+def test_a_resumed_fp16_run_stops_where_the_uninterrupted_one_does(trees, logits_file, tmp_path, capsys):
+    # The run stopped at step 1 + MAX_SKIPPED_STEPS; its last checkpoint (a step earlier) holds MAX_SKIPPED_STEPS - 1
+    # skips in a row, so resuming from it stops at the very next step, as the uninterrupted run did.
+    path = blow_up_config(trees, logits_file, tmp_path, precision="fp16", max_steps=2 * MAX_SKIPPED_STEPS + 10)
+    assert cli.main(["train", "--config", str(path)]) == 2
+    last = 1 + MAX_SKIPPED_STEPS
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["overflows_in_a_row"] == MAX_SKIPPED_STEPS - 1
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(path), "--resume"]) == 2
+    assert f"steps 2 to {last}, which the loss scaler skipped" in capsys.readouterr().err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

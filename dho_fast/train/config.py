@@ -80,7 +80,7 @@ class TrainConfig:
     A run stops with ``FloatingPointError`` naming the step and its loss terms when the loss is not finite, before
     that step changes the weights; under ``precision: fp16`` the loss scaler skips steps with inf/NaN gradients
     instead, and ``MAX_SKIPPED_STEPS`` (20) such steps (or steps with a non-finite loss) in a row stop the run the
-    same way. The count starts afresh when a run resumes.
+    same way. The count is saved in checkpoints: a resumed run stops where the uninterrupted one would.
     """
 
     # Data: an ImageFolder tree (train_dir, val_dir, test_dir) or a CoOp split json (split_json, image_root).

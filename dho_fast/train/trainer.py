@@ -130,6 +130,7 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        self.overflows_in_a_row = state["overflows_in_a_row"]
         self.step = state["step"]
         self.alpha, self.beta = state["alpha"], state["beta"]
         self.history, self.val_metrics = state["history"], state["val"]
@@ -157,6 +158,7 @@ class _Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
+                "overflows_in_a_row": self.overflows_in_a_row,
                 "rng": rng,
                 "alpha": self.alpha,
                 "beta": self.beta,
