@@ -14,8 +14,9 @@ Tolerances (STYLE.md, "Tests that can fail"):
   result); ``magnitude`` the sum of the absolute values of the terms an element is made of (``w (softmax + target)``
   for a CE gradient, ``w / T (q + p)`` for a KD one), so a difference of two probabilities that cancels is held to the
   accuracy of the probabilities; ``atol`` the smallest normal number of the accumulation dtype (float16's subnormal
-  spacing for float16 results). A gradient of these losses is bounded by its loss weights, never by the logits, so
-  no bound grows with the logits.
+  spacing for float16 results), times the largest weight a probability enters a gradient with (an exp may flush a
+  probability below it to 0: check_loss's ``atol_weight``). A gradient of these losses is bounded by its loss
+  weights, never by the logits, so no bound grows with the logits.
 """
 
 import pytest
@@ -260,18 +261,20 @@ def assert_grad_within(
     eager: torch.Tensor | None = None,
     terms: float | None = None,
     rtol: float | None = None,
+    atol_weight: float = 1.0,
 ) -> None:
-    """Element-wise ``|got - want| <= |eager - want| + rtol |want| + terms * magnitude + atol`` with
-    :data:`GRAD_TOLERANCES` of ``dtype`` (``terms`` and ``rtol`` override the table's): ``want`` the float64 oracle
-    on the same rounded inputs, ``magnitude`` the sum of the absolute values of each element's terms, ``eager``
-    PyTorch's result in the input dtype (None for the eager backend itself). ``got`` must have the input dtype and be
-    written everywhere (a NaN fails)."""
+    """Element-wise ``|got - want| <= |eager - want| + rtol |want| + terms * magnitude + atol_weight * atol`` with
+    :data:`GRAD_TOLERANCES` of ``dtype`` (``terms`` and ``rtol`` override the table's; ``atol_weight`` bounds the
+    factor a probability is multiplied by in the gradient, as a flushed exp costs that times atol): ``want`` the
+    float64 oracle on the same rounded inputs, ``magnitude`` the sum of the absolute values of each element's terms,
+    ``eager`` PyTorch's result in the input dtype (None for the eager backend itself). ``got`` must have the input
+    dtype and be written everywhere (a NaN fails)."""
     assert got.dtype == dtype, f"{name}: dtype {got.dtype}, want {dtype}"
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, want {tuple(want.shape)}"
     got, want, magnitude = (t.detach().double().cpu() for t in (got, want, magnitude))
     tol = GRAD_TOLERANCES[dtype]
     rtol = tol["rtol"] if rtol is None else rtol
-    bound = rtol * want.abs() + (tol["terms"] if terms is None else terms) * magnitude.abs() + tol["atol"]
+    bound = rtol * want.abs() + (tol["terms"] if terms is None else terms) * magnitude.abs() + atol_weight * tol["atol"]
     if eager is not None:
         bound = bound + (eager.detach().double().cpu() - want).abs()
     error = (got - want).abs()
@@ -305,6 +308,10 @@ def check_loss(backend: str, inputs, dtype: torch.dtype, combine=None, **kwargs)
     )
     eager_grads = None if backend == "reference" else loss_terms_and_grads(eager, *inputs, combine=combine, **kwargs)[1]
     rtol = result_rtol(backend, inputs[0].device, dtype)
+    # A probability that an exp flushed to 0 below the smallest normal enters a gradient times its weight: at most
+    # w_ce (a CE gradient, w_ce / n_labelled) or w_kd T (a KD one, w_kd T^2 / n_group / T), each probability once.
+    weights = {k: kwargs.get(k, LOSS_KW.get(k, 0.5)) for k in ("temperature", "ce_loss_weight", "kd_loss_weight")}
+    atol_weight = 2 * max(1.0, weights["ce_loss_weight"], weights["kd_loss_weight"] * weights["temperature"])
     for name, got, want, magnitude in zip(
         ("loss", "ce_term", "kd_term"), values, want_values, value_magnitudes, strict=True
     ):
@@ -312,5 +319,6 @@ def check_loss(backend: str, inputs, dtype: torch.dtype, combine=None, **kwargs)
     for i, name in enumerate(("grad ce_logits", "grad kd_logits")):
         eager_grad = eager_grads[i] if eager_grads else None
         assert_grad_within(
-            f"{backend} {name}", grads[i], want_grads[i], dtype, magnitude=magnitudes[i], eager=eager_grad, rtol=rtol
-        )
+            f"{backend} {name}", grads[i], want_grads[i], dtype, magnitude=magnitudes[i], eager=eager_grad, rtol=rtol,
+            atol_weight=atol_weight,
+        )  # fmt: skip
