@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from dho_fast.ops import backends
-from dho_fast.ops.validation import check_number
+from dho_fast.ops.validation import accumulate_dtype, check_number
 
 #: METHOD.md's grid: alpha in {0, 0.05, ..., 1}, beta in {0.5, 0.75, 1, 1.25, 1.5, 2, 4}.
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
@@ -121,7 +121,7 @@ def search_alpha_beta(
     for b in betas:
         _check_beta(b, "betas")
 
-    acc = torch.promote_types(ce_logits.dtype, torch.float32)
+    acc = accumulate_dtype(ce_logits.dtype)
     alpha_t = torch.tensor(list(alphas), dtype=acc, device=ce_logits.device)
     beta_t = torch.tensor(list(betas), dtype=acc, device=ce_logits.device)
     name = backends.resolve("blend_search", backend, ce_logits.device)

@@ -8,7 +8,7 @@ the ``reference`` backend of dho_fast.ops.backends, on any device.
 import torch
 import torch.nn.functional as F
 
-from dho_fast.ops.validation import check_teacher_values, count_labelled
+from dho_fast.ops.validation import accumulate_dtype, check_teacher_values, count_labelled
 
 # Elements of the (alphas, betas, rows, C) blend tensor materialised at once by blend_search: bounds its memory.
 BLEND_ELEMENTS_PER_CHUNK = 1 << 24
@@ -35,7 +35,7 @@ def dual_head_loss(
     ``T^2 * mean_{all} KL`` ("mean"), ``KL_i = sum_c p_c (log p_c - log q_c)``, ``p = softmax(t / T)``,
     ``q = softmax(kd / T)``. Arguments are validated by the public API (``dho_fast.fused_dual_head_loss``).
     """
-    acc = torch.float64 if ce_logits.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(ce_logits.dtype)
     ce, kd, t = ce_logits.to(acc), kd_logits.to(acc), teacher_logits.to(acc)
     num_labelled = count_labelled(labels, ce.shape[1], ignore_index)
     check_teacher_values(teacher_logits, temperature)
@@ -93,7 +93,7 @@ def dual_head_logits(
 def dual_head_predict(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """``alpha * softmax(ce_logits) + (1 - alpha) * softmax(kd_logits / beta)``, (N, C) in float32 (float64 for
     float64 input)."""
-    acc = torch.promote_types(ce_logits.dtype, torch.float32)
+    acc = accumulate_dtype(ce_logits.dtype)
     p_ce, p_kd = torch.softmax(ce_logits.to(acc), dim=1), torch.softmax(kd_logits.to(acc) / beta, dim=1)
     return alpha * p_ce + (1 - alpha) * p_kd
 

@@ -16,6 +16,7 @@ import torch
 from dho_fast import kernels
 from dho_fast.ops.extension import has_cuda_kernels, has_extension
 from dho_fast.ops.validation import (
+    accumulate_dtype,
     check_chunk_grad_out,
     check_chunk_labelled,
     check_chunk_layout,
@@ -36,15 +37,11 @@ CHUNK_SCHEMA = (
 )
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def dual_head_loss_fake(
     ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index,
     label_smoothing, ce_grad, kd_grad,
 ):  # fmt: skip
-    acc = _accumulate_dtype(ce_logits.dtype)
+    acc = accumulate_dtype(ce_logits.dtype)
     scalar = ce_logits.new_empty((), dtype=acc)
     grad_ce = torch.empty_like(ce_logits, dtype=acc) if ce_grad else ce_logits.new_empty((0,))
     grad_kd = torch.empty_like(kd_logits, dtype=acc) if kd_grad else kd_logits.new_empty((0,))
@@ -56,12 +53,12 @@ def dual_head_loss_chunk_fake(
     label_smoothing, ce_grad, kd_grad, ce_bias=None, kd_bias=None, ce_grad_scale=1.0, kd_grad_scale=1.0,
     ce_grad_out=None, kd_grad_out=None,
 ):  # fmt: skip
-    scalar = kd_logits.new_empty((), dtype=_accumulate_dtype(kd_logits.dtype))
+    scalar = kd_logits.new_empty((), dtype=accumulate_dtype(kd_logits.dtype))
     return scalar, scalar.clone()
 
 
 def fused_linear_dual_head_loss_fake(features, *_args):
-    scalar = features.new_empty((), dtype=_accumulate_dtype(features.dtype))
+    scalar = features.new_empty((), dtype=accumulate_dtype(features.dtype))
     return scalar, scalar.clone(), scalar.clone()
 
 
@@ -70,7 +67,7 @@ def fused_linear_dual_head_loss_with_grads_fake(
     temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index, label_smoothing, grad_features,
     grad_ce_head, grad_kd_head,
 ):  # fmt: skip
-    acc = _accumulate_dtype(features.dtype)
+    acc = accumulate_dtype(features.dtype)
     scalar = features.new_empty((), dtype=acc)
 
     def grad(t: torch.Tensor | None, wanted: bool) -> torch.Tensor:

@@ -25,6 +25,11 @@ _INT_TYPES = (numbers.Integral, torch.SymInt)
 _INT64_RANGE = (-(2**63), 2**63 - 1)
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops accumulate and return statistics and gradients in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')} of shape {tuple(t.shape)} on {t.device}"
 
@@ -179,7 +184,7 @@ def check_teacher_values(teacher_logits: torch.Tensor, temperature: float | None
     t = teacher_logits
     status = torch.where(t.isneginf().all(dim=1), TEACHER_ALL_MASKED, TEACHER_VALID)
     if temperature is not None:
-        a = t.to(torch.promote_types(t.dtype, torch.float32)) / temperature
+        a = t.to(accumulate_dtype(t.dtype)) / temperature
         status = torch.where((a.isnan() | a.isposinf()).any(dim=1), TEACHER_OVERFLOW, status)
     status = torch.where((t.isnan() | t.isposinf()).any(dim=1), TEACHER_NON_FINITE, status)
     bad = status.nonzero()
@@ -249,7 +254,7 @@ def check_chunk_grad_out(
     then be float32 or float64 (half logits need a float32 ``grad_out``)."""
     if not wanted:
         return
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(logits.dtype)
     if grad_out is None:
         if logits.dtype != acc:
             raise TypeError(

@@ -302,8 +302,10 @@ class _Trainer:
         collective: the loss terms are summed over ranks (a NaN anywhere makes the sum NaN) and the scaler's
         verdict comes from gradients DDP has already averaged.
         """
-        # One scalar sync per step, the price of naming the exact step and of no NaN update reaching a checkpoint.
-        totals = all_reduce_sum(step_terms, self.info).tolist()
+        # One scalar sync per step, the price of naming the exact step and of no NaN update reaching a checkpoint;
+        # without a loss scaler (which checks them itself) it also carries how many gradients are not finite.
+        checks = torch.cat([step_terms, self._nonfinite_gradients()])
+        *totals, nonfinite_gradients = all_reduce_sum(checks, self.info).tolist()
         finite = all(math.isfinite(v) for v in totals)
         step = self.step + 1
         means = ", ".join(
@@ -315,14 +317,14 @@ class _Trainer:
                 f"the loss is not finite at step {step} ({means}; means over the step's micro-batches and ranks): "
                 "the run stops before this step changes the weights (a smaller lr may help)"
             )
-        if self.config.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
-        if not self.scaler.is_enabled() and not self._gradients_finite():
+        if nonfinite_gradients:
             raise FloatingPointError(
                 f"the gradients are not finite at step {step} although the loss is ({means}): the run stops before "
                 "this step changes the weights"
             )
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -341,11 +343,14 @@ class _Trainer:
         self.scheduler.step()
         self.step += 1
 
-    def _gradients_finite(self) -> bool:
-        """Whether every gradient element is finite; checked element-wise, as a norm of large finite gradients can
-        overflow. DDP has averaged the gradients, so every rank takes the same decision."""
-        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
-        return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+    def _nonfinite_gradients(self) -> torch.Tensor:
+        """(1,) float64: how many parameters have a non-finite gradient element (0 under the loss scaler, which skips
+        such steps itself), without a host sync. Checked element-wise, as a norm of large finite gradients can
+        overflow."""
+        grads = [] if self.scaler.is_enabled() else [p.grad for p in self.student.parameters() if p.grad is not None]
+        flags = [(~g.isfinite()).any() for g in grads]
+        count = torch.stack(flags).sum() if flags else torch.zeros((), device=self.info.device)
+        return count.to(torch.float64).view(1)
 
     def _log_train(self, sums: torch.Tensor, window_start: float, progress) -> float:
         """Logs the mean loss terms and the throughput since the last log, over all ranks; returns the new start."""
