@@ -179,7 +179,7 @@ def test_search_custom_grid(backend_device):
 
 
 def test_reference_search_reads_large_sets_in_chunks(monkeypatch):
-    monkeypatch.setattr(dho_fast.ops.reference, "BLEND_ELEMENTS_PER_CHUNK", 21 * 7 * 13 * 3)  # 3 rows per chunk
+    monkeypatch.setattr(dho_fast.ops.reference, "ELEMENTS_PER_CHUNK", 21 * 7 * 13 * 3)  # 3 rows per chunk
     ce, kd = coarse_logits(40, 13, "cpu")
     labels = torch.randint(0, 13, (40,))
     result = dho_fast.search_alpha_beta(ce, kd, labels, backend="reference")

@@ -157,6 +157,9 @@ KERNELS: dict[str, dict[str, Kernel]] = {
         "triton": Kernel(_search_triton, _needs_triton, differentiable=False),
         "reference": Kernel(reference.blend_search, _anywhere),
     },
+    "kcenter_update": {
+        "reference": Kernel(reference.kcenter_update, _has_data, differentiable=False),
+    },
 }
 #: Ops whose eager PyTorch ``reference`` is an ordinary implementation rather than a slow fallback.
 _REFERENCE_IS_NATIVE = frozenset({"dual_head_predict", "blend_search"})

@@ -1,17 +1,20 @@
 """Pure PyTorch, written from the formulas: the DHO loss (the oracle every backend is tested against), the heads'
-logits, and the inference blend and its grid search.
+logits, the inference blend and its grid search, and the k-center step of active selection.
 
 Each builds an ordinary autograd graph (no fused gradient) and checks values the way the kernels do, so it is also
 the ``reference`` backend of dho_fast.ops.backends, on any device.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from dho_fast.ops.validation import accumulate_dtype, check_teacher_values, count_labelled
+from dho_fast.ops.validation import accumulate_dtype, check_teacher_values, count_labelled, kcenter_row_error
 
-# Elements of the (alphas, betas, rows, C) blend tensor materialised at once by blend_search: bounds its memory.
-BLEND_ELEMENTS_PER_CHUNK = 1 << 24
+# Elements of the (alphas, betas, rows, C) blend tensor materialised at once by blend_search, and of the (rows, K, C)
+# differences of kcenter_update: bounds their memory.
+ELEMENTS_PER_CHUNK = 1 << 24
 
 
 def dual_head_loss(
@@ -103,10 +106,10 @@ def blend_search(
 ) -> torch.Tensor:
     """(A, B) int64 counts of rows whose ``dual_head_predict(ce, kd, alphas[a], betas[b]).argmax(1)`` (first
     maximum) equals the label; ``alphas`` (A,) and ``betas`` (B,) in the accumulation dtype of the logits. Rows go in
-    chunks that bound the (A, B, rows, C) blend to :data:`BLEND_ELEMENTS_PER_CHUNK` elements."""
+    chunks that bound the (A, B, rows, C) blend to :data:`ELEMENTS_PER_CHUNK` elements."""
     n, c = ce_logits.shape
     alpha_t, beta_t = alphas.view(-1, 1, 1, 1), betas.view(1, -1, 1, 1)
-    rows = max(1, BLEND_ELEMENTS_PER_CHUNK // (alphas.numel() * betas.numel() * c))
+    rows = max(1, ELEMENTS_PER_CHUNK // (alphas.numel() * betas.numel() * c))
     correct = torch.zeros(alphas.numel(), betas.numel(), dtype=torch.int64, device=ce_logits.device)
     for start in range(0, n, rows):
         ce = ce_logits[start : start + rows].to(alphas.dtype)
@@ -116,3 +119,26 @@ def blend_search(
         blend = alpha_t * p_ce + (1 - alpha_t) * p_kd  # (A, B, R, C)
         correct += (blend.argmax(dim=-1) == labels[start : start + rows]).sum(dim=-1)
     return correct
+
+
+def kcenter_update(
+    points: torch.Tensor, centres: torch.Tensor, min_sq_dist: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dho_fast.ops.kcenter.kcenter_update` in eager PyTorch: rows in chunks that bound the (rows, K, C)
+    differences to :data:`ELEMENTS_PER_CHUNK` elements; the first maximum by ``torch.max``."""
+    n, c = points.shape
+    rows = max(1, ELEMENTS_PER_CHUNK // (centres.shape[0] * max(c, 1)))
+    for start in range(0, n, rows):
+        block = points[start : start + rows].float()
+        sq_dist = (block.unsqueeze(1) - centres).square().sum(dim=2).amin(dim=1)
+        bad = (~torch.isfinite(sq_dist)).nonzero()
+        if bad.numel():
+            raise ValueError(kcenter_row_error(start + int(bad[0])))
+        current = min_sq_dist[start : start + rows]
+        current.copy_(torch.where(current < 0, current, torch.minimum(current, sq_dist)))
+    if n == 0:
+        return torch.tensor(-1, device=points.device), torch.tensor(-math.inf, device=points.device)
+    value, index = min_sq_dist.max(dim=0)
+    if value < 0:
+        return torch.tensor(-1, device=points.device), torch.tensor(-math.inf, device=points.device)
+    return index, value

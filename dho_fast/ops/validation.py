@@ -311,3 +311,39 @@ def check_chunk_labelled(ce_rows: int, chunk_labelled: int, num_labelled: int) -
             f"ce_logits must have one row per labelled row of the chunk ({chunk_labelled}, at most "
             f"num_labelled = {num_labelled}), got {ce_rows}"
         )
+
+
+def check_kcenter_args(points: torch.Tensor, centres: torch.Tensor, min_sq_dist: torch.Tensor) -> None:
+    """The arguments of :func:`dho_fast.ops.kcenter.kcenter_update`: points (N, C) float32/bfloat16, centres (K, C)
+    float32 with K >= 1, min_sq_dist (N,) float32, all contiguous and on one device."""
+    if not isinstance(points, torch.Tensor):
+        raise _not_a_tensor("points", points, "of shape (N, C)")
+    if points.dim() != 2:
+        raise ValueError(f"points must be of shape (N, C), got {_describe(points)}")
+    if points.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"points must be float32 or bfloat16, got {_describe(points)}")
+    n, c = points.shape
+    if not isinstance(centres, torch.Tensor):
+        raise _not_a_tensor("centres", centres, f"of shape (K, {c})")
+    if centres.dim() != 2 or centres.shape[0] < 1 or centres.shape[1] != c or centres.device != points.device:
+        raise ValueError(f"centres must be float32 of shape (K >= 1, {c}) on {points.device}, got {_describe(centres)}")
+    if centres.dtype != torch.float32:
+        raise TypeError(f"centres must be float32 of shape (K, {c}), got {_describe(centres)}")
+    if not isinstance(min_sq_dist, torch.Tensor):
+        raise _not_a_tensor("min_sq_dist", min_sq_dist, f"of shape ({n},)")
+    if min_sq_dist.shape != (n,) or min_sq_dist.device != points.device:
+        want = f"float32 of shape ({n},) on {points.device}"
+        raise ValueError(f"min_sq_dist must be {want}, got {_describe(min_sq_dist)}")
+    if min_sq_dist.dtype != torch.float32:
+        raise TypeError(f"min_sq_dist must be float32 of shape ({n},), got {_describe(min_sq_dist)}")
+    for name, t in (("points", points), ("centres", centres), ("min_sq_dist", min_sq_dist)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+
+
+def kcenter_row_error(row: int) -> str:
+    """The message of a k-center step that met a squared distance that is not finite at ``points`` row ``row``."""
+    return (
+        f"points row {row}: its squared distance to a centre is not finite (NaN or inf in the row or in a centre, "
+        "or an overflow)"
+    )
