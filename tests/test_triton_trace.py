@@ -5,6 +5,7 @@ Runs in the ordinary pytest invocation, without TRITON_INTERPRET (which makes th
 """
 
 import logging
+import operator
 import os
 import shutil
 import subprocess
@@ -35,6 +36,7 @@ if kernels.has_triton() and not kernels.interpreted():
 
     from dho_fast.kernels import blend as triton_blend  # isort: skip
     from dho_fast.kernels import dual_head_loss as triton_loss  # isort: skip
+    from dho_fast.kernels import kcenter as triton_kcenter  # isort: skip
     from dho_fast.kernels._row_math import smoothing_scale  # isort: skip
 
 # Without a driver, torch cannot ask Triton which arguments a kernel writes and says so at length; it then assumes
@@ -131,6 +133,17 @@ def kernel_cases():
                 num_rows=50000, num_classes=1000, num_alphas=21, num_betas=7, ACC=tl.float32, BLOCK_C=512, BLOCK_A=32,
                 BLOCK_B=8)  # fmt: skip
     cases.append(("search", triton_blend._search_kernel, args, 4, (80, 90)))
+    # A pick's one new centre, and the first call's K = |L| centres (several chunks).
+    for dtype in (torch.float32, torch.bfloat16):
+        for k in (1, 100):
+            block_n, block_k, block_c = triton_kcenter.tile_config(1000, k)
+            args = dict(points_ptr=t(dtype), centres_ptr=f32, dist_ptr=f32, best_ptr=f32, best_row_ptr=i64,
+                        bad_row_ptr=i64, num_rows=100000, num_cols=1000, num_centres=k, BLOCK_N=block_n,
+                        BLOCK_K=block_k, BLOCK_C=block_c, ROW_ALIGN=8)  # fmt: skip
+            cases.append((f"kcenter_rows {dtype} K={k}", triton_kcenter._rows_kernel, args, 4, (80, 90)))
+    args = dict(best_ptr=f32, best_row_ptr=i64, bad_row_ptr=i64, index_ptr=i64, value_ptr=f32, first_bad_ptr=i64,
+                num_blocks=6250, num_rows=100000, BLOCK=triton_kcenter.REDUCE_BLOCK)  # fmt: skip
+    cases.append(("kcenter_reduce", triton_kcenter._reduce_kernel, args, 4, (80, 90)))
     return cases
 
 
@@ -222,30 +235,53 @@ def test_blend_ops_trace_into_their_kernels():
     assert triton_kernels_in(graph) == ["_predict_kernel", "_search_kernel"]
 
 
-def test_compile_captures_the_public_api_in_one_graph(monkeypatch):
+class Captured(Exception):
+    """Raised in place of running a captured graph: there is no GPU to run the kernels on."""
+
+
+def compiled_graph(fn, *inputs) -> torch.fx.GraphModule:
+    """The forward graph torch.compile(fullgraph=True) makes of ``fn`` on ``inputs`` (through AOTAutograd), caught
+    before it runs. Callers let CPU tensors stand in for CUDA ones (kernels.supports_device): the kernels are traced,
+    never run."""
     from torch._dynamo.backends.common import aot_autograd
 
-    # CPU tensors stand in for CUDA ones: the kernels are traced, never run.
-    monkeypatch.setattr(kernels, "supports_device", lambda device: True)
     graphs = []
-
-    class Captured(Exception):
-        pass
 
     def capture(gm, example_inputs):
         graphs.append(gm)
 
-        def run(*args):  # no GPU to run the kernels on
+        def run(*args):
             raise Captured
 
         return run
 
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=capture), fullgraph=True)
+    with pytest.raises(Captured):
+        compiled(*inputs)
+    return graphs[0]
+
+
+def test_compile_captures_the_public_api_in_one_graph(monkeypatch):
+    monkeypatch.setattr(kernels, "supports_device", lambda device: True)
+
     def loss(ce, kd, teacher, labels):
         return dho_fast.fused_dual_head_loss(ce, kd, teacher, labels, backend="triton")
 
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, backend=aot_autograd(fw_compiler=capture), fullgraph=True)
     ce, kd = torch.randn(8, 100, requires_grad=True), torch.randn(8, 100, requires_grad=True)
-    with pytest.raises(Captured):
-        compiled(ce, kd, torch.randn(8, 100), torch.randint(0, 100, (8,)))
-    assert triton_kernels_in(graphs[0]) == LOSS_KERNELS
+    graph = compiled_graph(loss, ce, kd, torch.randn(8, 100), torch.randint(0, 100, (8,)))
+    assert triton_kernels_in(graph) == LOSS_KERNELS
+
+
+def test_compile_captures_the_kcenter_step_in_one_graph(monkeypatch):
+    monkeypatch.setattr(kernels, "supports_device", lambda device: True)
+
+    def step(points, centres, min_sq_dist):
+        return dho_fast.ops.kcenter_update(points, centres, min_sq_dist, backend="triton")
+
+    graph = compiled_graph(step, torch.rand(300, 97), torch.rand(2, 97), torch.full((300,), float("inf")))
+    assert triton_kernels_in(graph) == ["_rows_kernel", "_reduce_kernel"]
+    assert "_assert_async" in graph.code  # the finiteness check, without a host sync
+    # The updated min_sq_dist leaves the graph, for AOTAutograd to copy into the caller's tensor.
+    returned = [node.args[1] for node in graph.graph.output_node().args[0] if node.target is operator.getitem]
+    assert {"dist_ptr", "index_ptr", "value_ptr"} <= set(returned)

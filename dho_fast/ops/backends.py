@@ -76,6 +76,10 @@ def _search_triton(*args):
     return torch.ops.dho_fast.blend_search_triton(*args)
 
 
+def _kcenter_triton(*args):
+    return torch.ops.dho_fast.kcenter_update_triton(*args)
+
+
 @dataclass(frozen=True)
 class Kernel:
     """One backend of one op: what to call, and whether it can run here."""
@@ -158,6 +162,7 @@ KERNELS: dict[str, dict[str, Kernel]] = {
         "reference": Kernel(reference.blend_search, _anywhere),
     },
     "kcenter_update": {
+        "triton": Kernel(_kcenter_triton, _needs_triton, differentiable=False),
         "reference": Kernel(reference.kcenter_update, _has_data, differentiable=False),
     },
 }

@@ -20,6 +20,7 @@ from dho_fast.ops.validation import (
     check_chunk_grad_out,
     check_chunk_labelled,
     check_chunk_layout,
+    raise_flagged_kcenter_row,
     raise_flagged_values,
 )
 
@@ -141,6 +142,7 @@ def _register_triton_ops() -> None:
 
     from dho_fast.kernels import blend as triton_blend
     from dho_fast.kernels import dual_head_loss as triton_loss
+    from dho_fast.kernels import kcenter as triton_kcenter
 
     @triton_op("dho_fast::dual_head_loss_triton", mutates_args=(), schema=LOSS_SCHEMA)
     def dual_head_loss_triton(
@@ -189,6 +191,14 @@ def _register_triton_ops() -> None:
 
     triton_op("dho_fast::dual_head_predict_triton", mutates_args=())(triton_blend.dual_head_predict)
     triton_op("dho_fast::blend_search_triton", mutates_args=())(triton_blend.blend_search)
+
+    @triton_op("dho_fast::kcenter_update_triton", mutates_args={"min_sq_dist"})
+    def kcenter_update_triton(
+        points: torch.Tensor, centres: torch.Tensor, min_sq_dist: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        index, value, bad_row = triton_kcenter.kcenter_update(points, centres, min_sq_dist)
+        raise_flagged_kcenter_row(bad_row)
+        return index, value
 
 
 if has_extension():

@@ -347,3 +347,15 @@ def kcenter_row_error(row: int) -> str:
         f"points row {row}: its squared distance to a centre is not finite (NaN or inf in the row or in a centre, "
         "or an overflow)"
     )
+
+
+def raise_flagged_kcenter_row(bad_row: torch.Tensor) -> None:
+    """Raises :func:`kcenter_row_error` for the first bad row a Triton launcher flagged (dho_fast.kernels.kcenter):
+    ``bad_row`` a 0-dim int64, -1 when every squared distance was finite. Traced, the check becomes a device assert,
+    which cannot say which row failed."""
+    if _traced(bad_row):
+        torch._assert_async(bad_row < 0, "points: a row's squared distance to a centre is not finite")
+        return
+    row = int(bad_row)  # the one host sync of the op
+    if row >= 0:
+        raise ValueError(kcenter_row_error(row))
