@@ -90,9 +90,10 @@ def badge(
     embeddings cancel), a running minimum over the picks.
 
     Deviations from the reference: it L2-normalises the embeddings and then picks deterministically, farthest-first
-    in ``1 - cos``, after a first point of "largest norm" that after normalisation is simply row 0. METHOD.md calls
-    that a deviation from BADGE; here the embeddings keep their magnitude (BADGE's uncertainty signal: a confident
-    prediction has a small gradient) and the picks are BADGE's ``D^2`` sampling.
+    in ``1 - cos``, after a first point of "largest norm" that after normalisation is whichever unit row rounds
+    highest, an arbitrary point. METHOD.md calls that a deviation from BADGE; here the embeddings keep their
+    magnitude (BADGE's uncertainty signal: a confident prediction has a small gradient) and the picks are BADGE's
+    ``D^2`` sampling.
     """
     check_matrix("pool_probs", pool_probs)
     check_matrix("pool_features", pool_features)
@@ -179,9 +180,11 @@ def class_balanced(
     present = torch.unique(predicted).tolist()
     counts = Counter(labelled_labels.cpu().tolist())
     allocation = _allocation(counts, present, budget)
+    # Each class's pool points in pool order: a stable sort by predicted class, cut at the class sizes.
+    by_class = torch.split(torch.sort(predicted, stable=True).indices, torch.bincount(predicted, minlength=c).tolist())
     picks = []
     for cls in present:
-        members = (predicted == cls).nonzero()[:, 0]
+        members = by_class[cls]
         order = torch.randperm(members.numel(), generator=generator)
         picks.append(members[order[: allocation[cls]]])
     chosen = torch.cat(picks)
