@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dho_fast.select import coreset, greedy_kcenter, pcoreset
+from dho_fast.select.kcenter import KCenterStats, prune_slack
 from dho_fast.select.pool_mean import binned_column_sums, mean_of_bins
 
 # The auto backend warns that only the reference backend runs kcenter_update here, until the compiled ones land.
@@ -122,6 +123,40 @@ def test_pcoreset_is_greedy_on_probabilities(dtype, num_labelled):
     picks = pcoreset(pool, labelled, 30, chunk_rows=37)
     assert_greedy(picks, pool, labelled)
     assert torch.equal(picks, pcoreset(pool, labelled, 30))  # chunks change nothing
+
+
+def confident_blends(n: int, c: int, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, c) softmax rows of noise plus 6 on one class each (random, or ``classes``): clusters by class."""
+    logits = torch.randn(n, c)
+    logits[torch.arange(n), torch.randint(c, (n,)) if classes is None else classes] += 6.0
+    return torch.softmax(logits, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [None, 97])
+def test_pruning_reads_fewer_rows_and_picks_the_same(dtype, chunk_rows):
+    """One labelled point per class (ActiveKD's start): the triangle-inequality test must skip rows, and the picks
+    must be those of the unpruned greedy, bit for bit, near ties included (continuous inputs)."""
+    pool = confident_blends(2000, 20).to(dtype)
+    labelled = confident_blends(20, 20, torch.arange(20)).to(dtype)
+    pruned, dense = KCenterStats(), KCenterStats()
+    picks = greedy_kcenter(pool, labelled, 60, chunk_rows=chunk_rows, stats=pruned)
+    unpruned = greedy_kcenter(pool, labelled, 60, chunk_rows=chunk_rows, prune=False, stats=dense)
+    assert torch.equal(picks, unpruned)
+    assert_greedy(picks, pool, labelled)
+    assert pruned.passes == 20 + 59 and dense.passes == 1 + 59  # labelled centres one by one when pruning
+    assert pruned.rows_read < 0.5 * pruned.passes * 2000, pruned
+    assert dense.rows_read == dense.passes * 2000
+
+
+def test_pruning_slack_covers_rounding_and_turns_off_when_float32_is_too_coarse():
+    assert 4 < prune_slack(1000) < 4 * (1 + 1e-3)
+    assert prune_slack(10**6) is None  # 2 (C + 3) 2^-24 >= 1%: no pruning, the dense passes
+    pool, labelled = grid(30, 5), grid(3, 5)
+    stats = KCenterStats()
+    assert coreset(pool + 1, labelled + 1, 10).tolist() == coreset(pool + 1, labelled + 1, 10, prune=False).tolist()
+    greedy_kcenter(pool, labelled, 10, prune=False, stats=stats)
+    assert stats.passes == 1 + 9
 
 
 def test_budget_zero_and_pool_size():

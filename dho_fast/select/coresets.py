@@ -16,12 +16,14 @@ def pcoreset(
     group: dist.ProcessGroup | None = None,
     backend: str | None = None,
     progress: bool = False,
+    prune: bool = True,
 ) -> torch.Tensor:
     """PCoreSet: greedy k-center in probability space with Euclidean distance.
 
     ``pool_probs`` (N, C) and ``labelled_probs`` (L, C): float32 or bfloat16 (storage; distances are float32) DHO
     blends (:func:`~dho_fast.select.blend_probs`); the pool may be memory-mapped, or this rank's shard of it (see
-    :func:`~dho_fast.select.kcenter.greedy_kcenter` for ``chunk_rows``, ``group``, ``backend``, ``progress``). Each
+    :func:`~dho_fast.select.kcenter.greedy_kcenter` for ``chunk_rows``, ``group``, ``backend``, ``progress`` and
+    ``prune``, its exact pruning, on by default). Each
     pick is the pool point whose distance ``min_c ||p - c||_2`` to the nearest centre (the labelled blends, then the
     earlier picks) is largest, the lowest pool index on ties, as the reference's recompute-everything loop picks it.
     With no labelled row (L = 0) the first pick is the pool point farthest from the pool's mean blend (the
@@ -30,7 +32,7 @@ def pcoreset(
     """
     return greedy_kcenter(
         pool_probs, labelled_probs, budget, chunk_rows=chunk_rows, group=group, backend=backend,
-        progress=progress, names=("pool_probs", "labelled_probs"), desc="pcoreset",
+        progress=progress, prune=prune, names=("pool_probs", "labelled_probs"), desc="pcoreset",
     )  # fmt: skip
 
 
@@ -55,6 +57,7 @@ def coreset(
     group: dist.ProcessGroup | None = None,
     backend: str | None = None,
     progress: bool = False,
+    prune: bool = True,
 ) -> torch.Tensor:
     """Coreset (Sener & Savarese): greedy k-center on L2-normalised penultimate features, cosine distance.
 
@@ -72,6 +75,6 @@ def coreset(
     pool = _unit_rows("pool_features", pool_features, chunk_rows)
     labelled = _unit_rows("labelled_features", labelled_features, chunk_rows)
     return greedy_kcenter(
-        pool, labelled, budget, chunk_rows=chunk_rows, group=group, backend=backend, progress=progress,
+        pool, labelled, budget, chunk_rows=chunk_rows, group=group, backend=backend, progress=progress, prune=prune,
         names=("pool_features", "labelled_features"), desc="coreset",
     )  # fmt: skip

@@ -10,6 +10,16 @@ index (the op's first maximum; chunks and ranks are combined keeping the lowest 
 Chunks (``chunk_rows``): each op call reads a block of rows and its slice of ``min_sq_dist``, so a memory-mapped
 pool (``torch.from_numpy(np.memmap(...))``) is read piece by piece and its (value, index) results are combined.
 
+Exact pruning (``prune``, on by default): a point whose nearest centre so far is ``a`` cannot be moved by a new
+centre ``n`` when ``||a - n|| >= 2 ||p - a||`` (the triangle inequality: ``||p - n|| >= ||a - n|| - ||p - a||``), so
+its row is not read. The test runs on ``min_sq_dist`` and the squared distances between centres (one small op call
+on the centres per pick), with a slack that covers float32's rounding of both sums (:func:`prune_slack`): a pruned
+point's computed distance could not have been below its minimum, so the picks are the unpruned picks, bit for bit.
+The rows left are gathered (at most ``chunk_rows`` at a time) and go through the same op; when more than
+:data:`DENSE_FRACTION` of a shard is left the whole shard is read instead. With pruning the labelled centres go
+through one at a time too (the test needs each point's nearest centre), and confident students' blends, which
+cluster by class, leave few rows to read (bench/interleaved_kcenter.py measures it).
+
 Ranks (``group``): each rank passes its own contiguous shard of the pool, the shards in rank order making the global
 index order, and the same labelled centres. Each pick every rank proposes its farthest point with its row (one
 all_gather of ``C + 2`` float64 values), and every rank takes the same winner: the picks are identical on every rank
@@ -31,6 +41,8 @@ from dho_fast.select.progress import Progress
 POINT_DTYPES = (torch.float32, torch.bfloat16)
 #: float32 elements of a block of labelled centres (one op call per block): 256 KiB, about what a core's L2 holds.
 CENTRE_BLOCK_ELEMENTS = 1 << 16
+#: With pruning, a shard of which more than this fraction must be read is read whole (no gather of its rows).
+DENSE_FRACTION = 0.5
 
 
 def centre_block_rows(cols: int) -> int:
@@ -44,14 +56,44 @@ def magnitude_limit(cols: int) -> float:
     return math.sqrt(torch.finfo(torch.float32).max / (8 * max(cols, 1)))
 
 
+def prune_slack(cols: int) -> float | None:
+    """The factor ``s`` of the pruning test ``D >= s * m`` (``D``: a new centre's computed squared distance to a
+    point's nearest centre, ``m``: the point's computed minimum), None when float32 is too coarse for ``cols`` columns.
+
+    A float32 sum of ``cols`` rounded squares of rounded differences is within a relative ``g = 2 (cols + 3) u``
+    (``u = 2^-24``) of the exact squared distance. The triangle inequality then leaves the new computed distance at
+    least ``m`` when ``sqrt(D / (1 + g)) >= sqrt(m / (1 - g)) (1 + sqrt((1 + g) / (1 - g)))``; squared, that is
+    ``s = (1 + g) (1 + sqrt((1 + g) / (1 - g)))^2 / (1 - g)``, about ``4 (1 + 2 g)``, rounded up.
+    """
+    g = 2 * (cols + 3) * 2.0**-24
+    if g >= 0.01:
+        return None
+    return (1 + g) * (1 + math.sqrt((1 + g) / (1 - g))) ** 2 / (1 - g) * (1 + 1e-12)
+
+
+@dataclass
+class KCenterStats:
+    """What a selection read: ``rows_read`` pool rows in ``passes`` op passes (one per centre, or per block of
+    labelled centres without pruning); ``rows_read / (passes * N)`` is the fraction pruning left to read."""
+
+    rows_read: int = 0
+    passes: int = 0
+
+
 @dataclass
 class _Shard:
-    """This process's rows of the pool, their running minimum squared distances and the op's chunks."""
+    """This process's rows of the pool, their running minimum squared distances and the op's chunks; with pruning,
+    each point's nearest centre (-1 before it has one) and every centre so far."""
 
     points: torch.Tensor
     min_sq_dist: torch.Tensor
     chunk_rows: int
     backend: str | None
+    stats: KCenterStats
+    slack: float | None = None
+    nearest: torch.Tensor | None = None
+    centres: torch.Tensor | None = None
+    num_centres: int = 0
 
     def update(self, centre_blocks: list[torch.Tensor]) -> tuple[float, int]:
         """Lowers ``min_sq_dist`` by every block of centres (each chunk read once, all blocks applied to it) and
@@ -65,7 +107,50 @@ class _Shard:
             value = float(value)
             if value > best_value:  # strictly: an equal value of a later chunk has a larger index
                 best_value, best_index = value, start + int(index)
+        self.stats.rows_read += self.points.shape[0]
+        self.stats.passes += len(centre_blocks)
         return best_value, best_index
+
+    def update_pruned(self, centre: torch.Tensor) -> tuple[float, int]:
+        """:meth:`update` with the one (1, C) float32 ``centre``, reading only the rows it might move."""
+        n, k = self.points.shape[0], self.num_centres
+        candidates = self.min_sq_dist >= 0
+        if k:
+            to_centres = torch.full((k,), math.inf, dtype=torch.float32, device=self.points.device)
+            kcenter_update(self.centres[:k], centre, to_centres, backend=self.backend)
+            bound = to_centres[self.nearest.clamp(min=0)].double()
+            candidates &= (self.nearest < 0) | (bound < self.slack * self.min_sq_dist.double())
+        self.centres[k] = centre[0]
+        self.num_centres += 1
+        rows = candidates.nonzero().squeeze(1)
+        self.stats.passes += 1
+        if rows.numel() > DENSE_FRACTION * n:  # most rows are left: read the shard in place rather than gather it
+            self.stats.rows_read += n
+            for start in range(0, n, self.chunk_rows):
+                span = slice(start, start + self.chunk_rows)
+                self._lower(self.points[span], centre, self.min_sq_dist[span], self.nearest[span], k)
+        else:
+            self.stats.rows_read += rows.numel()
+            for start in range(0, rows.numel(), self.chunk_rows):
+                chunk = rows[start : start + self.chunk_rows]
+                dist, nearest = self.min_sq_dist[chunk], self.nearest[chunk]
+                self._lower(self.points.index_select(0, chunk), centre, dist, nearest, k)
+                self.min_sq_dist[chunk], self.nearest[chunk] = dist, nearest
+        value, index = self.min_sq_dist.max(dim=0) if n else (torch.tensor(-1.0), torch.tensor(-1))
+        return (float(value), int(index)) if value >= 0 else (-math.inf, -1)
+
+    def _lower(
+        self, block: torch.Tensor, centre: torch.Tensor, dist: torch.Tensor, nearest: torch.Tensor, centre_id: int
+    ) -> None:
+        """The op on ``block`` with ``dist`` (its running minima, in place); ``nearest`` becomes ``centre_id`` where a
+        minimum moved."""
+        before = dist.clone()
+        kcenter_update(block, centre, dist, backend=self.backend)
+        nearest[dist < before] = centre_id
+
+    def add(self, centre: torch.Tensor) -> tuple[float, int]:
+        """The distances lowered by one new (1, C) float32 centre: ``(value, local index)`` of the next pick."""
+        return self.update([centre]) if self.slack is None else self.update_pruned(centre)
 
     def row(self, index: int) -> torch.Tensor:
         """(1, C) float32 copy of row ``index`` (bfloat16 converts exactly): the next centre."""
@@ -152,6 +237,8 @@ def greedy_kcenter(
     group: dist.ProcessGroup | None = None,
     backend: str | None = None,
     progress: bool = False,
+    prune: bool = True,
+    stats: KCenterStats | None = None,
     names: tuple[str, str] = ("points", "centres"),
     desc: str = "k-center",
 ) -> torch.Tensor:
@@ -170,6 +257,8 @@ def greedy_kcenter(
             the same points independently).
         backend: the op's backend (None: ``$DHO_FAST_BACKEND``, else "auto").
         progress: a line on stderr every 5% of the picks (on the group's first rank).
+        prune: skip the rows a new centre provably cannot move (module docs); the picks are the same either way.
+        stats: filled with the rows this process read (:class:`KCenterStats`), e.g. for a benchmark.
         names: the names of ``points`` and ``centres`` in error messages.
 
     Returns:
@@ -191,16 +280,24 @@ def greedy_kcenter(
     total, offset = int(table[:, 0].sum()), int(table[: ranks.rank, 0].sum())
     check_budget(budget, total)
     min_sq_dist = torch.full((n,), math.inf, dtype=torch.float32, device=points.device)
-    shard = _Shard(points, min_sq_dist, chunk_rows or max(n, 1), backend)
+    shard = _Shard(points, min_sq_dist, chunk_rows or max(n, 1), backend, stats or KCenterStats())
     _check_values(points, centres, ranks, offset, names)
     if budget == 0:
         return torch.empty(0, dtype=torch.int64)
+    shard.slack = prune_slack(c) if prune else None
+    if shard.slack is not None:
+        shard.nearest = torch.full((n,), -1, dtype=torch.int64, device=points.device)
+        shard.centres = torch.empty(centres.shape[0] + budget, c, dtype=torch.float32, device=points.device)
 
-    if centres.shape[0]:
+    as_centres = centres.to(points.device, torch.float32).contiguous()  # the op's centres: float32, contiguous
+    if centres.shape[0] and shard.slack is None:
         rows = centre_block_rows(c)
-        as_centres = centres.to(points.device, torch.float32).contiguous()  # the op's centres: float32, contiguous
         blocks = [as_centres[i : i + rows] for i in range(0, centres.shape[0], rows)]
         pick, row = ranks.winner(*shard.update(blocks), shard, offset)
+    elif centres.shape[0]:
+        for i in range(centres.shape[0]):
+            found = shard.add(as_centres[i : i + 1])
+        pick, row = ranks.winner(*found, shard, offset)
     else:
         bins = ranks.sum_(binned_column_sums(points, chunk_rows or default_chunk_rows(c)))
         pick, row = ranks.winner(*shard.update([mean_of_bins(bins, total)]), shard, offset)
@@ -215,4 +312,4 @@ def greedy_kcenter(
             shard.min_sq_dist[pick - offset] = -1.0
         if len(picks) == budget:
             return torch.tensor(picks, dtype=torch.int64)
-        pick, row = ranks.winner(*shard.update([row]), shard, offset)
+        pick, row = ranks.winner(*shard.add(row), shard, offset)
