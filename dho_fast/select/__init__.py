@@ -16,7 +16,7 @@ Layout (each module has one job; nothing here imports dho_fast.train):
 
 from dho_fast.select.baselines import badge, class_balanced, entropy, random
 from dho_fast.select.coresets import coreset, pcoreset
-from dho_fast.select.kcenter import greedy_kcenter
+from dho_fast.select.kcenter import KCenterStats, greedy_kcenter
 from dho_fast.select.outputs import PoolOutputs, blend_probs, pool_outputs
 from dho_fast.select.strategies import STRATEGIES, select
 
@@ -28,6 +28,7 @@ __all__ = [
     "class_balanced",
     "coreset",
     "entropy",
+    "KCenterStats",
     "greedy_kcenter",
     "pcoreset",
     "pool_outputs",
