@@ -52,4 +52,12 @@ TORCH_LIBRARY(dho_fast, m) {
       "float label_smoothing, bool grad_features, bool grad_ce_head, bool grad_kd_head) -> (Tensor loss, "
       "Tensor ce_term, Tensor kd_term, Tensor d_features_ce, Tensor d_features_kd, Tensor d_ce_weight, "
       "Tensor d_ce_bias, Tensor d_kd_weight, Tensor d_kd_bias)");
+
+  // One step of greedy k-center (dho_fast/ops/kcenter.py): for each point i with min_sq_dist[i] >= 0,
+  //   min_sq_dist[i] = min(min_sq_dist[i], min_k sum_c (points[i, c] - centres[k, c])^2)   (in place; the sum's order:
+  //   csrc/kcenter_row.h), and returns (index, value): the first (lowest) index of the largest updated entry (int64)
+  //   and that entry (float32), (-1, -inf) when no entry is >= 0. points (N, C) float32 or bfloat16, centres (K, C)
+  //   float32, K >= 1, min_sq_dist (N,) float32, all contiguous; a non-finite squared distance is a ValueError naming
+  //   the first such row. Rows with min_sq_dist < 0 (picked points) are not read.
+  m.def("kcenter_update(Tensor points, Tensor centres, Tensor(a!) min_sq_dist) -> (Tensor index, Tensor value)");
 }

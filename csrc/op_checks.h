@@ -1,7 +1,7 @@
-// Argument and value checks of the loss ops, shared by their CPU and CUDA implementations so both raise the same
-// errors: each names the argument, the expectation and what was given. One exception type per kind of mistake, as
-// the Python checks (dho_fast/_validation.py) raise: a wrong dtype is a TypeError (TORCH_CHECK_TYPE), a bad shape,
-// device or value a ValueError (TORCH_CHECK_VALUE).
+// Argument and value checks of the loss ops and the k-center step, shared by their CPU and CUDA implementations so
+// both raise the same errors: each names the argument, the expectation and what was given. One exception type per
+// kind of mistake, as the Python checks (dho_fast/_validation.py) raise: a wrong dtype is a TypeError
+// (TORCH_CHECK_TYPE), a bad shape, device or value a ValueError (TORCH_CHECK_VALUE).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -193,6 +193,39 @@ inline void check_teacher_row(int64_t row, int status) {
   TORCH_CHECK_VALUE(status != row_math::kTeacherOverflow, "teacher_logits / temperature overflows float32 (float64 "
                     "for float64 input) in row ", row, ": the teacher logits are finite, but too large for the "
                     "temperature");
+}
+
+// kcenter_update's arguments (dho_fast.ops.validation.check_kcenter_args checks the same for every backend): points
+// (N, C) float32 or bfloat16, centres (K, C) float32 with K >= 1, min_sq_dist (N,) float32, all contiguous and on
+// one device; N below 2^32 - 1, the rows kcenter::argmax_key can name.
+inline void check_kcenter_inputs(const at::Tensor& points, const at::Tensor& centres, const at::Tensor& min_sq_dist) {
+  TORCH_CHECK_VALUE(points.dim() == 2, "points must be of shape (N, C), got shape ", points.sizes());
+  TORCH_CHECK_TYPE(points.scalar_type() == at::kFloat || points.scalar_type() == at::kBFloat16,
+                   "points must be float32 or bfloat16, got ", points.scalar_type());
+  const int64_t N = points.size(0), C = points.size(1);
+  TORCH_CHECK_VALUE(N < int64_t(UINT32_MAX), "points must have fewer than 2^32 - 1 rows, got ", N);
+  TORCH_CHECK_VALUE(centres.dim() == 2 && centres.size(0) >= 1 && centres.size(1) == C,
+                    "centres must be of shape (K >= 1, ", C, "), got shape ", centres.sizes());
+  TORCH_CHECK_TYPE(centres.scalar_type() == at::kFloat, "centres must be float32, got ", centres.scalar_type());
+  TORCH_CHECK_VALUE(min_sq_dist.dim() == 1 && min_sq_dist.size(0) == N, "min_sq_dist must be of shape (", N,
+                    ",), got shape ", min_sq_dist.sizes());
+  TORCH_CHECK_TYPE(min_sq_dist.scalar_type() == at::kFloat, "min_sq_dist must be float32, got ",
+                   min_sq_dist.scalar_type());
+  for (const auto& [name, x] : {std::pair<const char*, const at::Tensor&>{"points", points},
+                                {"centres", centres},
+                                {"min_sq_dist", min_sq_dist}}) {
+    TORCH_CHECK_VALUE(x.device() == points.device(), name, " must be on ", points.device(), " (as points), got ",
+                      x.device());
+    TORCH_CHECK_VALUE(x.is_contiguous(), name, " must be contiguous, got strides ", x.strides(), " for shape ",
+                      x.sizes());
+  }
+}
+
+// bad_row: the first row of points whose squared distance to a centre a kernel found not finite, -1 for none. The
+// message is dho_fast.ops.validation.kcenter_row_error's (tests/test_kcenter_op.py compares them).
+inline void check_kcenter_row(int64_t bad_row) {
+  TORCH_CHECK_VALUE(bad_row < 0, "points row ", bad_row, ": its squared distance to a centre is not finite (NaN or inf "
+                    "in the row or in a centre, or an overflow)");
 }
 
 }  // namespace dho_fast

@@ -1,5 +1,5 @@
-// What the CPU loss ops share around the kernel: the run-time choice of its instruction-set variant, label
-// validation, and the reduction of per-row results into the two loss terms.
+// What the CPU ops share around their kernels: the run-time choice of the instruction-set variant; for the loss ops
+// also label validation and the reduction of per-row results into the two loss terms.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +11,7 @@
 #include "../op_checks.h"
 #include "../row_math.h"
 #include "dual_head_loss_kernel_api.h"
+#include "kcenter_kernel_api.h"
 
 namespace dho_fast {
 namespace cpu {
@@ -47,6 +48,20 @@ void run_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
 #endif
     default:
       return DEFAULT::dual_head_loss_rows(io, p);
+  }
+}
+
+template <typename scalar_t>
+KcenterResult run_kcenter(const KcenterIO<scalar_t>& io) {
+  switch (select_isa()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case Isa::Avx512:
+      return AVX512::kcenter_rows(io);
+    case Isa::Avx2:
+      return AVX2::kcenter_rows(io);
+#endif
+    default:
+      return DEFAULT::kcenter_rows(io);
   }
 }
 

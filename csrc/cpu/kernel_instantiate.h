@@ -1,7 +1,8 @@
-// Included by each kernel_*.cpp after it has chosen CPU_CAPABILITY: instantiates the kernel for every dtype.
+// Included by each kernel_*.cpp after it has chosen CPU_CAPABILITY: instantiates the kernels for every dtype.
 #pragma once
 
 #include "dual_head_loss_kernel.h"
+#include "kcenter_kernel.h"
 
 namespace dho_fast {
 namespace cpu {
@@ -13,6 +14,9 @@ DHO_FAST_INSTANTIATE(double)
 DHO_FAST_INSTANTIATE(c10::BFloat16)
 DHO_FAST_INSTANTIATE(c10::Half)
 #undef DHO_FAST_INSTANTIATE
+
+template KcenterResult kcenter_rows<float>(const KcenterIO<float>&);
+template KcenterResult kcenter_rows<c10::BFloat16>(const KcenterIO<c10::BFloat16>&);
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

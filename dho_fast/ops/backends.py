@@ -68,6 +68,10 @@ def _linear_reference(features, ce_weight, ce_bias, kd_weight, kd_bias, teacher,
     return _loss_reference(ce_logits, kd_logits, teacher, labels, *loss_args)
 
 
+def _kcenter_compiled(points, centres, min_sq_dist):
+    return torch.ops.dho_fast.kcenter_update(points, centres, min_sq_dist)
+
+
 def _predict_triton(*args):
     return torch.ops.dho_fast.dual_head_predict_triton(*args)
 
@@ -162,6 +166,8 @@ KERNELS: dict[str, dict[str, Kernel]] = {
         "reference": Kernel(reference.blend_search, _anywhere),
     },
     "kcenter_update": {
+        "cpu": Kernel(_kcenter_compiled, _needs_extension("cpu"), differentiable=False),
+        "cuda": Kernel(_kcenter_compiled, _needs_extension("cuda"), differentiable=False),
         "triton": Kernel(_kcenter_triton, _needs_triton, differentiable=False),
         "reference": Kernel(reference.kcenter_update, _has_data, differentiable=False),
     },

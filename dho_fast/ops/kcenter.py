@@ -27,6 +27,10 @@ def kcenter_update(
         ``(index, value)``: 0-dim int64 and float32 tensors on the device of ``points``: the first (lowest) index of
         the largest updated ``min_sq_dist`` and that value; ``(-1, -inf)`` when every point is picked or N = 0.
 
+    The compiled backends ("cpu", every instruction set, and "cuda") sum each squared distance in one fixed order
+    (csrc/kcenter_row.h), so they agree to the bit and break near ties alike; they do not read the rows of picked
+    points.
+
     A squared distance that is not finite (NaN or inf in ``points`` or ``centres``, or an overflow) raises
     ``ValueError`` naming the row (:func:`~dho_fast.ops.validation.kcenter_row_error`) on every backend; ``min_sq_dist``
     is then partly updated. Wrong dtypes are a ``TypeError``; shapes, devices and non-contiguous tensors a

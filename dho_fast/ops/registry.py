@@ -81,6 +81,11 @@ def fused_linear_dual_head_loss_with_grads_fake(
     )  # fmt: skip
 
 
+def kcenter_update_fake(points, centres, min_sq_dist):
+    # The index and value of the first maximum; min_sq_dist is updated in place (the schema declares it).
+    return points.new_empty((), dtype=torch.int64), points.new_empty((), dtype=torch.float32)
+
+
 #: What a backward asked for a graph of itself says; {op} names the op.
 DOUBLE_BACKWARD_MESSAGE = (
     "{op} has no double backward: its backward scales gradients the forward computed, so a graph of it "
@@ -135,6 +140,8 @@ def _register_compiled_ops() -> None:
     torch.library.register_fake("dho_fast::fused_linear_dual_head_loss_with_grads")(
         fused_linear_dual_head_loss_with_grads_fake
     )
+    # The k-center step has no gradient: it selects points.
+    torch.library.register_fake("dho_fast::kcenter_update")(kcenter_update_fake)
 
 
 def _register_triton_ops() -> None:
