@@ -130,12 +130,13 @@ def kcenter_update(
     rows = max(1, ELEMENTS_PER_CHUNK // (centres.shape[0] * max(c, 1)))
     for start in range(0, n, rows):
         block = points[start : start + rows].float()
-        sq_dist = (block.unsqueeze(1) - centres).square().sum(dim=2).amin(dim=1)
-        bad = (~torch.isfinite(sq_dist)).nonzero()
+        sq_dists = (block.unsqueeze(1) - centres).square().sum(dim=2)  # (rows, K)
+        current = min_sq_dist[start : start + rows]
+        # As the compiled kernels: a picked point's row is not read, any centre's distance to the others must be finite.
+        bad = ((current >= 0) & ~torch.isfinite(sq_dists).all(dim=1)).nonzero()
         if bad.numel():
             raise ValueError(kcenter_row_error(start + int(bad[0])))
-        current = min_sq_dist[start : start + rows]
-        current.copy_(torch.where(current < 0, current, torch.minimum(current, sq_dist)))
+        current.copy_(torch.where(current < 0, current, torch.minimum(current, sq_dists.amin(dim=1))))
     if n == 0:
         return torch.tensor(-1, device=points.device), torch.tensor(-math.inf, device=points.device)
     value, index = min_sq_dist.max(dim=0)
