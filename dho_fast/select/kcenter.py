@@ -1,0 +1,218 @@
+"""The greedy k-center driver of PCoreSet and coreset, over :func:`dho_fast.ops.kcenter_update`.
+
+Every pool point keeps its squared distance to the nearest centre (``min_sq_dist``, +inf at the start). The labelled
+centres lower it in blocks of :func:`centre_block_rows` rows, one op call per block; then each pick marks its point
+(``min_sq_dist = -1``: never returned again, so ``budget`` may be the pool size) and one op call with that point as
+the only centre lowers every distance and returns the next pick: one pass over the pool per pick, the reference's
+recompute-everything greedy (O(B |U| (|L| + B) C)) in O(B |U| C) with the same picks. Ties go to the lowest pool
+index (the op's first maximum; chunks and ranks are combined keeping the lowest global index).
+
+Chunks (``chunk_rows``): each op call reads a block of rows and its slice of ``min_sq_dist``, so a memory-mapped
+pool (``torch.from_numpy(np.memmap(...))``) is read piece by piece and its (value, index) results are combined.
+
+Ranks (``group``): each rank passes its own contiguous shard of the pool, the shards in rank order making the global
+index order, and the same labelled centres. Each pick every rank proposes its farthest point with its row (one
+all_gather of ``C + 2`` float64 values), and every rank takes the same winner: the picks are identical on every rank
+and to one process over the concatenated pool. Collectives run on the pool's device (gloo: CPU, NCCL: CUDA).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dho_fast.ops import kcenter_update
+from dho_fast.ops.validation import check_int
+from dho_fast.select.checks import check_budget, check_matrix, default_chunk_rows, describe, first_bad_row
+from dho_fast.select.pool_mean import binned_column_sums, mean_of_bins
+from dho_fast.select.progress import Progress
+
+POINT_DTYPES = (torch.float32, torch.bfloat16)
+#: float32 elements of a block of labelled centres (one op call per block): 256 KiB, about what a core's L2 holds.
+CENTRE_BLOCK_ELEMENTS = 1 << 16
+
+
+def centre_block_rows(cols: int) -> int:
+    """Labelled centres per op call for ``cols`` columns: :data:`CENTRE_BLOCK_ELEMENTS` float32 values, >= 1 row."""
+    return max(1, CENTRE_BLOCK_ELEMENTS // max(cols, 1))
+
+
+def magnitude_limit(cols: int) -> float:
+    """Values below this magnitude keep every squared distance of ``cols`` columns finite in float32:
+    ``cols * (2 limit)^2`` is at most half of float32's maximum (checked up front, so no rank fails mid-pick)."""
+    return math.sqrt(torch.finfo(torch.float32).max / (8 * max(cols, 1)))
+
+
+@dataclass
+class _Shard:
+    """This process's rows of the pool, their running minimum squared distances and the op's chunks."""
+
+    points: torch.Tensor
+    min_sq_dist: torch.Tensor
+    chunk_rows: int
+    backend: str | None
+
+    def update(self, centre_blocks: list[torch.Tensor]) -> tuple[float, int]:
+        """Lowers ``min_sq_dist`` by every block of centres (each chunk read once, all blocks applied to it) and
+        returns ``(value, local index)`` of the first largest remaining distance, ``(-inf, -1)`` when none is left."""
+        best_value, best_index = -math.inf, -1
+        for start in range(0, self.points.shape[0], self.chunk_rows):
+            block = self.points[start : start + self.chunk_rows]
+            dist_block = self.min_sq_dist[start : start + self.chunk_rows]
+            for centres in centre_blocks:
+                index, value = kcenter_update(block, centres, dist_block, backend=self.backend)
+            value = float(value)
+            if value > best_value:  # strictly: an equal value of a later chunk has a larger index
+                best_value, best_index = value, start + int(index)
+        return best_value, best_index
+
+    def row(self, index: int) -> torch.Tensor:
+        """(1, C) float32 copy of row ``index`` (bfloat16 converts exactly): the next centre."""
+        return self.points[index : index + 1].to(torch.float32, copy=True)
+
+
+class _Ranks:
+    """The process group of a sharded pool (a single process when ``group`` is None): the global layout and the
+    collectives that keep every rank's picks the same."""
+
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
+        self.group, self.device = group, device
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.world_size = dist.get_world_size(group) if group is not None else 1
+
+    def gather_ints(self, values: list[int]) -> torch.Tensor:
+        """(world_size, len(values)) int64 CPU table of every rank's ``values``, in rank order."""
+        mine = torch.tensor(values, dtype=torch.int64, device=self.device)
+        if self.group is None:
+            return mine.unsqueeze(0).cpu()
+        table = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(table, mine, group=self.group)
+        return torch.stack(table).cpu()
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def winner(self, value: float, index: int, shard: _Shard, offset: int) -> tuple[int, torch.Tensor]:
+        """The global index of the first largest of every rank's ``(value, local index)`` and its (1, C) row."""
+        if self.group is None:
+            return index, shard.row(index)
+        mine = torch.zeros(shard.points.shape[1] + 2, dtype=torch.float64, device=self.device)
+        mine[0], mine[1] = value, offset + index
+        if index >= 0:
+            mine[2:] = shard.row(index)[0]
+        table = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(table, mine, group=self.group)
+        # Each rank proposes its first maximum and shards follow the global order: the lowest rank wins a tie.
+        best = max(range(self.world_size), key=lambda r: (float(table[r][0]), -r))
+        return int(table[best][1]), table[best][2:].to(torch.float32).unsqueeze(0)
+
+
+def _check_inputs(points: torch.Tensor, centres: torch.Tensor, names: tuple[str, str]) -> None:
+    check_matrix(names[0], points, POINT_DTYPES)
+    check_matrix(names[1], centres, POINT_DTYPES, cols=points.shape[1])
+    if points.shape[1] < 1:
+        raise ValueError(f"{names[0]} must have at least one column, got {describe(points)}")
+    if not points.is_contiguous():
+        raise ValueError(f"{names[0]} must be contiguous (rows one after another), got strides {points.stride()}")
+
+
+def _check_layout(table: torch.Tensor, names: tuple[str, str]) -> None:
+    """Every rank must agree on the columns, the budget and the labelled set (the same on every rank)."""
+    for column, what in ((1, f"columns of {names[0]}"), (2, "budget"), (3, f"rows of {names[1]}")):
+        if len(set(table[:, column].tolist())) > 1:
+            raise ValueError(f"the ranks of group disagree on the {what}: {table[:, column].tolist()}")
+
+
+def _check_values(
+    points: torch.Tensor, centres: torch.Tensor, ranks: _Ranks, offset: int, names: tuple[str, str]
+) -> None:
+    """Finite values of a magnitude that keeps squared distances finite (:func:`magnitude_limit`), every rank raising
+    the same error, for the first bad row of the whole pool."""
+    limit = magnitude_limit(centres.shape[1])
+    local = first_bad_row(points, limit=limit)
+    bad = ranks.gather_ints([-1 if local is None else offset + local])[:, 0]
+    bad = bad[bad >= 0]
+    rule = f"finite and of magnitude below {limit:.3g} (the squared distances of its columns must not overflow)"
+    if bad.numel():
+        raise ValueError(f"{names[0]} row {int(bad.min())} has a value that is not {rule}")
+    row = first_bad_row(centres, limit=limit)
+    if row is not None:
+        raise ValueError(f"{names[1]} row {row} has a value that is not {rule}")
+
+
+def greedy_kcenter(
+    points: torch.Tensor,
+    centres: torch.Tensor,
+    budget: int,
+    *,
+    chunk_rows: int | None = None,
+    group: dist.ProcessGroup | None = None,
+    backend: str | None = None,
+    progress: bool = False,
+    names: tuple[str, str] = ("points", "centres"),
+    desc: str = "k-center",
+) -> torch.Tensor:
+    """``budget`` greedy k-center picks from ``points``, farthest (Euclidean) from ``centres`` and the earlier picks.
+
+    Args:
+        points: (N, C) float32 or bfloat16, contiguous, on any device (memory-mapped is fine): the pool, or this
+            rank's shard of it. Distances are float32 (:func:`dho_fast.ops.kcenter_update`).
+        centres: (L, C) float32 or bfloat16, L >= 0, the same on every rank: the starting centres (e.g. the labelled
+            set). With L = 0 the first pick is the pool point farthest from the pool's column mean (a float32 mean
+            of the float64 sums of :mod:`dho_fast.select.pool_mean`, which do not depend on chunks or ranks).
+        budget: number of picks, in ``[0, total pool size]``.
+        chunk_rows: pool rows per op call (None: the whole pool or shard in one call).
+        group: a torch.distributed process group whose ranks each hold a shard; None is one process holding the
+            whole pool, even when torch.distributed is initialised (ranks that all hold the whole pool then pick
+            the same points independently).
+        backend: the op's backend (None: ``$DHO_FAST_BACKEND``, else "auto").
+        progress: a line on stderr every 5% of the picks (on the group's first rank).
+        names: the names of ``points`` and ``centres`` in error messages.
+
+    Returns:
+        (budget,) int64 CPU global pool indices in pick order, distinct, identical on every rank.
+
+    Errors: a NaN, an inf or a value too large for float32 squared distances (:func:`magnitude_limit`) is a
+    ``ValueError`` naming the first bad row of the whole pool, raised on every rank.
+    """
+    _check_inputs(points, centres, names)
+    if chunk_rows is not None:
+        check_int("chunk_rows", chunk_rows, ">= 1 (or None)", lambda v: v >= 1)
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    check_int("budget", budget)
+    n, c = points.shape
+    ranks = _Ranks(group, points.device)
+    table = ranks.gather_ints([n, c, budget, centres.shape[0]])
+    _check_layout(table, names)
+    total, offset = int(table[:, 0].sum()), int(table[: ranks.rank, 0].sum())
+    check_budget(budget, total)
+    min_sq_dist = torch.full((n,), math.inf, dtype=torch.float32, device=points.device)
+    shard = _Shard(points, min_sq_dist, chunk_rows or max(n, 1), backend)
+    _check_values(points, centres, ranks, offset, names)
+    if budget == 0:
+        return torch.empty(0, dtype=torch.int64)
+
+    if centres.shape[0]:
+        rows = centre_block_rows(c)
+        as_centres = centres.to(points.device, torch.float32).contiguous()  # the op's centres: float32, contiguous
+        blocks = [as_centres[i : i + rows] for i in range(0, centres.shape[0], rows)]
+        pick, row = ranks.winner(*shard.update(blocks), shard, offset)
+    else:
+        bins = ranks.sum_(binned_column_sums(points, chunk_rows or default_chunk_rows(c)))
+        pick, row = ranks.winner(*shard.update([mean_of_bins(bins, total)]), shard, offset)
+        shard.min_sq_dist.fill_(math.inf)  # the mean only chose the first pick; it is no centre
+
+    picks = []
+    bar = Progress(desc, budget, progress and ranks.rank == 0)
+    while True:
+        picks.append(pick)
+        bar.update(len(picks))
+        if 0 <= pick - offset < n:
+            shard.min_sq_dist[pick - offset] = -1.0
+        if len(picks) == budget:
+            return torch.tensor(picks, dtype=torch.int64)
+        pick, row = ranks.winner(*shard.update([row]), shard, offset)
