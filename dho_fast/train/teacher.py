@@ -55,11 +55,14 @@ def class_text_embeddings(
     *,
     device: torch.device | str = "cpu",
     classes_per_batch: int = 32,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """One text embedding per class from a prompt ensemble, as METHOD.md defines: each prompt's embedding is
     L2-normalised, the class mean normalised again. ``model``: an open_clip model (``encode_text``).
+    ``normalize=False``: the plain mean of the raw prompt embeddings instead, normalised neither before nor after
+    (CLAP's W0, :func:`dho_fast.train.clap.mean_text_embeddings`).
 
-    Returns (C, D) float32 on ``device``, unit rows.
+    Returns (C, D) float32 on ``device``, unit rows unless ``normalize`` is False.
     """
     if not classnames or not templates:
         raise ValueError("classnames and templates must be non-empty")
@@ -67,8 +70,11 @@ def class_text_embeddings(
     for start in range(0, len(classnames), classes_per_batch):
         names = classnames[start : start + classes_per_batch]
         texts = [t.format(n) if isinstance(t, str) else t(n) for n in names for t in templates]
-        prompts = F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
-        rows.append(F.normalize(prompts.view(len(names), len(templates), -1).mean(dim=1), dim=-1))
+        prompts = model.encode_text(tokenizer(texts).to(device)).float()
+        if normalize:
+            prompts = F.normalize(prompts, dim=-1)
+        means = prompts.view(len(names), len(templates), -1).mean(dim=1)
+        rows.append(F.normalize(means, dim=-1) if normalize else means)
     return torch.cat(rows)
 
 
