@@ -18,7 +18,7 @@ DEMO_STEPS ?= 200
 # The active-learning demo: selection rounds after the 1-shot start and steps of each round's student; CI runs a
 # short one (DEMO_ACTIVE_ROUNDS=1 DEMO_ACTIVE_STEPS=5), the same code path.
 DEMO_ACTIVE_ROUNDS ?= 5
-DEMO_ACTIVE_STEPS ?= 100
+DEMO_ACTIVE_STEPS ?= 50
 
 .PHONY: install test test-python test-triton test-cpp demo demo-active bench lint
 

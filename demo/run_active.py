@@ -9,13 +9,15 @@ the DHO student from scratch for ``--steps`` steps. The test accuracy is DHO's b
 alpha = 0.5, beta = 1. Every strategy has the same settings (``run_demo.py``'s student settings, the same seed, steps
 and pool); only the strategy changes, and nothing is tuned for any of them.
 
-``python demo/run_active.py [--seed 0] [--steps 100]`` prints a table of test accuracy (rows: labelled images,
-columns: strategies); ``--json`` and ``--plot`` also write the results and a PNG plot (needs matplotlib).
+``python demo/run_active.py [--seed 0 1 2] [--steps 50]`` prints a table of test accuracy (rows: labelled images,
+columns: strategies; the mean over the seeds); ``--json`` and ``--plot`` also write the results and a PNG plot
+(needs matplotlib).
 """
 
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ from dho_fast.train.active import run_active  # noqa: E402
 from dho_fast.train.active_config import ActiveConfig  # noqa: E402
 
 
-def run_strategies(data, out: Path, logits: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
+def run_strategies(data, out: Path, logits: Path, seed: int, args: argparse.Namespace) -> dict[str, list[dict]]:
     """One active-learning run per strategy, from scratch; returns each run's log records."""
     train = {
         **STUDENT_SETTINGS,
@@ -57,28 +59,47 @@ def run_strategies(data, out: Path, logits: Path, args: argparse.Namespace) -> d
             initial_shots=1,
             pool_size=args.pool_size,
             output_dir=str(run_dir),
-            seed=args.seed,
+            seed=seed,
             progress=False,
             train=train,
         )
         results[strategy] = run_active(config)
         curve = ", ".join(f"{r['num_labelled']}: {100 * r['test_acc_blend']:.1f}%" for r in results[strategy])
-        print(f"{strategy:>14} ({time.perf_counter() - start:.0f} s) {curve}", flush=True)
+        print(f"seed {seed} {strategy:>14} ({time.perf_counter() - start:.0f} s) {curve}", flush=True)
     return results
 
 
-def format_table(results: dict[str, list[dict]]) -> str:
-    """Markdown: a row per round (its labelled images), a column per strategy, the blend's test accuracy in %."""
-    strategies = list(results)
+def accuracy_curves(runs: list[dict]) -> dict[str, dict]:
+    """Per strategy: the labelled images of each round and the blend's test accuracy in %, its mean over the seeds'
+    ``runs`` and its sample standard deviation (0 for one seed)."""
+    curves = {}
+    for strategy, records in runs[0]["results"].items():
+        per_round = [[100 * run["results"][strategy][i]["test_acc_blend"] for run in runs] for i in range(len(records))]
+        curves[strategy] = {
+            "labels": [r["num_labelled"] for r in records],
+            "mean": [statistics.fmean(values) for values in per_round],
+            "std": [statistics.stdev(values) if len(values) > 1 else 0.0 for values in per_round],
+        }
+    return curves
+
+
+def format_table(curves: dict[str, dict], num_seeds: int) -> str:
+    """Markdown: a row per round (its labelled images), a column per strategy, the blend's test accuracy in % (the
+    mean ± standard deviation over the seeds when there are several)."""
+    strategies = list(curves)
     lines = ["| labels | " + " | ".join(strategies) + " |", "|---|" + "---|" * len(strategies)]
-    for i, record in enumerate(next(iter(results.values()))):
-        cells = [f"{100 * results[s][i]['test_acc_blend']:.2f}" for s in strategies]
-        lines.append(f"| {record['num_labelled']} | " + " | ".join(cells) + " |")
+    for i, labels in enumerate(curves[strategies[0]]["labels"]):
+        cells = [
+            f"{curves[s]['mean'][i]:.2f}" + (f" ± {curves[s]['std'][i]:.2f}" if num_seeds > 1 else "")
+            for s in strategies
+        ]
+        lines.append(f"| {labels} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(results: dict[str, list[dict]], path: Path, title: str) -> bool:
-    """Test accuracy against labelled images, a line per strategy, as a PNG; False when matplotlib is missing."""
+def plot(curves: dict[str, dict], path: Path, title: str) -> bool:
+    """Test accuracy against labelled images, a line per strategy (error bars: the standard deviation over seeds),
+    as a PNG; False when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
@@ -87,9 +108,8 @@ def plot(results: dict[str, list[dict]], path: Path, title: str) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for strategy, records in results.items():
-        labels = [r["num_labelled"] for r in records]
-        ax.plot(labels, [100 * r["test_acc_blend"] for r in records], marker="o", label=strategy)
+    for strategy, curve in curves.items():
+        ax.errorbar(curve["labels"], curve["mean"], yerr=curve["std"], marker="o", capsize=3, label=strategy)
     ax.set_xlabel("labelled images")
     ax.set_ylabel("test accuracy % (DHO blend)")
     ax.set_title(title)
@@ -104,10 +124,10 @@ def plot(results: dict[str, list[dict]], path: Path, title: str) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (the table: their mean)")
     parser.add_argument("--out", type=Path, default=Path("demo_output"))
     parser.add_argument("--source", choices=SOURCES, default="auto", help="where the images come from")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each round's student")
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps of each round's student")
     parser.add_argument("--rounds", type=int, default=5, help="selection rounds after the initial 1-shot round")
     parser.add_argument("--budget", type=int, default=10, help="images picked each round")
     parser.add_argument("--pool-size", type=int, default=2000, help="training images in the fixed selection pool")
@@ -124,41 +144,46 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = prepare(args.out / "data", args.source)
-    out = args.out / data.source / f"seed{args.seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    logits, teacher_acc = fit_teacher(data, out, args.seed, args.teacher_epochs)
-    setup_s = time.perf_counter() - start
     num_train = len(data.splits["train"][1])
+    seeds = ", ".join(map(str, args.seed))
     print(
-        f"ActiveKD demo on {data.source} ({num_train} training images, a pool of {args.pool_size}, seed {args.seed}): "
+        f"ActiveKD demo on {data.source} ({num_train} training images, a pool of {args.pool_size}, seeds {seeds}): "
         f"1 label per class, then {args.rounds} rounds of {args.budget}, {args.steps} steps per round"
     )
-    results = run_strategies(data, out, logits, args)
+    runs = []
+    for seed in args.seed:
+        out = args.out / data.source / f"seed{seed}"
+        out.mkdir(parents=True, exist_ok=True)
+        logits, teacher_acc = fit_teacher(data, out, seed, args.teacher_epochs)
+        runs.append(
+            {"seed": seed, "teacher_test_acc": teacher_acc, "results": run_strategies(data, out, logits, seed, args)}
+        )
+    curves = accuracy_curves(runs)
+    teacher = ", ".join(f"{100 * run['teacher_test_acc']:.2f}%" for run in runs)
     print(
-        f"\nTeacher: a small MLP fitted on all training labels, test accuracy {100 * teacher_acc:.2f}%. It stands in "
-        "for a vision-language model, whose weights cannot be downloaded here; its logits are cached once."
+        f"\nTeacher: a small MLP fitted on all training labels, test accuracy {teacher}. It stands in for a "
+        "vision-language model, whose weights cannot be downloaded here; its logits are cached once."
     )
-    print("Test accuracy % of the DHO blend (alpha = 0.5, beta = 1) after each round:\n")
-    print(format_table(results))
+    over = f", mean ± standard deviation over seeds {seeds}" if len(runs) > 1 else ""
+    print(f"Test accuracy % of the DHO blend (alpha = 0.5, beta = 1) after each round{over}:\n")
+    print(format_table(curves, len(runs)))
     total_s = time.perf_counter() - start
-    print(f"\n(data and teacher {setup_s:.0f} s, total {total_s:.0f} s)")
+    print(f"\n(total {total_s:.0f} s)")
     summary = {
         "source": data.source,
-        "seed": args.seed,
         "steps": args.steps,
         "rounds": args.rounds,
         "budget": args.budget,
         "pool_size": args.pool_size,
-        "teacher_test_acc": teacher_acc,
-        "results": results,
+        "runs": runs,
+        "curves": curves,
         "seconds": total_s,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))
     if args.plot:
-        title = f"ActiveKD demo, {data.source}, seed {args.seed}"
-        if plot(results, args.plot, title):
+        if plot(curves, args.plot, f"ActiveKD demo, {data.source}, seeds {seeds}"):
             print(f"plot: {args.plot}")
         else:
             print("matplotlib is not installed: no plot written (pip install matplotlib)")

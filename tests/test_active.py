@@ -2,6 +2,7 @@
 writes (checked against the trainer's own record and an independent greedy k-center), its log, resumption (after
 a kill -9 of the CLI in a round's training, and from a selection cut short), and its settings' checks."""
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from trainer_fixtures import run_settings
+from trainer_fixtures import register_tiny_clip, run_settings, tiny_clip_config
 
 from dho_fast.select import STRATEGIES
 from dho_fast.select import random as random_picks
@@ -24,8 +25,10 @@ from dho_fast.train import checkpoint, cli
 from dho_fast.train.active import pool_subsample, read_labelled, round_seed, run_active
 from dho_fast.train.active_config import ActiveConfig, load_active_config
 from dho_fast.train.build import build_run_student, eval_dataset, load_splits
+from dho_fast.train.clap import fit_clap, mean_text_embeddings, write_teacher_logits
 from dho_fast.train.config import TrainConfig
 from dho_fast.train.data import k_shot_indices
+from dho_fast.train.teacher import ClipTeacher, create_open_clip
 from dho_fast.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +190,38 @@ def test_labelled_indices_trains_on_exactly_that_set(trees, logits_file, tmp_pat
         train(TrainConfig(**base, resume=True))
 
 
+def test_clap_refit_at_the_start_of_every_round(trees, tmp_path):
+    """Each round's student learns from CLAP refit on that round's labelled set (not the previous round's): its
+    logits file equals an independent refit on the round's labelled.json, and the student's checkpoint records it."""
+    name = register_tiny_clip(tmp_path)
+    torch.manual_seed(0)
+    model, tokenizer, preprocess = create_open_clip(name, None)
+    weights = tmp_path / "tiny_clip.pt"
+    torch.save(model.state_dict(), weights)  # one set of random weights for the loop and the check below
+    clip = dict(teacher="open_clip", teacher_arch=name, teacher_pretrained=str(weights), teacher_templates="a {}.")
+    settings = active_settings(trees, None, tmp_path / "run", rounds=1, teacher_refit="clap")
+    settings["train"].update(open_clip_config=tiny_clip_config(tmp_path), teacher_logits=None, **clip)
+    config = ActiveConfig(**settings, clap_epochs=2, clap_batch_size=4)
+    run_active(config)
+
+    model, tokenizer, preprocess = create_open_clip(name, str(weights))
+    splits = load_splits(config.round_train_config(0))
+    text_means = mean_text_embeddings(model, tokenizer, splits.classnames, ["a {}."])
+    files = []
+    for r in range(2):
+        labelled = read_labelled(config.round_dir(r))["labelled"]
+        samples = [splits.train[i] for i in labelled]
+        head = fit_clap(model, preprocess, text_means, samples, epochs=2, batch_size=4, seed=round_seed(config.seed, r))
+        want = write_teacher_logits(ClipTeacher(model, head, preprocess), splits.train, tmp_path / f"want{r}.pt")
+        path = config.round_dir(r) / "teacher_logits.pt"
+        torch.testing.assert_close(torch.load(path, weights_only=True)["logits"], want)
+        state = checkpoint.load(config.round_dir(r) / "last.pt")
+        assert state["teacher_logits_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert state["config"]["teacher"] == "logits"
+        files.append(want)
+    assert not torch.equal(files[0], files[1])  # refit on the larger labelled set
+
+
 ACTIVE_BAD_CONFIGS = [
     ({"strategy": "kmeans"}, ValueError, [f"strategy must be one of {STRATEGIES}", "got 'kmeans'"]),
     ({"rounds": -1}, ValueError, ["rounds must be in [0, inf)", "got -1"]),
@@ -302,8 +337,8 @@ def test_killed_loop_resumes_with_the_same_picks_and_log(trees, logits_file, tmp
     straight = ["--output-dir", str(tmp_path / "straight")]
     subprocess.run(_command(config_path, *straight), env=_env(), check=True, capture_output=True)
     assert labelled_files(tmp_path / "killed", 2) == labelled_files(tmp_path / "straight", 2)
-    resumed, uninterrupted = (json.loads((tmp_path / d / "active_log.json").read_text()) for d in ("killed", "straight"))
-    assert without_seconds(resumed) == without_seconds(uninterrupted) and len(resumed) == 3
+    logs = [json.loads((tmp_path / d / "active_log.json").read_text()) for d in ("killed", "straight")]
+    assert without_seconds(logs[0]) == without_seconds(logs[1]) and len(logs[0]) == 3
 
 
 @pytest.mark.slow  # the demo's short mode: every strategy, one selection round
@@ -314,14 +349,21 @@ def test_active_demo_short_mode(tmp_path, capsys):
     flags = ["--source", "digits", "--out", str(tmp_path), "--rounds", "1", "--steps", "5", "--pool-size", "100"]
     flags += ["--threads", str(torch.get_num_threads())]  # leave this process's setting as it is
     outputs = ["--json", str(tmp_path / "results.json"), "--plot", str(tmp_path / "plot.png")]
-    summary = demo.main([*flags, "--teacher-epochs", "2", *outputs])
+    summary = demo.main([*flags, "--teacher-epochs", "2", "--seed", "1", "2", *outputs])
     assert json.loads((tmp_path / "results.json").read_text()) == summary
-    assert set(summary["results"]) == set(STRATEGIES)
-    for records in summary["results"].values():
-        assert [r["num_labelled"] for r in records] == [10, 20]  # 1 shot of 10 digits, then 10 picks
-        assert all(0 <= r["test_acc_blend"] <= 1 for r in records)
+    assert [run["seed"] for run in summary["runs"]] == [1, 2]
+    for run in summary["runs"]:
+        assert set(run["results"]) == set(STRATEGIES)
+        for records in run["results"].values():
+            assert [r["num_labelled"] for r in records] == [10, 20]  # 1 shot of 10 digits, then 10 picks
+            assert all(0 <= r["test_acc_blend"] <= 1 for r in records)
+    for strategy, curve in summary["curves"].items():
+        accuracies = [[100 * run["results"][strategy][i]["test_acc_blend"] for run in summary["runs"]] for i in (0, 1)]
+        assert curve["labels"] == [10, 20]
+        assert curve["mean"] == pytest.approx([np.mean(a) for a in accuracies])
+        assert curve["std"] == pytest.approx([np.std(a, ddof=1) for a in accuracies])
     printed = capsys.readouterr().out
-    assert "| labels | " + " | ".join(STRATEGIES) + " |" in printed and "\n| 20 | " in printed
+    assert "| labels | " + " | ".join(STRATEGIES) + " |" in printed and "\n| 20 | " in printed and " ± " in printed
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     assert (tmp_path / "plot.png").is_file() == has_matplotlib
     assert ("matplotlib is not installed" in printed) != has_matplotlib

@@ -20,6 +20,7 @@ was killed from the trained student: the labelled sets and the log's accuracies 
 """
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -33,6 +34,7 @@ from dho_fast.select import pool_outputs, select
 from dho_fast.train import checkpoint
 from dho_fast.train.active_config import ActiveConfig
 from dho_fast.train.build import build_run_student, build_teacher_model, eval_dataset, load_splits
+from dho_fast.train.clap import fit_clap, mean_text_embeddings, write_teacher_logits
 from dho_fast.train.config import TrainConfig
 from dho_fast.train.data import complement, k_shot_indices, load_classnames
 from dho_fast.train.distributed import init_distributed
@@ -207,8 +209,6 @@ class _ActiveRun:
         path = folder / TEACHER_LOGITS_NAME
         if path.is_file():
             return str(path)
-        from dho_fast.train.clap import fit_clap, mean_text_embeddings, write_teacher_logits  # TEMP until merged
-
         config, train_config = self.config, self.config.round_train_config(round_index)
         if self.clap_model is None:
             model, tokenizer, preprocess, input_dtype = build_teacher_model(train_config, self.device)
@@ -247,7 +247,7 @@ class _ActiveRun:
         """The round's ``budget`` picks, train indices in pick order, by the student in checkpoint ``path``."""
         state = checkpoint.load(path)
         # The weights come from the checkpoint: the student's pretrained file or tag is not read again.
-        student_config = TrainConfig.from_dict({**train_config.to_dict(), "student_pretrained": None})
+        student_config = dataclasses.replace(train_config, student_pretrained=None)
         student = build_run_student(student_config, state["classnames"], self.device, init_heads=False)
         student.load_state_dict(state["model"])
         pool = self.pool[~np.isin(self.pool, labelled)]
