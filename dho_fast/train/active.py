@@ -32,7 +32,7 @@ import torch
 
 from dho_fast.select import pool_outputs, select
 from dho_fast.train import checkpoint
-from dho_fast.train.active_config import ActiveConfig
+from dho_fast.train.active_config import LABELLED_NAME, ActiveConfig
 from dho_fast.train.build import build_run_student, build_teacher_model, eval_dataset, load_splits
 from dho_fast.train.clap import fit_clap, mean_text_embeddings, write_teacher_logits
 from dho_fast.train.config import TrainConfig
@@ -43,7 +43,6 @@ from dho_fast.train.trainer import CHECKPOINT_NAME, train
 
 SETTINGS_NAME = "active_settings.json"
 LOG_NAME = "active_log"
-LABELLED_NAME = "labelled.json"
 TEACHER_LOGITS_NAME = "teacher_logits.pt"
 # Streams of the run's seed, so the pool subsample and each round's selection draw independent numbers.
 POOL_STREAM, SELECT_STREAM = 0, 1

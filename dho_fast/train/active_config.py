@@ -34,6 +34,8 @@ ACTIVE_RANGES = {
     "clap_momentum": "[0, 1)",
     "seed": "[0, inf)",
 }
+# The file of a round's labelled set in its folder (dho_fast.train.active describes it).
+LABELLED_NAME = "labelled.json"
 # Train settings the loop sets for every round; the labelled set is the round's labelled.json.
 LOOP_TRAIN_SETTINGS = (*LABELLED_SET_SETTINGS, "split_seed", "output_dir", "resume")
 # The student's blend when train sets neither alpha nor beta: active learning has no validation set to search them
@@ -109,7 +111,7 @@ class ActiveConfig:
         (a CLAP refit's) replaces the teacher of ``train``. Raises TrainConfig's errors prefixed ``train.``."""
         folder = self.round_dir(round_index)
         values = {"seed": self.seed, "progress": self.progress, **DEFAULT_BLEND, **self.train}
-        values.update(labelled_indices=str(folder / "labelled.json"), output_dir=str(folder), resume=resume)
+        values.update(labelled_indices=str(folder / LABELLED_NAME), output_dir=str(folder), resume=resume)
         if teacher_logits is not None:
             values.update(teacher="logits", teacher_logits=teacher_logits)
         try:
@@ -127,10 +129,6 @@ class ActiveConfig:
         train = self.round_train_config(0).to_dict()
         skipped = RESUMABLE_CHANGES | set(LOOP_TRAIN_SETTINGS)
         return {**top, "train": {k: v for k, v in train.items() if k not in skipped}}
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values, as written to YAML."""
-        return dataclasses.asdict(self)
 
 
 def load_active_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ActiveConfig:
