@@ -1,4 +1,5 @@
-# make demo | make test | make bench | make lint — each sets up what it needs (virtual environment, build) itself.
+# make demo | make demo-active | make test | make bench | make lint — each sets up what it needs (virtual
+# environment, build) itself.
 
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
@@ -14,8 +15,12 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
 # Optimizer steps of each demo student; CI runs a short demo (DEMO_STEPS=20), the same code path.
 DEMO_STEPS ?= 200
+# The active-learning demo: selection rounds after the 1-shot start and steps of each round's student; CI runs a
+# short one (DEMO_ACTIVE_ROUNDS=1 DEMO_ACTIVE_STEPS=5), the same code path.
+DEMO_ACTIVE_ROUNDS ?= 5
+DEMO_ACTIVE_STEPS ?= 50
 
-.PHONY: install test test-python test-triton test-cpp demo bench lint
+.PHONY: install test test-python test-triton test-cpp demo demo-active bench lint
 
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
@@ -25,7 +30,7 @@ $(VENV)/.torch:
 
 # --no-build-isolation: build against the torch installed above instead of downloading another into a build env.
 $(VENV)/.installed: $(VENV)/.torch $(SOURCES)
-	$(PY) -m pip install --no-build-isolation -e ".[test,train]"
+	$(PY) -m pip install --no-build-isolation -e ".[test,train,demo]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -51,6 +56,11 @@ demo: install
 	$(PY) -m pytest bench/bench_fused_loss.py --benchmark-only -q -p no:logging \
 		--benchmark-json=build/bench-loss.json > build/bench-loss.log 2>&1 || (cat build/bench-loss.log; exit 1)
 	$(PY) bench/report.py build/bench-loss.json
+
+demo-active: install
+	mkdir -p build
+	$(PY) demo/run_active.py --rounds $(DEMO_ACTIVE_ROUNDS) --steps $(DEMO_ACTIVE_STEPS) \
+		--json build/active-results.json --plot build/active-accuracy.png
 
 bench: install
 	mkdir -p bench/results

@@ -17,6 +17,7 @@ from dho_fast.train.data import (
     k_shot_indices,
     load_coop_splits,
     load_image_folder_splits,
+    read_labelled_indices,
     scan_image_folder,
 )
 from dho_fast.train.sampling import PairedBatchSampler, steps_per_epoch
@@ -78,6 +79,41 @@ def test_split_errors(kwargs, message):
     labels = np.array([0] * 40 + [1] * 2)
     with pytest.raises(ValueError, match=message):
         class_balanced_indices(labels, **kwargs)
+
+
+def test_labelled_indices_file(tmp_path):
+    path = tmp_path / "labelled.json"
+    path.write_text(json.dumps([7, 0, 3]))
+    chosen = read_labelled_indices(path, 10)
+    assert chosen.dtype == np.int64 and chosen.tolist() == [0, 3, 7]
+    path.write_text(json.dumps({"round": 2, "labelled": [9, 1], "picks": [1]}))  # as the active loop writes it
+    assert read_labelled_indices(path, 10).tolist() == [1, 9]
+
+
+@pytest.mark.parametrize(
+    ("content", "error", "message"),
+    [
+        ("[1, 2", ValueError, "is not a JSON file"),
+        ("[]", ValueError, "holds an empty list"),
+        ("[0, 10]", ValueError, "holds index 10, outside the train pool's range [0, 10)"),
+        ("[-1]", ValueError, "holds index -1, outside"),
+        ("[4, 2, 4]", ValueError, "lists index 4 more than once"),
+        ("[1.5]", TypeError, "must hold a JSON list of integer train indices"),
+        ("[1.0]", TypeError, "got [1.0]"),
+        ("[true]", TypeError, "got [true]"),
+        ('["1"]', TypeError, 'got ["1"]'),
+        ("3", TypeError, "got 3"),
+        ('{"indices": [1]}', TypeError, "under 'labelled'"),
+    ],
+)
+def test_labelled_indices_file_errors_name_the_setting_and_file(tmp_path, content, error, message):
+    path = tmp_path / "labelled.json"
+    path.write_text(content)
+    with pytest.raises(error) as info:
+        read_labelled_indices(path, 10)
+    assert str(info.value).startswith(f"labelled_indices {path} ") and message in str(info.value)
+    with pytest.raises(FileNotFoundError, match="labelled_indices .*missing.json does not exist"):
+        read_labelled_indices(tmp_path / "missing.json", 10)
 
 
 def test_image_folder_and_coop_splits(tmp_path):

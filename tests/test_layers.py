@@ -1,4 +1,5 @@
-"""The package's layers import one way: dho_fast.kernels (a leaf) <- dho_fast.ops <- dho_fast.train / select.
+"""The package's layers import one way: dho_fast.kernels (a leaf) <- dho_fast.ops <- dho_fast.select <- dho_fast.train
+(only the active-learning loop uses selection; select never imports train).
 
 Read from the source files' import statements, and shown by fresh interpreters importing each layer first."""
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import dho_fast.ops
+import dho_fast.select
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = sys.stdlib_module_names
@@ -51,6 +53,11 @@ def test_train_and_select_use_only_the_public_op_api(layer):
                     assert not module.endswith(".cli"), f"{path.name} imports the CLI"
                     continue
                 names = {alias.name for alias in node.names}
+                if layer == "train" and module == "dho_fast.select":
+                    # The active-learning loop (train/active.py) picks its images through select's public API.
+                    private = names - set(dho_fast.select.__all__)
+                    assert not private, f"dho_fast/train/{path.name} imports private {private} of dho_fast.select"
+                    continue
                 if module == "dho_fast.ops.validation":
                     # The one vocabulary of argument errors (ValueError/TypeError, each message written once) is
                     # shared: its public checks, never its private helpers.

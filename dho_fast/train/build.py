@@ -1,6 +1,6 @@
 """Builds a run's pieces from its :class:`~dho_fast.train.config.TrainConfig`: splits, datasets, teacher, student."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,7 @@ from dho_fast.train.data import (
     load_classnames,
     load_coop_splits,
     load_image_folder_splits,
+    read_labelled_indices,
 )
 from dho_fast.train.students import Student, build_student
 from dho_fast.train.teacher import (
@@ -43,15 +44,21 @@ class RunData:
     unlabelled: np.ndarray
 
 
+def load_splits(config: TrainConfig) -> DatasetSplits:
+    """The train, val and test splits of ``config``'s ImageFolder trees or CoOp split json."""
+    if config.data_format == "imagefolder":
+        return load_image_folder_splits(config.train_dir, config.val_dir, config.test_dir)
+    return load_coop_splits(config.split_json, config.image_root)
+
+
 def build_data(config: TrainConfig) -> RunData:
     """Reads the splits and selects the labelled set (the rest of the train pool is unlabelled)."""
-    if config.data_format == "imagefolder":
-        splits = load_image_folder_splits(config.train_dir, config.val_dir, config.test_dir)
-    else:
-        splits = load_coop_splits(config.split_json, config.image_root)
+    splits = load_splits(config)
     labels = splits.train_labels()
     if config.shots is not None:
         labelled = k_shot_indices(labels, config.shots, config.split_seed)
+    elif config.labelled_indices is not None:
+        labelled = read_labelled_indices(config.labelled_indices, len(labels))
     else:
         labelled = class_balanced_indices(
             labels, fraction=config.labelled_fraction, num_labelled=config.num_labelled, seed=config.split_seed
@@ -72,14 +79,7 @@ def build_teacher(config: TrainConfig, classnames: Sequence[str], num_train: int
     ensemble, a Tip-Adapter-F checkpoint on an open_clip image encoder, or a file of precomputed logits."""
     if config.teacher == "logits":
         return LogitsTeacher.from_file(config.teacher_logits, num_train, len(classnames)).to(device)
-    precision = teacher_precision(config, device)
-    model, tokenizer, preprocess = create_open_clip(
-        config.teacher_arch,
-        config.teacher_pretrained,
-        device=device,
-        precision=precision,
-        model_config=config.open_clip_config,
-    )
+    model, tokenizer, preprocess, input_dtype = build_teacher_model(config, device)
     if config.teacher == "open_clip":
         templates = prompt_templates(config.teacher_templates)
         head = ZeroShotHead(class_text_embeddings(model, tokenizer, classnames, templates, device=device))
@@ -91,9 +91,24 @@ def build_teacher(config: TrainConfig, classnames: Sequence[str], num_train: int
             raise ValueError(
                 f"tip_adapter_checkpoint has {head.clip_weights.shape[1]} classes, the dataset {len(classnames)}"
             )
+    return ClipTeacher(model, head, preprocess, input_dtype).to(device)
+
+
+def build_teacher_model(config: TrainConfig, device: torch.device) -> tuple[nn.Module, Callable, dict, torch.dtype]:
+    """The open_clip model of the teacher settings (``teacher_arch``, ``teacher_pretrained``, ``teacher_precision``,
+    ``open_clip_config``) on ``device``: the model, its tokenizer, its preprocessing settings and the dtype its
+    image encoder takes."""
+    precision = teacher_precision(config, device)
+    model, tokenizer, preprocess = create_open_clip(
+        config.teacher_arch,
+        config.teacher_pretrained,
+        device=device,
+        precision=precision,
+        model_config=config.open_clip_config,
+    )
     import open_clip
 
-    return ClipTeacher(model, head, preprocess, open_clip.get_input_dtype(precision) or torch.float32).to(device)
+    return model, tokenizer, preprocess, open_clip.get_input_dtype(precision) or torch.float32
 
 
 def build_run_student(

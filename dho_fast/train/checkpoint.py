@@ -27,6 +27,7 @@ import pickle
 import random
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,14 +78,30 @@ def save_atomic(state: dict, path: str | Path) -> None:
     to a temporary file beside ``path``, flushes it to disk, then renames it over ``path``: a reader (or a run killed
     mid-write) sees the old checkpoint or the new one, never a torn file. A killed write leaves its temporary file
     behind; :func:`remove_stale_temp_files` removes it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     stamped = {**state, "format": FORMAT, "version": VERSION}
     stamped["sha256"] = content_sha256(stamped)
+
+    def write(f: BinaryIO) -> None:
+        with torch.utils.serialization.config.patch({"save.compute_crc32": True}):
+            torch.save(stamped, f)
+
+    _write_atomic(path, write)
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` as :func:`save_atomic` writes a checkpoint: a reader sees the old file or
+    the new one, never a torn one (a log rewritten every round, a round's labelled set)."""
+    _write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def _write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, flushed to disk, then renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     try:
-        with open(tmp, "wb") as f, torch.utils.serialization.config.patch({"save.compute_crc32": True}):
-            torch.save(stamped, f)
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

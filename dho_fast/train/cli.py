@@ -1,10 +1,12 @@
-"""``dho-fast``: ``train`` a student from a YAML config and flags, ``eval`` a checkpoint.
+"""``dho-fast``: ``train`` a student from a YAML config and flags, ``eval`` a checkpoint, ``active`` learning.
 
 Every setting of :class:`~dho_fast.train.config.TrainConfig` is a flag (``lr`` is ``--lr``, ``train_dir`` is
 ``--train-dir``; ``none`` unsets an optional one); flags override the YAML file given with ``--config``. A boolean
 setting is a switch without a value (``--hflip`` / ``--no-hflip``): ``--hflip false`` is refused, as argparse
 refuses any stray word, so no string is ever read as a boolean.
-Multi-GPU: ``torchrun --nproc_per_node 8 -m dho_fast.train.cli train --config ...``.
+``active --config FILE`` takes a few flags of the loop's top-level settings (``--resume``, ``--output-dir``,
+``--strategy``, ``--rounds``, ``--budget``, ``--seed``, ``--no-progress``); its train settings come from the file.
+Multi-GPU (``train``): ``torchrun --nproc_per_node 8 -m dho_fast.train.cli train --config ...``.
 """
 
 import argparse
@@ -50,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("val", "test"), default="test")
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     _add_setting_flags(evaluate)
+    active = commands.add_parser("active", help="active learning (ActiveKD): rounds of selection and DHO training")
+    active.add_argument("--config", required=True, help="YAML file of active settings and train: (configs/active_*)")
+    active.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue a killed run")
+    active.add_argument("--output-dir", dest="output_dir", default=argparse.SUPPRESS)
+    active.add_argument("--strategy", default=argparse.SUPPRESS)
+    active.add_argument("--rounds", type=int, default=argparse.SUPPRESS)
+    active.add_argument("--budget", type=_optional(int), default=argparse.SUPPRESS)
+    active.add_argument("--seed", type=int, default=argparse.SUPPRESS)
+    active.add_argument("--progress", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
     return parser
 
 
@@ -80,6 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if result.test:
                 _print_metrics("test", result.test)
             print(f"checkpoint: {result.checkpoint}")
+        elif args.command == "active":
+            from dho_fast.train.active import LOG_NAME, run_active
+            from dho_fast.train.active_config import load_active_config
+
+            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+            config = load_active_config(args.config, overrides)
+            run_active(config)
+            print(f"log: {os.path.join(config.output_dir, LOG_NAME)}.csv")
         else:
             from dho_fast.train.eval_checkpoint import evaluate_checkpoint
 

@@ -6,7 +6,8 @@ A setting is checked in three stages, each naming the key, what it takes and the
    ``true``/``false``; a quoted ``"false"`` or ``"no"`` is a string and refused), ``int`` takes integers but not
    booleans or ``1.5``, ``float`` takes integers and floats but not strings (``"0.1"``), ``tuple[float, float]``
    a list of exactly two numbers and ``tuple[float, ...]`` a list of numbers (stored as tuples of floats), a
-   ``Literal`` one of its strings, and ``X | None`` also ``None`` (YAML ``null``, the flag value ``none``).
+   ``Literal`` one of its strings, ``dict`` a mapping (the active loop's ``train`` settings, checked by this class),
+   and ``X | None`` also ``None`` (YAML ``null``, the flag value ``none``).
    A wrong type raises :class:`InputTypeError` (a ``TypeError``), a string outside a ``Literal``'s choices a
    ``ValueError`` that lists them.
 2. Every number's range (``RANGES``): finite, since NaN is in no interval and an open ``inf`` end excludes ``inf``.
@@ -22,6 +23,8 @@ from typing import Any, Literal
 
 # Keys of earlier releases: ce_weight / kd_weight now name the heads' matrices only.
 RENAMED_KEYS = {"ce_weight": "ce_loss_weight", "kd_weight": "kd_loss_weight"}
+# The four ways to choose the labelled set, of which a config sets exactly one.
+LABELLED_SET_SETTINGS = ("labelled_fraction", "num_labelled", "shots", "labelled_indices")
 # Settings that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "log_every", "tensorboard", "progress", "eval_batch_size"})
 
@@ -91,10 +94,12 @@ class TrainConfig:
     split_json: str | None = None
     image_root: str | None = None
     classnames: str | None = None  # "imagenet" (open_clip's names), a text file with one name a line, or folder names
-    # The labelled set: exactly one of a class-balanced fraction, a class-balanced total, or k shots per class.
+    # The labelled set: exactly one of a class-balanced fraction, a class-balanced total, k shots per class, or a
+    # file of train indices (a JSON list, or an object whose "labelled" key holds one, as the active loop writes).
     labelled_fraction: float | None = None
     num_labelled: int | None = None
     shots: int | None = None
+    labelled_indices: str | None = None
     split_seed: int = 1
     image_mode: Literal["RGB", "L"] = "RGB"
     student_size: int = 224
@@ -162,29 +167,20 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, conform(f.name, hints[f.name], getattr(self, f.name)))
+        conform_fields(self)
         self.validate()
 
     def validate(self) -> None:
         """Raises ValueError naming the first number out of its range (``RANGES``) or setting inconsistent with
         the others. The types were checked on construction."""
-        for name, interval in RANGES.items():
-            value = getattr(self, name)
-            values = value if isinstance(value, tuple) else (value,)
-            if value is not None and not all(_in_interval(v, interval) for v in values):
-                subject = f"every value of {name}" if isinstance(value, tuple) else name
-                raise ValueError(f"{subject} must be in {interval}, got {value!r}")
+        check_ranges(self, RANGES)
         if self.data_format == "imagefolder" and not self.train_dir:
             raise ValueError("train_dir is required when data_format is 'imagefolder'")
         if self.data_format == "coop" and not (self.split_json and self.image_root):
             raise ValueError("split_json and image_root are required when data_format is 'coop'")
-        chosen = [n for n in ("labelled_fraction", "num_labelled", "shots") if getattr(self, n) is not None]
+        chosen = [n for n in LABELLED_SET_SETTINGS if getattr(self, n) is not None]
         if len(chosen) != 1:
-            raise ValueError(
-                f"exactly one of labelled_fraction, num_labelled, shots must be set, got {chosen or 'none'}"
-            )
+            raise ValueError(f"exactly one of {', '.join(LABELLED_SET_SETTINGS)} must be set, got {chosen or 'none'}")
         if self.epochs is None and self.max_steps is None:
             raise ValueError("max_steps must be set when epochs is None (no limit on epochs)")
         if self.method != "ce" and self.unlabelled_batch_size == 0 and self.labelled_fraction != 1:
@@ -213,12 +209,36 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """Builds a config from plain values (lists for tuples); unknown keys are an error that lists them."""
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            renamed = [f"{key} is now {RENAMED_KEYS[key]}" for key in unknown if key in RENAMED_KEYS]
-            hint = f" ({'; '.join(renamed)})" if renamed else ""
-            raise ValueError(f"unknown config keys {unknown}{hint}")
+        check_keys(cls, values, RENAMED_KEYS)
         return cls(**values)
+
+
+def conform_fields(settings: Any) -> None:
+    """Conforms every field of the dataclass instance ``settings`` to its type hint in place (:func:`conform`)."""
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        setattr(settings, f.name, conform(f.name, hints[f.name], getattr(settings, f.name)))
+
+
+def check_ranges(settings: Any, ranges: dict[str, str]) -> None:
+    """Raises ValueError naming the first number setting of ``settings`` outside its interval in ``ranges``
+    (``"(0, 1]"``, ``"[0, inf)"``; every value of a tuple setting); None is not checked."""
+    for name, interval in ranges.items():
+        value = getattr(settings, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if value is not None and not all(_in_interval(v, interval) for v in values):
+            subject = f"every value of {name}" if isinstance(value, tuple) else name
+            raise ValueError(f"{subject} must be in {interval}, got {value!r}")
+
+
+def check_keys(cls: type, values: dict[str, Any], renamed: dict[str, str] | None = None) -> None:
+    """Raises ValueError listing the keys of ``values`` that are no field of the dataclass ``cls`` (with the new
+    names of ``renamed`` ones)."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        hints = [f"{key} is now {renamed[key]}" for key in unknown if key in (renamed or {})]
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise ValueError(f"unknown config keys {unknown}{hint}")
 
 
 def conform(name: str, hint: Any, value: Any) -> Any:
@@ -259,19 +279,22 @@ def field_types() -> dict[str, type]:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A YAML file of settings (optional), then ``overrides`` on top of it; checked as a whole."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        import yaml
+    return TrainConfig.from_dict({**read_yaml_settings(path), **(overrides or {})})
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping of settings, got {type(loaded).__name__}")
-        values.update(loaded)
-    values.update(overrides or {})
-    return TrainConfig.from_dict(values)
+
+def read_yaml_settings(path: str | Path | None) -> dict[str, Any]:
+    """The mapping of settings in the YAML file ``path`` (an empty one for None or an empty file), unchecked."""
+    if path is None:
+        return {}
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings, got {type(loaded).__name__}")
+    return loaded
 
 
 def _without_none(hint: Any) -> tuple[Any, bool]:
@@ -289,6 +312,8 @@ def _is_number(value: Any) -> bool:
 def _is_instance(value: Any, kind: Any) -> bool:
     if kind is bool or kind is str:
         return isinstance(value, kind)
+    if typing.get_origin(kind) is dict:
+        return isinstance(value, dict)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind is float:
@@ -298,15 +323,17 @@ def _is_instance(value: Any, kind: Any) -> bool:
             return False
         args = typing.get_args(kind)
         return (args[-1] is Ellipsis or len(value) == len(args)) and all(_is_number(v) for v in value)
-    # Every field's type is one of the above: TrainConfig() conforms each default, so a new field of another type fails
+    # Every field's type is one of the above: a config conforms each default, so a new field of another type fails
     # every test until it gets its check here.
-    raise TypeError(f"TrainConfig has a field of type {kind}, which _is_instance cannot check")
+    raise TypeError(f"a config has a field of type {kind}, which _is_instance cannot check")
 
 
 def _describe(kind: Any) -> str:
     if typing.get_origin(kind) is tuple:
         args = typing.get_args(kind)
         return "a list of numbers" if args[-1] is Ellipsis else f"a list of {len(args)} numbers"
+    if typing.get_origin(kind) is dict:
+        return "a mapping of settings"
     return {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}[kind]
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dho_fast.train.config import InputTypeError
+
 IGNORE_INDEX = -100
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -188,6 +190,48 @@ def class_balanced_indices(
             raise ValueError(f"class {c} has {len(members)} images, fewer than its {k} labelled images")
         chosen.append(rng.choice(members, k, replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def read_labelled_indices(path: str | Path, num_train: int) -> np.ndarray:
+    """The labelled set of the setting ``labelled_indices``: a JSON file holding a list of train-pool indices, or an
+    object whose ``"labelled"`` key holds one (the active loop's ``round_XX/labelled.json``). Returns them sorted,
+    int64 (N,).
+
+    Raises FileNotFoundError when ``path`` is missing, InputTypeError (a TypeError) when the file holds anything but
+    a list of integers, ValueError when it is not JSON, the list is empty, an index is outside ``[0, num_train)``
+    or repeats; every message starts with the setting and the file.
+    """
+    source = f"labelled_indices {path}"
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{source} does not exist")
+    try:
+        content = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{source} is not a JSON file: {error}") from None
+    if isinstance(content, dict) and "labelled" in content:
+        content = content["labelled"]
+    # bool is an int to Python, not an index.
+    if not isinstance(content, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in content):
+        raise InputTypeError(
+            f"{source} must hold a JSON list of integer train indices (or an object with one under 'labelled'), "
+            f"got {_preview(content)}"
+        )
+    if not content:
+        raise ValueError(f"{source} holds an empty list: the labelled set needs at least one image")
+    indices = np.array(content, dtype=np.int64)
+    outside = indices[(indices < 0) | (indices >= num_train)]
+    if len(outside):
+        raise ValueError(f"{source} holds index {outside[0]}, outside the train pool's range [0, {num_train})")
+    values, counts = np.unique(indices, return_counts=True)
+    if len(values) < len(indices):
+        raise ValueError(f"{source} lists index {values[counts > 1][0]} more than once: indices must be distinct")
+    return values
+
+
+def _preview(value: object, limit: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def complement(indices: np.ndarray, size: int) -> np.ndarray:

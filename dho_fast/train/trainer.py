@@ -126,6 +126,12 @@ class _Trainer:
                 f"cannot resume: teacher_logits {self.config.teacher_logits} changed since {self.ckpt_path} was "
                 f"written (SHA-256 {self._teacher_logits_sha256()}, the checkpoint's {state['teacher_logits_sha256']})"
             )
+        # Equal settings can still name a labelled_indices file whose contents changed.
+        if not torch.equal(state["labelled"], torch.from_numpy(self.data.labelled)):
+            raise ValueError(
+                f"cannot resume: the labelled set ({len(self.data.labelled)} images) differs from the one "
+                f"{self.ckpt_path} was trained on ({len(state['labelled'])} images)"
+            )
         self.student.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
