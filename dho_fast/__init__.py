@@ -1,6 +1,8 @@
-"""dho_fast: fused dual-head distillation losses for DHO (semi-supervised KD from vision-language models).
+"""dho_fast: fused dual-head distillation losses for DHO (semi-supervised KD from vision-language models) and the
+k-center step of ActiveKD's selection.
 
-The public API, re-exported from :mod:`dho_fast.ops`; the trainer and CLI are :mod:`dho_fast.train`, the Triton
+The public ops, re-exported from :mod:`dho_fast.ops`; active selection (PCoreSet and its baselines) is
+:mod:`dho_fast.select`, the trainer, the active-learning loop and the CLI are :mod:`dho_fast.train`, the Triton
 kernels :mod:`dho_fast.kernels`.
 """
 
@@ -10,6 +12,7 @@ from dho_fast.ops import (
     dual_head_predict,
     fused_dual_head_loss,
     fused_linear_dual_head_loss,
+    kcenter_update,
     reference,
     search_alpha_beta,
 )
@@ -20,6 +23,7 @@ __all__ = [
     "dual_head_predict",
     "fused_dual_head_loss",
     "fused_linear_dual_head_loss",
+    "kcenter_update",
     "reference",
     "search_alpha_beta",
 ]
