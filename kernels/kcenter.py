@@ -2,7 +2,7 @@
 (the contract is dho_fast.ops.kcenter.kcenter_update's).
 
 ``min_sq_dist[i] = min(min_sq_dist[i], min_k sum_c (points[i, c] - centres[k, c])^2)`` for entries >= 0, then the
-first maximum of the result. Two launches:
+first maximum of the result; the rows of picked points (entries < 0) are not read. Two launches:
 
 1. ``_rows_kernel`` (one program per block of BLOCK_N rows): for each chunk of BLOCK_K centres, loops over the
    columns in tiles, loads a (BLOCK_N, BLOCK_C) tile of points once and takes its float32 squared differences to
@@ -53,19 +53,23 @@ def _add_tile(sq_dist, point_tile, centre_tile, point_mask, centre_mask):
 def _rows_kernel(points_ptr, centres_ptr, dist_ptr, best_ptr, best_row_ptr, bad_row_ptr, num_rows, num_cols,
                  num_centres, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
                  ROW_ALIGN: tl.constexpr):  # fmt: skip
-    """Rows [pid BLOCK_N, (pid + 1) BLOCK_N): their updated min_sq_dist (bad rows unchanged); best[pid] = the largest
-    updated entry >= 0 (-inf if none), best_row[pid] its first row (-1 if none), bad_row[pid] the first row whose
-    squared distance to a centre is not finite (num_rows if none). ROW_ALIGN: a power of two dividing num_cols."""
+    """Rows [pid BLOCK_N, (pid + 1) BLOCK_N): their updated min_sq_dist (bad and picked rows unchanged); best[pid] =
+    the largest updated entry >= 0 (-inf if none), best_row[pid] its first row (-1 if none), bad_row[pid] the first
+    unpicked row whose squared distance to a centre is not finite (num_rows if none). ROW_ALIGN: a power of two
+    dividing num_cols."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_rows = rows < num_rows
     current = tl.load(dist_ptr + rows, mask=in_rows, other=-1.0)
+    # A picked point (entry < 0) is neither read nor written, as in the compiled kernels: masked loads of its row
+    # fetch nothing, and whatever the row holds (NaN included) is no error.
+    live = in_rows & ~(current < 0)
     bad = tl.zeros((BLOCK_N,), tl.int32)
     ks = tl.arange(0, BLOCK_K)
     cols = tl.arange(0, BLOCK_C)[None, None, :]
     # The alignment of each row lets the full tiles' loads be vectorised when C is not a multiple of 16 (C = 1000).
     point_rows = points_ptr + tl.multiple_of(rows * num_cols, ROW_ALIGN)[:, None, None]
-    point_mask = in_rows[:, None, None]
+    point_mask = live[:, None, None]
     # Full column tiles need no column mask (which would keep their loads scalar); the partial one comes last, so
     # every row sums its columns in the same order.
     full_cols = num_cols - num_cols % BLOCK_C
@@ -81,12 +85,11 @@ def _rows_kernel(points_ptr, centres_ptr, dist_ptr, best_ptr, best_row_ptr, bad_
             sq_dist = _add_tile(sq_dist, point_rows + full_cols + cols, centre_rows + full_cols + cols,
                                 point_mask & in_cols, centre_mask & in_cols)  # fmt: skip
         # Flagged before the minimum, which may drop a NaN.
-        not_finite = ~(sq_dist < float("inf")) & in_centres
+        not_finite = ~(sq_dist < float("inf")) & in_centres & live[:, None]
         bad = tl.maximum(bad, tl.max(not_finite.to(tl.int32), 1))
         nearest = tl.min(tl.where(in_centres, sq_dist, float("inf")), 1)
-        # A picked entry (< 0) is below every distance, so the minimum leaves it as it is.
         current = tl.minimum(current, nearest)
-    good = in_rows & (bad == 0)
+    good = live & (bad == 0)
     tl.store(dist_ptr + rows, current, mask=good)
     candidate = tl.where(good & (current >= 0), current, float("-inf"))
     best, pos = tl.max(candidate, 0, return_indices=True, return_indices_tie_break_left=True)
