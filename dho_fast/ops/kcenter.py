@@ -19,7 +19,8 @@ def kcenter_update(
         min_sq_dist: (N,) float32 on that device, updated in place:
             ``min_sq_dist[i] = min(min_sq_dist[i], min_k sum_c (points[i, c] - centres[k, c])^2)``, the sum taken in
             float32 over bf16 values converted exactly. An entry below 0 marks a point already picked: it is left
-            as it is and never returned, and its row is not read. Start a pool at ``+inf``; NaN is a ValueError.
+            as it is and never returned, and its row is not read. Start a pool at ``+inf``; NaN is a ValueError
+            (not checked under torch.compile).
         backend: "auto", "cpu", "cuda", "triton" or "reference"; None reads ``$DHO_FAST_BACKEND`` (see
             dho_fast.ops.backends).
 

@@ -340,8 +340,9 @@ def check_kcenter_args(points: torch.Tensor, centres: torch.Tensor, min_sq_dist:
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
     # Backends would disagree on a NaN minimum (a maximum to torch.max, skipped by the kernels): refuse it, at the
-    # cost of one read of N floats beside the N x C of the points. Meta and traced tensors have no values to check.
-    if min_sq_dist.device.type != "meta" and not _traced(min_sq_dist):
+    # cost of one read of N floats beside the N x C of the points. Meta and traced tensors have no values to check,
+    # and under torch.compile the check would be a data-dependent branch.
+    if min_sq_dist.device.type != "meta" and not _traced(min_sq_dist) and not torch.compiler.is_compiling():
         bad = min_sq_dist.isnan().nonzero()
         if bad.numel():
             raise ValueError(f"min_sq_dist must not hold NaN (+inf, a distance, or < 0 for a picked point), got NaN "
