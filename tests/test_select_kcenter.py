@@ -135,18 +135,22 @@ def confident_blends(n: int, c: int, classes: torch.Tensor | None = None) -> tor
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_rows", [None, 97])
 def test_pruning_reads_fewer_rows_and_picks_the_same(dtype, chunk_rows):
-    """One labelled point per class (ActiveKD's start): the triangle-inequality test must skip rows, and the picks
-    must be those of the unpruned greedy, bit for bit, near ties included (continuous inputs)."""
-    pool = confident_blends(2000, 20).to(dtype)
-    labelled = confident_blends(20, 20, torch.arange(20)).to(dtype)
+    """One labelled point per class and a budget of 6 per class: the triangle-inequality test must skip rows, and the
+    picks must be those of the unpruned greedy, bit for bit, near ties included (continuous inputs)."""
+    pool = confident_blends(2000, 10).to(dtype)
+    labelled = confident_blends(10, 10, torch.arange(10)).to(dtype)
     pruned, dense = KCenterStats(), KCenterStats()
     picks = greedy_kcenter(pool, labelled, 60, chunk_rows=chunk_rows, stats=pruned)
     unpruned = greedy_kcenter(pool, labelled, 60, chunk_rows=chunk_rows, prune=False, stats=dense)
     assert torch.equal(picks, unpruned)
     assert_greedy(picks, pool, labelled)
-    assert pruned.passes == 20 + 59 and dense.passes == 1 + 59  # labelled centres one by one when pruning
+    assert pruned.passes == 10 + 59 and dense.passes == 1 + 59  # labelled centres one by one when pruning
     assert pruned.rows_read < 0.5 * pruned.passes * 2000, pruned
     assert dense.rows_read == dense.passes * 2000
+    # Fewer than 4 picks per labelled centre: the blocked passes without pruning.
+    few = KCenterStats()
+    assert torch.equal(greedy_kcenter(pool, labelled, 39, chunk_rows=chunk_rows, stats=few), picks[:39])
+    assert few.passes == 1 + 38
 
 
 def test_pruning_slack_covers_rounding_and_turns_off_when_float32_is_too_coarse():
