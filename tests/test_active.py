@@ -22,7 +22,7 @@ from trainer_fixtures import register_tiny_clip, run_settings, tiny_clip_config
 from dho_fast.select import STRATEGIES
 from dho_fast.select import random as random_picks
 from dho_fast.train import checkpoint, cli
-from dho_fast.train.active import pool_subsample, read_labelled, round_seed, run_active
+from dho_fast.train.active import CLAP_STREAM, pool_subsample, read_labelled, round_seed, run_active
 from dho_fast.train.active_config import ActiveConfig, load_active_config
 from dho_fast.train.build import build_run_student, eval_dataset, load_splits
 from dho_fast.train.clap import fit_clap, mean_text_embeddings, write_teacher_logits
@@ -211,7 +211,8 @@ def test_clap_refit_at_the_start_of_every_round(trees, tmp_path):
     for r in range(2):
         labelled = read_labelled(config.round_dir(r))["labelled"]
         samples = [splits.train[i] for i in labelled]
-        head = fit_clap(model, preprocess, text_means, samples, epochs=2, batch_size=4, seed=round_seed(config.seed, r))
+        seed = round_seed(config.seed, r, CLAP_STREAM)
+        head = fit_clap(model, preprocess, text_means, samples, epochs=2, batch_size=4, seed=seed)
         want = write_teacher_logits(ClipTeacher(model, head, preprocess), splits.train, tmp_path / f"want{r}.pt")
         path = config.round_dir(r) / "teacher_logits.pt"
         torch.testing.assert_close(torch.load(path, weights_only=True)["logits"], want)

@@ -205,9 +205,9 @@ def test_bad_fit_and_write_arguments_are_named(tiny_clip, text_means, labelled, 
     stray = [*labelled[:2], Sample(labelled[0].path, 5)]
     with pytest.raises(ValueError, match=r"samples\[2\] \(.*\) has label 5, outside the 5 classes of text_means"):
         fit_clap(model, preprocess, text_means, stray)
-    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="epochs must be an int64 >= 1, got 0"):
         fit_clap(model, preprocess, text_means, labelled, epochs=0)
-    with pytest.raises(TypeError, match="batch_size must be an int, got a float"):
+    with pytest.raises(TypeError, match="batch_size must be an int >= 1, got float"):
         fit_clap(model, preprocess, text_means, labelled, batch_size=8.0)
     with pytest.raises(TypeError, match="text_means must be a float tensor"):
         fit_clap(model, preprocess, text_means.long(), labelled)

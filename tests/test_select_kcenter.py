@@ -307,6 +307,12 @@ def _rank(rank: int, world_size: int, port: int, inputs: str, cuts: list[int], o
             select = coreset if case["strategy"] == "coreset" else pcoreset
             results.append(select(shard, case["labelled"], case["budget"], chunk_rows=case["chunk_rows"],
                                   group=dist.group.WORLD))  # fmt: skip
+        # Rank 1's shard of the wrong dtype: both ranks raise (none waits in a collective for ever).
+        shard = torch.rand(5, 3, dtype=torch.float64 if rank == 1 else torch.float32)
+        try:
+            pcoreset(shard, torch.rand(1, 3), 2, group=dist.group.WORLD)
+        except (TypeError, ValueError) as error:
+            results.append(f"{type(error).__name__}: {error}")
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -328,6 +334,8 @@ def test_two_gloo_ranks_pick_what_one_process_picks(tmp_path):
     cuts = [0, 53, n]
     mp.spawn(_rank, args=(2, _free_port(), str(tmp_path / "cases.pt"), cuts, out), nprocs=2)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert ranks[0][-1] == "ValueError: the arguments of ranks [1] of group are invalid (each of them raised why)"
+    assert ranks[1][-1].startswith("TypeError: pool_probs must be a tensor")
     for i, case in enumerate(cases):
         select = coreset if case["strategy"] == "coreset" else pcoreset
         single = select(case["pool"], case["labelled"], case["budget"])

@@ -118,8 +118,9 @@ def badge(
         for start in range(0, n, rows):
             pc, fc = pool_probs[start : start + rows].to(work), pool_features[start : start + rows].to(work)
             yc = y[start : start + rows]
-            aa = (yc == yj).double() - pc[:, yj].double() - pj[yc].double() + (pc @ pj).double()
-            d2 = (sq_g[start : start + rows] + sq_g[pick] - 2 * aa * (fc @ fj).double()).clamp_min_(0)
+            # Dot products in float64: a near-duplicate of a pick must come out at ~0, not at float32's cancellation.
+            aa = (yc == yj).double() - pc[:, yj].double() - pj[yc].double() + pc.double() @ pj.double()
+            d2 = (sq_g[start : start + rows] + sq_g[pick] - 2 * aa * (fc.double() @ fj.double())).clamp_min_(0)
             min_d2[start : start + rows] = torch.minimum(min_d2[start : start + rows], d2)
         weights = min_d2.masked_fill(picked, 0)
         if not bool((weights > 0).any()):

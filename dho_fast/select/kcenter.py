@@ -45,6 +45,8 @@ CENTRE_BLOCK_ELEMENTS = 1 << 16
 #: Pruning runs when the budget is at least this many times the labelled centres (below, their one-at-a-time passes
 #: cost more than pruning saves the picks).
 PRUNE_PICKS_PER_CENTRE = 4
+#: Smallest running minimum pruning may skip (below, float32's rounding of the squares is no longer relative).
+PRUNE_MIN_SQ_DIST = 2.0**-100
 
 
 def centre_block_rows(cols: int) -> int:
@@ -125,7 +127,9 @@ class _Shard:
         if k:
             to_centres = torch.full((k,), math.inf, dtype=torch.float32, device=dist.device)
             kcenter_update(self.centres[:k], centre, to_centres, backend=self.backend)
-            pruned = (self.nearest >= 0) & (dist >= 0) & (to_centres[self.nearest.clamp(min=0)] >= self.slack * dist)
+            # Minima below 2^-100 are not pruned: there the squares' underflow breaks the relative rounding bound.
+            pruned = (self.nearest >= 0) & (dist >= PRUNE_MIN_SQ_DIST)
+            pruned &= to_centres[self.nearest.clamp(min=0)] >= self.slack * dist
         self.centres[k] = centre[0]
         self.num_centres += 1
         before = dist.clone()
@@ -260,16 +264,29 @@ def greedy_kcenter(
     Errors: a NaN, an inf or a value too large for float32 squared distances (:func:`magnitude_limit`) is a
     ``ValueError`` naming the first bad row of the whole pool, raised on every rank.
     """
-    _check_inputs(points, centres, names)
-    if chunk_rows is not None:
-        check_int("chunk_rows", chunk_rows, ">= 1 (or None)", lambda v: v >= 1)
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
-    check_int("budget", budget)
-    n, c = points.shape
-    ranks = _Ranks(group, points.device)
-    table = ranks.gather_ints([n, c, budget, centres.shape[0]])
+    # A rank with bad arguments must not leave the others waiting in a collective: every rank learns of it.
+    try:
+        _check_inputs(points, centres, names)
+        if chunk_rows is not None:
+            check_int("chunk_rows", chunk_rows, ">= 1 (or None)", lambda v: v >= 1)
+        check_int("budget", budget)
+        error = None
+    except (TypeError, ValueError) as raised:
+        error = raised
+    device = points.device if isinstance(points, torch.Tensor) else torch.device("cpu")
+    ranks = _Ranks(group, device)
+    layout = [-1, -1, -1, -1] if error else [points.shape[0], points.shape[1], budget, centres.shape[0]]
+    table = ranks.gather_ints([int(error is not None), *layout])
+    if error is not None:
+        raise error
+    bad_ranks = table[:, 0].nonzero().squeeze(1).tolist()
+    if bad_ranks:
+        raise ValueError(f"the arguments of ranks {bad_ranks} of group are invalid (each of them raised why)")
+    table = table[:, 1:]
     _check_layout(table, names)
+    n, c = points.shape
     total, offset = int(table[:, 0].sum()), int(table[: ranks.rank, 0].sum())
     check_budget(budget, total)
     min_sq_dist = torch.full((n,), math.inf, dtype=torch.float32, device=points.device)

@@ -16,7 +16,8 @@ Run folder (``output_dir``):
 A round is finished, and recorded, once its student is trained, tested and, unless it is the last round, has picked
 the next round's images (written as ``round_{XX+1}/labelled.json`` before the record). A resumed run skips the
 recorded rounds, continues a round killed in training from the trainer's checkpoint, and recomputes a selection that
-was killed from the trained student: the labelled sets and the log's accuracies are those of an uninterrupted run.
+was killed from the trained student: the labelled sets and the log's accuracies are those of an uninterrupted run
+(on the CPU; on a GPU a non-deterministic kernel could make a recomputed selection differ).
 """
 
 import csv
@@ -45,7 +46,7 @@ SETTINGS_NAME = "active_settings.json"
 LOG_NAME = "active_log"
 TEACHER_LOGITS_NAME = "teacher_logits.pt"
 # Streams of the run's seed, so the pool subsample and each round's selection draw independent numbers.
-POOL_STREAM, SELECT_STREAM = 0, 1
+POOL_STREAM, SELECT_STREAM, CLAP_STREAM = 0, 1, 2
 
 
 def run_active(config: ActiveConfig) -> list[dict]:
@@ -72,9 +73,10 @@ def pool_subsample(num_train: int, initial: np.ndarray, pool_size: int | None, s
     return np.sort(np.random.default_rng([seed, POOL_STREAM]).choice(rest, pool_size, replace=False))
 
 
-def round_seed(seed: int, round_index: int) -> int:
-    """The seed of round ``round_index``'s selection (random, badge, class_balanced draw from it)."""
-    return int(np.random.SeedSequence([seed, SELECT_STREAM, round_index]).generate_state(1)[0])
+def round_seed(seed: int, round_index: int, stream: int = SELECT_STREAM) -> int:
+    """The seed of round ``round_index``'s draws of ``stream``: its selection (random, badge, class_balanced draw
+    from it) or its CLAP refit."""
+    return int(np.random.SeedSequence([seed, stream, round_index]).generate_state(1)[0])
 
 
 def read_labelled(folder: Path) -> dict:
@@ -225,7 +227,7 @@ class _ActiveRun:
             batch_size=config.clap_batch_size,
             lr=config.clap_lr,
             momentum=config.clap_momentum,
-            seed=round_seed(config.seed, round_index),
+            seed=round_seed(config.seed, round_index, CLAP_STREAM),
             device=self.device,
             input_dtype=input_dtype,
             num_workers=train_config.num_workers,

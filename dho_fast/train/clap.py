@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dho_fast.ops.validation import check_int
 from dho_fast.train.checkpoint import save_atomic
 from dho_fast.train.data import ImageDataset, Sample
 from dho_fast.train.schedule import build_scheduler
@@ -181,13 +182,6 @@ def _check_samples(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
     return labels
 
 
-def _check_count(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got a {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
 def _draws(num_images: int, rows_per_step: int, steps: int, seed: int) -> Iterator[list[tuple[int, int, bool]]]:
     """``steps`` batches of ``(index, draw_seed, True)`` keys of :class:`~dho_fast.train.data.ImageDataset`: seeded
     permutations of ``range(num_images)`` one after another, cut into ``rows_per_step`` rows, each with its own crop
@@ -236,8 +230,8 @@ def fit_clap(
     ``batch_size`` (fewer rows when ``epochs * len(samples)`` is smaller), ``epochs * len(samples) // batch_size``
     steps, the last partial batch dropped (module docstring). The same ``seed`` gives the same P.
     """
-    _check_count(epochs, "epochs")
-    _check_count(batch_size, "batch_size")
+    check_int("epochs", epochs, ">= 1", lambda v: v >= 1)
+    check_int("batch_size", batch_size, ">= 1", lambda v: v >= 1)
     device = torch.device(device)
     text_means = _float_matrix(text_means, "text_means").to(device)
     labels = _check_samples(samples, text_means.shape[0]).to(device)
@@ -293,7 +287,7 @@ def write_teacher_logits(
     """
     if not isinstance(teacher, ClipTeacher):
         raise TypeError(f"teacher must be a ClipTeacher (it looks at images), got a {type(teacher).__name__}")
-    _check_count(batch_size, "batch_size")
+    check_int("batch_size", batch_size, ">= 1", lambda v: v >= 1)
     if len(samples) == 0:
         raise ValueError("samples must hold at least one image, got none")
     path = Path(path)
