@@ -30,7 +30,8 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _describe(t: torch.Tensor) -> str:
+def describe(t: torch.Tensor) -> str:
+    """``float32 of shape (4, 2) on cpu``: a tensor as the error messages name it."""
     return f"{str(t.dtype).removeprefix('torch.')} of shape {tuple(t.shape)} on {t.device}"
 
 
@@ -73,7 +74,7 @@ def check_loss_args(
     if not isinstance(ce_logits, torch.Tensor):
         raise _not_a_tensor("ce_logits", ce_logits, "of shape (N, C)")
     if ce_logits.dim() != 2 or ce_logits.shape[1] < 1:
-        raise ValueError(f"ce_logits must be a tensor of shape (N, C) with C >= 1, got {_describe(ce_logits)}")
+        raise ValueError(f"ce_logits must be a tensor of shape (N, C) with C >= 1, got {describe(ce_logits)}")
     _check_float_dtype("ce_logits", ce_logits)
     for name, t in (("kd_logits", kd_logits), ("teacher_logits", teacher_logits)):
         _check_like(name, t, "ce_logits", ce_logits, ce_logits.shape)
@@ -103,13 +104,13 @@ def check_linear_loss_args(
     if not isinstance(features, torch.Tensor):
         raise _not_a_tensor("features", features, "of shape (N, D)")
     if features.dim() != 2:
-        raise ValueError(f"features must be a tensor of shape (N, D), got {_describe(features)}")
+        raise ValueError(f"features must be a tensor of shape (N, D), got {describe(features)}")
     _check_float_dtype("features", features)
     n, d = features.shape
     if not isinstance(ce_weight, torch.Tensor):
         raise _not_a_tensor("ce_weight", ce_weight, f"of shape (C, {d})")
     if ce_weight.dim() != 2 or ce_weight.shape[0] < 1:
-        raise ValueError(f"ce_weight must be a tensor of shape (C, {d}) with C >= 1, got {_describe(ce_weight)}")
+        raise ValueError(f"ce_weight must be a tensor of shape (C, {d}) with C >= 1, got {describe(ce_weight)}")
     c = ce_weight.shape[0]
     _check_like("ce_weight", ce_weight, "features", features, (c, d))
     _check_like("kd_weight", kd_weight, "features", features, (c, d))
@@ -126,7 +127,7 @@ def check_linear_loss_args(
 
 def _check_float_dtype(name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {_describe(t)}")
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {describe(t)}")
 
 
 def _check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -135,9 +136,9 @@ def _check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, sh
         raise _not_a_tensor(name, t, f"of shape {tuple(shape)}")
     want = f"{str(ref.dtype).removeprefix('torch.')} of shape {tuple(shape)} on {ref.device} (as {ref_name})"
     if t.shape != shape or t.device != ref.device:
-        raise ValueError(f"{name} must be {want}, got {_describe(t)}")
+        raise ValueError(f"{name} must be {want}, got {describe(t)}")
     if t.dtype != ref.dtype:
-        raise TypeError(f"{name} must be {want}, got {_describe(t)}")
+        raise TypeError(f"{name} must be {want}, got {describe(t)}")
 
 
 def _check_labels(labels: torch.Tensor, n: int, device: torch.device) -> None:
@@ -145,9 +146,9 @@ def _check_labels(labels: torch.Tensor, n: int, device: torch.device) -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{want}, got {type(labels).__name__}")
     if labels.shape != (n,) or labels.device != device:
-        raise ValueError(f"{want}, got {_describe(labels)}")
+        raise ValueError(f"{want}, got {describe(labels)}")
     if labels.dtype != torch.int64:
-        raise TypeError(f"{want}, got {_describe(labels)}")
+        raise TypeError(f"{want}, got {describe(labels)}")
 
 
 def _check_loss_scalars(
@@ -301,7 +302,7 @@ def check_chunk_layout(
         if bias.dtype != t.dtype:
             raise TypeError(f"{name} must be {t.dtype} (as teacher_logits), got {bias.dtype}")
         if bias.shape != (c,) or bias.device != t.device or not bias.is_contiguous():
-            raise ValueError(f"{name} must be contiguous of shape ({c},) on {t.device}, got {_describe(bias)}")
+            raise ValueError(f"{name} must be contiguous of shape ({c},) on {t.device}, got {describe(bias)}")
 
 
 def check_chunk_labelled(ce_rows: int, chunk_labelled: int, num_labelled: int) -> None:
@@ -319,23 +320,23 @@ def check_kcenter_args(points: torch.Tensor, centres: torch.Tensor, min_sq_dist:
     if not isinstance(points, torch.Tensor):
         raise _not_a_tensor("points", points, "of shape (N, C)")
     if points.dim() != 2:
-        raise ValueError(f"points must be of shape (N, C), got {_describe(points)}")
+        raise ValueError(f"points must be of shape (N, C), got {describe(points)}")
     if points.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"points must be float32 or bfloat16, got {_describe(points)}")
+        raise TypeError(f"points must be float32 or bfloat16, got {describe(points)}")
     n, c = points.shape
     if not isinstance(centres, torch.Tensor):
         raise _not_a_tensor("centres", centres, f"of shape (K, {c})")
     if centres.dim() != 2 or centres.shape[0] < 1 or centres.shape[1] != c or centres.device != points.device:
-        raise ValueError(f"centres must be float32 of shape (K >= 1, {c}) on {points.device}, got {_describe(centres)}")
+        raise ValueError(f"centres must be float32 of shape (K >= 1, {c}) on {points.device}, got {describe(centres)}")
     if centres.dtype != torch.float32:
-        raise TypeError(f"centres must be float32 of shape (K, {c}), got {_describe(centres)}")
+        raise TypeError(f"centres must be float32 of shape (K, {c}), got {describe(centres)}")
     if not isinstance(min_sq_dist, torch.Tensor):
         raise _not_a_tensor("min_sq_dist", min_sq_dist, f"of shape ({n},)")
     if min_sq_dist.shape != (n,) or min_sq_dist.device != points.device:
         want = f"float32 of shape ({n},) on {points.device}"
-        raise ValueError(f"min_sq_dist must be {want}, got {_describe(min_sq_dist)}")
+        raise ValueError(f"min_sq_dist must be {want}, got {describe(min_sq_dist)}")
     if min_sq_dist.dtype != torch.float32:
-        raise TypeError(f"min_sq_dist must be float32 of shape ({n},), got {_describe(min_sq_dist)}")
+        raise TypeError(f"min_sq_dist must be float32 of shape ({n},), got {describe(min_sq_dist)}")
     for name, t in (("points", points), ("centres", centres), ("min_sq_dist", min_sq_dist)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")

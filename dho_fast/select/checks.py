@@ -3,14 +3,10 @@
 
 import torch
 
-from dho_fast.ops.validation import FLOAT_DTYPES, check_int
+from dho_fast.ops.validation import FLOAT_DTYPES, check_int, describe
 
 #: Elements read at once by the row checks of inputs too large to convert in one piece (e.g. memory-mapped pools).
 CHECK_ELEMENTS = 1 << 22
-
-
-def describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).removeprefix('torch.')} of shape {tuple(t.shape)} on {t.device}"
 
 
 def check_matrix(
