@@ -1,4 +1,4 @@
-# make demo | make demo-active | make test | make bench | make lint — each sets up what it needs (virtual
+# make demo | make demo-active | make study | make test | make bench | make lint — each sets up what it needs (virtual
 # environment, build) itself.
 
 VENV := $(CURDIR)/.venv
@@ -13,14 +13,17 @@ export PATH := $(VENV)/bin:$(PATH)
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 
-# Optimizer steps of each demo student; CI runs a short demo (DEMO_STEPS=20), the same code path.
-DEMO_STEPS ?= 200
+# A cap on each demo student's optimizer steps (none: the demo's full run); CI runs a short demo (DEMO_STEPS=20), the
+# same code path.
+DEMO_STEPS ?=
+# STUDY_QUICK=1: CI's few-step study (one seed), the same code path, written to build/study-quick.
+STUDY_QUICK ?=
 # The active-learning demo: selection rounds after the 1-shot start and steps of each round's student; CI runs a
 # short one (DEMO_ACTIVE_ROUNDS=1 DEMO_ACTIVE_STEPS=5), the same code path.
 DEMO_ACTIVE_ROUNDS ?= 5
 DEMO_ACTIVE_STEPS ?= 50
 
-.PHONY: install test test-python test-triton test-cpp demo demo-active bench lint
+.PHONY: install test test-python test-triton test-cpp demo demo-active study bench lint
 
 $(VENV)/.torch:
 	python3 -m venv $(VENV)
@@ -52,7 +55,7 @@ test-cpp: install
 
 demo: install
 	mkdir -p build
-	$(PY) demo/run_demo.py --steps $(DEMO_STEPS)
+	$(PY) demo/run_demo.py $(if $(DEMO_STEPS),--steps $(DEMO_STEPS))
 	$(PY) -m pytest bench/bench_fused_loss.py --benchmark-only -q -p no:logging \
 		--benchmark-json=build/bench-loss.json > build/bench-loss.log 2>&1 || (cat build/bench-loss.log; exit 1)
 	$(PY) bench/report.py build/bench-loss.json
@@ -61,6 +64,9 @@ demo-active: install
 	mkdir -p build
 	$(PY) demo/run_active.py --rounds $(DEMO_ACTIVE_ROUNDS) --steps $(DEMO_ACTIVE_STEPS) \
 		--json build/active-results.json --plot build/active-accuracy.png
+
+study: install
+	$(PY) demo/run_study.py $(if $(STUDY_QUICK),--quick)
 
 bench: install
 	mkdir -p bench/results

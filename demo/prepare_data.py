@@ -140,7 +140,7 @@ def _write_tree(root: Path, images: np.ndarray, labels: np.ndarray, classnames: 
 class PreparedData:
     """The ImageFolder trees (``dirs``: train, val, test) and the same images as arrays: ``splits[name]`` is
     ``(uint8 images (N, H, W), int64 labels (N,))`` with labels indexing ``classnames``; the PNG file
-    ``dirs[name]/<class>/<i>.png`` holds ``splits[name][0][i]``."""
+    ``dirs[name]/<class>/<i>.png`` holds ``splits[name][0][i]``. ``splits["teacher"]``, when prepared, has no tree."""
 
     dirs: dict[str, str]
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
@@ -148,28 +148,60 @@ class PreparedData:
     source: str
 
 
-def prepare(out: Path, source: str = "auto", seed: int = 0) -> PreparedData:
+def _hold_out(labels: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """A boolean mask choosing ``round(share * n_c)`` of the ``n_c`` rows of each class of ``labels``."""
+    chosen = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        chosen[rng.choice(members, round(share * len(members)), replace=False)] = True
+    return chosen
+
+
+def prepare(
+    out: Path, source: str = "auto", seed: int = 0, teacher_share: float = 0.0, pool_per_class: int | None = None
+) -> PreparedData:
     """Writes ``out/<source>/{train,val,test}`` once (a marker file records completion). ``VAL_FRACTION`` of each
-    class of the training images is held out as validation, chosen with ``seed``."""
+    class of the training images is held out as validation, chosen with ``seed``.
+
+    ``teacher_share`` > 0 also holds out that share of each class of the remaining training images as
+    ``splits["teacher"]`` (arrays only, no tree): images a stand-in teacher may learn from that no student sees, in
+    neither its labelled nor its unlabelled set. ``pool_per_class`` keeps at most that many images of each class of
+    what remains as the students' pool (``train``; seeded), a smaller pool for a study that must converge on a CPU.
+    With either, the trees are written under ``out/<source>-teacher<share>-pool<n>``.
+    """
+    if not 0 <= teacher_share < 1:
+        raise ValueError(f"teacher_share must be in [0, 1), got {teacher_share}")
+    if pool_per_class is not None and pool_per_class < 1:
+        raise ValueError(f"pool_per_class must be >= 1 or None, got {pool_per_class}")
     arrays = load_arrays(source, out)
     rng = np.random.default_rng(seed)
-    val = np.zeros(len(arrays.train_labels), dtype=bool)
-    for c in np.unique(arrays.train_labels):
-        members = np.flatnonzero(arrays.train_labels == c)
-        val[rng.choice(members, round(VAL_FRACTION[arrays.source] * len(members)), replace=False)] = True
+    val = _hold_out(arrays.train_labels, VAL_FRACTION[arrays.source], rng)
+    images, labels = arrays.train_images[~val], arrays.train_labels[~val]
+    teacher = _hold_out(labels, teacher_share, rng)
+    pool = ~teacher
+    if pool_per_class is not None:
+        for c in np.unique(labels):
+            members = np.flatnonzero(pool & (labels == c))
+            if len(members) > pool_per_class:
+                pool[rng.choice(members, len(members) - pool_per_class, replace=False)] = False
     splits = {
-        "train": (arrays.train_images[~val], arrays.train_labels[~val]),
+        "train": (images[pool], labels[pool]),
         "val": (arrays.train_images[val], arrays.train_labels[val]),
         "test": (arrays.test_images, arrays.test_labels),
     }
-    root = out / arrays.source
-    dirs = {split: str(root / split) for split in splits}
+    if teacher_share:
+        splits["teacher"] = (images[teacher], labels[teacher])
+    name = arrays.source
+    if teacher_share or pool_per_class is not None:
+        name += f"-teacher{teacher_share:g}-pool{pool_per_class or 'all'}"
+    root = out / name
+    dirs = {split: str(root / split) for split in ("train", "val", "test")}
     marker = root / ".complete"
     if not marker.is_file():
         if root.exists():
             shutil.rmtree(root)  # a tree left half-written by an interrupted run
-        for split, (images, labels) in splits.items():
-            _write_tree(Path(dirs[split]), images, labels, arrays.classnames)
+        for split, path in dirs.items():
+            _write_tree(Path(path), *splits[split], arrays.classnames)
         marker.write_text(arrays.source + "\n")
     return PreparedData(dirs, splits, arrays.classnames, arrays.source)
 

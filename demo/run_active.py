@@ -1,13 +1,14 @@
 """The active-learning demo: ActiveKD's loop on real images with every selection strategy, run by dho_fast itself.
 
-Offline and on CPU, with the images and the teacher of ``run_demo.py``: Fashion-MNIST as ImageFolder trees, and a
-small MLP fitted on all training labels standing in for a vision-language model (whose weights cannot be downloaded
-here), its logits on the training images cached once. Each strategy runs ``dho_fast.train.active.run_active``: 1
-labelled image per class, then ``--rounds`` rounds that each pick ``--budget`` images from a fixed pool (a seeded
-subsample of ``--pool-size`` training images, so that scoring the pool stays cheap), reveal their labels and train
-the DHO student from scratch for ``--steps`` steps. The test accuracy is DHO's blend with the loop's fixed
-alpha = 0.5, beta = 1. Every strategy has the same settings (``run_demo.py``'s student settings, the same seed, steps
-and pool); only the strategy changes, and nothing is tuned for any of them.
+Offline and on CPU, with the images of ``run_demo.py`` (Fashion-MNIST as ImageFolder trees, no teacher hold-out)
+and its ``oracle`` teacher (``teachers.py``): a small MLP fitted on all training labels standing in for a
+vision-language model (whose weights cannot be downloaded here), its logits on the training images cached once.
+Each strategy runs ``dho_fast.train.active.run_active``: 1 labelled image per class, then ``--rounds`` rounds that
+each pick ``--budget`` images from a fixed pool (a seeded subsample of ``--pool-size`` training images, so that
+scoring the pool stays cheap), reveal their labels and train the DHO student from scratch for ``--steps`` steps.
+The test accuracy is DHO's blend with the loop's fixed alpha = 0.5, beta = 1.
+Every strategy has the same settings (``ACTIVE_STUDENT_SETTINGS``, the same seed, steps and
+pool); only the strategy changes, and nothing is tuned for any of them.
 
 ``python demo/run_active.py [--seed 0 1 2] [--steps 50]`` prints a table of test accuracy (rows: labelled images,
 columns: strategies; the mean over the seeds); ``--json`` and ``--plot`` also write the results and a PNG plot
@@ -27,17 +28,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # prepare_data and run_demo beside this file
 
 from prepare_data import SOURCES, prepare  # noqa: E402
-from run_demo import STUDENT_SETTINGS, fit_teacher  # noqa: E402
+from run_demo import STUDENT_SETTINGS  # noqa: E402
+from teachers import fit_teacher  # noqa: E402
 
 from dho_fast.select import STRATEGIES  # noqa: E402
 from dho_fast.train.active import run_active  # noqa: E402
 from dho_fast.train.active_config import ActiveConfig  # noqa: E402
 
+# The demo's students: those of run_demo.py with the wider CNN its committed results were measured with, and no
+# epoch limit (each round trains --steps steps).
+ACTIVE_STUDENT_SETTINGS = {**STUDENT_SETTINGS, "cnn_width": 16, "epochs": None, "log_every": 50}
+
 
 def run_strategies(data, out: Path, logits: Path, seed: int, args: argparse.Namespace) -> dict[str, list[dict]]:
     """One active-learning run per strategy, from scratch; returns each run's log records."""
     train = {
-        **STUDENT_SETTINGS,
+        **ACTIVE_STUDENT_SETTINGS,
         "train_dir": data.dirs["train"],
         "test_dir": data.dirs["test"],  # no val_dir: active learning has no validation set
         "student_size": data.splits["train"][0].shape[1],
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seed:
         out = args.out / data.source / f"seed{seed}"
         out.mkdir(parents=True, exist_ok=True)
-        logits, teacher_acc = fit_teacher(data, out, seed, args.teacher_epochs)
+        logits, teacher_acc = fit_teacher("oracle", data, out, seed, args.teacher_epochs)
         runs.append(
             {"seed": seed, "teacher_test_acc": teacher_acc, "results": run_strategies(data, out, logits, seed, args)}
         )

@@ -85,6 +85,11 @@ BAD_CONFIGS = [
     ({"train_dir": None}, ValueError, ["train_dir is required"]),
     ({"epochs": None}, ValueError, ["max_steps must be set when epochs is None"]),
     ({"unlabelled_batch_size": 0}, ValueError, ["unlabelled_batch_size must be > 0 for method 'dho'"]),
+    (
+        {"log_gradient_conflict": True, "method": "ce"},
+        ValueError,
+        ["log_gradient_conflict needs a CE and a KD term", "not 'ce'"],
+    ),
     # Keys.
     ({"learning_rate": 0.2}, ValueError, ["unknown config keys ['learning_rate']"]),
     ({"ce_weight": 0.5}, ValueError, ["ce_weight is now ce_loss_weight"]),

@@ -1,6 +1,7 @@
 """Two-process DistributedDataParallel with gloo on the CPU trains the same weights as one process with the same
 global batch."""
 
+import json
 import os
 import socket
 
@@ -53,6 +54,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         student_size=16,
         max_steps=3,
         lr=1e-3,
+        log_every=1,
+        log_gradient_conflict=True,  # its extra autograd calls must leave DDP's gradient reduction as it was
     )
     single = {**settings, "output_dir": str(tmp_path / "single")}
     mp.spawn(_rank, args=(1, _free_port(), single), nprocs=1)
@@ -63,3 +66,6 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     # Evaluation gathers both ranks' rows: the same logits, so the same accuracies and the same alpha/beta.
     assert one["val"] == two["val"] and one["test"] == two["test"]
     assert len(two["rng"]) == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if r["kind"] == "train"]
+    assert len(logged) == 3 and all(-1 <= r["grad_cos_backbone"] <= 1 for r in logged)

@@ -26,7 +26,9 @@ RENAMED_KEYS = {"ce_weight": "ce_loss_weight", "kd_weight": "kd_loss_weight"}
 # The four ways to choose the labelled set, of which a config sets exactly one.
 LABELLED_SET_SETTINGS = ("labelled_fraction", "num_labelled", "shots", "labelled_indices")
 # Settings that may change between a run and its resumption without changing what is computed.
-RESUMABLE_CHANGES = frozenset({"resume", "num_workers", "log_every", "tensorboard", "progress", "eval_batch_size"})
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "num_workers", "log_every", "tensorboard", "progress", "eval_batch_size", "log_gradient_conflict"}
+)
 
 # Under fp16 the loss scaler skips a step whose gradients hold inf or NaN and halves its scale, as usual; this many
 # skipped steps in a row (a scale 2^20 times smaller: far beyond the one or two of a transient overflow) stop the run.
@@ -163,6 +165,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     resume: bool = False
     log_every: int = 50
+    # Log the cosine between the CE and KD terms' gradients (dho_fast.train.gradient_conflict): on the shared
+    # features every step, on the backbone's parameters every log_every steps (two more backbone backward passes).
+    log_gradient_conflict: bool = False
     tensorboard: bool = False
     progress: bool = True
 
@@ -199,6 +204,8 @@ class TrainConfig:
             raise ValueError("teacher_logits (a file of precomputed logits) is required when teacher is 'logits'")
         if self.teacher == "tip_adapter" and self.method != "ce" and not self.tip_adapter_checkpoint:
             raise ValueError("tip_adapter_checkpoint is required when teacher is 'tip_adapter'")
+        if self.log_gradient_conflict and self.method == "ce":
+            raise ValueError("log_gradient_conflict needs a CE and a KD term: method 'dho' or 'kd', not 'ce'")
         if (self.alpha is None) != (self.beta is None):
             raise ValueError("alpha and beta must be given together (fixed blend) or both left unset (searched)")
 

@@ -121,9 +121,17 @@ class Student(nn.Module):
             return z, z
 
     def forward(
-        self, images: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, **loss_args
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The training loss of ``method`` and its terms: ``(loss, ce_term, kd_term)``, float32 scalars.
+        self,
+        images: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        labels: torch.Tensor,
+        *,
+        return_features: bool = False,
+        **loss_args,
+    ) -> tuple[torch.Tensor, ...]:
+        """The training loss of ``method`` and its terms: ``(loss, ce_term, kd_term)``, float32 scalars; with
+        ``return_features`` also the (N, D) float32 features both heads read (for
+        :func:`~dho_fast.train.gradient_conflict.term_gradient_cosines`).
 
         images: (N, ...) labelled and unlabelled rows in one batch (one forward: shared BN statistics);
         teacher_logits: (N, C) float32 (None for "ce"); labels: (N,) int64, ``ignore_index`` for unlabelled rows;
@@ -136,7 +144,9 @@ class Student(nn.Module):
         # The heads and the loss run in float32 outside autocast: they cost little next to the backbone, and full
         # precision keeps the two heads' logits comparable for the inference blend.
         with torch.autocast(features.device.type, enabled=False):
-            return self._head_loss(features.float(), teacher_logits, labels, loss_args)
+            features = features.float()
+            terms = self._head_loss(features, teacher_logits, labels, loss_args)
+        return (*terms, features) if return_features else terms
 
     def _head_loss(
         self, features: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, loss_args: dict

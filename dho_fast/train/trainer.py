@@ -18,6 +18,7 @@ from dho_fast.train.config import MAX_SKIPPED_STEPS, RESUMABLE_CHANGES, TrainCon
 from dho_fast.train.data import IGNORE_INDEX
 from dho_fast.train.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
 from dho_fast.train.evaluate import autocast, head_metrics, predict_logits
+from dho_fast.train.gradient_conflict import term_gradient_cosines
 from dho_fast.train.metrics_log import MetricsLog
 from dho_fast.train.sampling import PairedBatchSampler, steps_per_epoch
 from dho_fast.train.schedule import build_scheduler
@@ -250,8 +251,9 @@ class _Trainer:
         plan = {"total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch, "world_size": info.world_size}
         self.log.log("start", self.step, {**plan, **sizes})
         progress = _progress(cfg.progress and info.is_main, self.total_steps, self.step)
-        # Since the last log: summed loss, ce and kd terms of the micro-batches, their count, and the images.
-        sums = torch.zeros(5, dtype=torch.float64, device=info.device)
+        # Since the last log: summed loss, ce and kd terms of the micro-batches, their count, the images, and the
+        # gradient cosines' sums and counts (features, backbone; log_gradient_conflict).
+        sums = torch.zeros(9, dtype=torch.float64, device=info.device)
         step_terms = torch.zeros(3, dtype=torch.float64, device=info.device)  # this step's loss, ce and kd terms
         window_start = time.perf_counter()
         accum = cfg.accumulation_steps
@@ -268,10 +270,15 @@ class _Trainer:
             sync = contextlib.nullcontext() if (last_micro or not info.distributed) else model.no_sync()
             with sync:
                 with autocast(info.device, cfg.precision):
-                    loss, ce_term, kd_term = model(images, teacher_logits, labels, **loss_args)
+                    outputs = model(
+                        images, teacher_logits, labels, return_features=cfg.log_gradient_conflict, **loss_args
+                    )
+                loss, ce_term, kd_term = outputs[:3]
+                if cfg.log_gradient_conflict:
+                    sums[5:] += self._gradient_conflict(*outputs[1:])
                 self.scaler.scale(loss / accum).backward()
             terms = torch.stack([loss.detach(), ce_term.detach(), kd_term.detach()]).double()
-            sums += torch.cat([terms, terms.new_tensor([1.0, len(images)])])
+            sums[:5] += torch.cat([terms, terms.new_tensor([1.0, len(images)])])
             step_terms += terms
             if not last_micro:
                 continue
@@ -349,6 +356,22 @@ class _Trainer:
         self.scheduler.step()
         self.step += 1
 
+    def _gradient_conflict(self, ce_term: torch.Tensor, kd_term: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """(4,) float64 to add to the log window's sums: the cosine between the CE and KD terms' feature gradients
+        and a count of 1, then the same for the backbone's parameters on the micro-batches of a step that will be
+        logged (0, 0 otherwise). An undefined cosine (a zero gradient) counts 0. No host sync."""
+        step = self.step + 1
+        logged = step % self.config.log_every == 0 or step == self.total_steps
+        backbone = self.student.backbone if logged else None
+        scale = self.scaler.scale(features.new_ones(())) if logged else 1.0
+        cosines = term_gradient_cosines(ce_term, kd_term, features, backbone, backbone_grad_scale=scale)
+        out = []
+        for cos in cosines:
+            cos = torch.full((), torch.nan, dtype=torch.float64, device=features.device) if cos is None else cos
+            defined = cos.isfinite()
+            out += [torch.where(defined, cos, 0.0), defined.double()]
+        return torch.stack(out)
+
     def _nonfinite_gradients(self) -> torch.Tensor:
         """(1,) float64: how many parameters have a non-finite gradient element (0 under the loss scaler, which skips
         such steps itself), without a host sync. Checked element-wise, as a norm of large finite gradients can
@@ -371,6 +394,10 @@ class _Trainer:
             "kd": kd,
             "images_per_s": float(totals[4]) / max(now - window_start, 1e-9),
         }
+        if self.config.log_gradient_conflict:
+            # Means over the window's micro-batches (and ranks) where the cosine is defined; None where none was.
+            for name, (total, count) in (("grad_cos_features", totals[5:7]), ("grad_cos_backbone", totals[7:9])):
+                values[name] = float(total) / float(count) if count else None
         if not all(math.isfinite(v) for v in (loss, ce, kd)):
             warnings.warn(f"non-finite loss at step {self.step}: {values}", stacklevel=2)
         self.log.log("train", self.step, values)
