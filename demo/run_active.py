@@ -35,9 +35,16 @@ from dho_fast.select import STRATEGIES  # noqa: E402
 from dho_fast.train.active import run_active  # noqa: E402
 from dho_fast.train.active_config import ActiveConfig  # noqa: E402
 
-# The demo's students: those of run_demo.py with the wider CNN its committed results were measured with, and no
-# epoch limit (each round trains --steps steps).
-ACTIVE_STUDENT_SETTINGS = {**STUDENT_SETTINGS, "cnn_width": 16, "epochs": None, "log_every": 50}
+# The demo's students: those of run_demo.py with the wider CNN and the batches its committed results were measured
+# with, and no epoch limit (each round trains --steps steps).
+ACTIVE_STUDENT_SETTINGS = {
+    **STUDENT_SETTINGS,
+    "cnn_width": 16,
+    "labelled_batch_size": 32,
+    "unlabelled_batch_size": 96,
+    "epochs": None,
+    "log_every": 50,
+}
 
 
 def run_strategies(data, out: Path, logits: Path, seed: int, args: argparse.Namespace) -> dict[str, list[dict]]:
