@@ -46,14 +46,18 @@ QUICK_STEPS = 6
 METHOD_NAMES = {"dho": "DHO", "kd": "single-head KD", "ce": "CE only"}
 
 
-def _jobs(data, out: Path, teachers, seeds, epochs: int, steps: int | None, teacher_epochs: int) -> list[dict]:
-    """Every (teacher, seed, fraction, method) run; KD and DHO students log the gradient conflict."""
-    jobs = []
+def _jobs(
+    data, out: Path, teachers, seeds, epochs: int, steps: int | None, teacher_epochs: int
+) -> tuple[list[dict], dict[str, list[float]]]:
+    """Every (teacher, seed, fraction, method) run, KD and DHO students logging the gradient conflict; and each
+    teacher's test accuracy per seed."""
+    jobs, teacher_accs = [], {}
     for teacher in teachers:
         for seed in seeds:
             seed_dir = out / f"seed{seed}"
             seed_dir.mkdir(parents=True, exist_ok=True)
-            logits, _ = fit_teacher(teacher, data, seed_dir, seed, teacher_epochs)
+            logits, acc = fit_teacher(teacher, data, seed_dir, seed, teacher_epochs)
+            teacher_accs.setdefault(teacher, []).append(acc)
             for fraction in FRACTIONS:
                 for method in METHODS:
                     jobs.append(
@@ -63,7 +67,7 @@ def _jobs(data, out: Path, teachers, seeds, epochs: int, steps: int | None, teac
                             log_gradient_conflict=method != "ce",
                         )
                     )  # fmt: skip
-    return jobs
+    return jobs, teacher_accs
 
 
 def _mean_std(values: list[float]) -> list[float]:
@@ -120,14 +124,20 @@ def _mean_curve(curves: list[list[list]], column: int) -> tuple[list[int], list[
     return steps, means
 
 
-def plot_conflict(rows: list[dict], path: Path) -> None:
-    """Cosine between the CE and KD terms' gradients over training (mean over seeds): a panel per teacher and
-    gradient (features, backbone parameters), a line per student and label fraction."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display here)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_conflict(rows: list[dict], path: Path) -> None:
+    """Cosine between the CE and KD terms' gradients over training (mean over seeds): a panel per teacher and
+    gradient (features, backbone parameters), a line per student and label fraction."""
+    plt = _pyplot()
     teachers = sorted({r["teacher"] for r in rows}, key=TEACHERS.index)
     fig, axes = plt.subplots(2, len(teachers), figsize=(5.5 * len(teachers), 7), sharex=True, squeeze=False)
     for col, teacher in enumerate(teachers):
@@ -155,11 +165,7 @@ def plot_conflict(rows: list[dict], path: Path) -> None:
 
 def plot_val_curves(rows: list[dict], path: Path) -> None:
     """Validation accuracy at each epoch end (mean over seeds): the convergence evidence, a panel per teacher."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     teachers = sorted({r["teacher"] for r in rows}, key=TEACHERS.index)
     fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 3.8), squeeze=False)
     for ax, teacher in zip(axes[0], teachers, strict=True):
@@ -188,7 +194,7 @@ def pilot(args, data, out: Path) -> dict:
     for epochs in PILOT_EPOCHS:
         missing = [e for e in (epochs, 2 * epochs) if e not in val]
         jobs = [
-            job for e in missing for job in _jobs(data, out, ["caption"], [PILOT_SEED], e, None, args.teacher_epochs)
+            job for e in missing for job in _jobs(data, out, ["caption"], [PILOT_SEED], e, None, args.teacher_epochs)[0]
         ]
         for row, job in zip(run_students(jobs, args.workers), jobs, strict=True):
             val.setdefault(job["epochs"], {})[row["fraction"], row["method"]] = row["val_acc"]
@@ -229,11 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"Study on {data.source}: {num_train} training images, teachers {TEACHERS}, seeds {args.seeds}, "
         f"{STUDY_EPOCHS} epochs a run{f' (capped at {steps} steps)' if steps else ''}, {args.workers} workers"
     )
-    jobs = _jobs(data, out, TEACHERS, args.seeds, STUDY_EPOCHS, steps, args.teacher_epochs)
+    jobs, teacher_accs = _jobs(data, out, TEACHERS, args.seeds, STUDY_EPOCHS, steps, args.teacher_epochs)
     rows = run_students(jobs, args.workers)
-    teacher_accs = {
-        t: [fit_teacher(t, data, out / f"seed{s}", s, args.teacher_epochs)[1] for s in args.seeds] for t in TEACHERS
-    }
     summary = summarise(rows)
     table = format_table(summary, teacher_accs, num_train)
     minutes = (time.perf_counter() - start) / 60
