@@ -49,8 +49,9 @@ def run(finished_run):
 
 
 def record_offset(path, tensor: torch.Tensor) -> int:
-    """Byte offset in the zip archive ``path`` of the record holding ``tensor``'s storage (found by its bytes)."""
-    data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    """Byte offset in the zip archive ``path`` of the record holding ``tensor``'s storage (found by its bytes, in
+    storage order: a channels-last weight is saved as laid out)."""
+    data = bytes(tensor.untyped_storage().tolist())
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             if archive.read(info) == data:

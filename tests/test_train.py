@@ -18,7 +18,7 @@ from trainer_fixtures import (
 from dho_fast.train import checkpoint, cli
 from dho_fast.train.build import build_data, build_run_student, eval_dataset
 from dho_fast.train.config import TrainConfig, load_config
-from dho_fast.train.students import build_student
+from dho_fast.train.students import SmallConvNet, build_student
 from dho_fast.train.teacher import class_text_embeddings, create_open_clip, prompt_templates
 from dho_fast.train.trainer import train
 
@@ -172,6 +172,16 @@ def test_students_load_local_weights(tmp_path, name, dim):
         torch.testing.assert_close(student.backbone.state_dict()[key], value, msg=key)
     ce, kd = student.eval().logits(torch.randn(2, 3, 32, 32))
     assert ce.shape == kd.shape == (2, 5) and student.head.ce_head.in_features == dim
+
+
+def test_cnn_student_runs_channels_last_with_the_features_of_channels_first():
+    torch.manual_seed(0)
+    net = SmallConvNet(1, 4)
+    assert net.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(5, 1, 28, 28)
+    features = net(images)
+    net.to(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(features, net.features(images), rtol=1e-5, atol=1e-6)
 
 
 def tiny_clip_student_run(trees, logits_file, out, name, **changes):

@@ -158,7 +158,7 @@ def train_dataset(config: TrainConfig, samples: Sequence[Sample], student: Stude
         interpolation=config.interpolation,
         **teacher_args,
     )
-    return ImageDataset(samples, transform, config.image_mode)
+    return ImageDataset(samples, transform, config.image_mode, cache_images=config.cache_images)
 
 
 def eval_dataset(config: TrainConfig, samples: Sequence[Sample], student: Student) -> ImageDataset:
@@ -166,4 +166,4 @@ def eval_dataset(config: TrainConfig, samples: Sequence[Sample], student: Studen
     transform = PairedTransform(
         config.student_size, student.mean, student.std, train=False, interpolation=config.interpolation
     )
-    return ImageDataset(samples, transform, config.image_mode)
+    return ImageDataset(samples, transform, config.image_mode, cache_images=config.cache_images)

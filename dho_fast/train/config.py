@@ -27,7 +27,16 @@ RENAMED_KEYS = {"ce_weight": "ce_loss_weight", "kd_weight": "kd_loss_weight"}
 LABELLED_SET_SETTINGS = ("labelled_fraction", "num_labelled", "shots", "labelled_indices")
 # Settings that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "num_workers", "log_every", "tensorboard", "progress", "eval_batch_size", "log_gradient_conflict"}
+    {
+        "resume",
+        "num_workers",
+        "cache_images",
+        "log_every",
+        "tensorboard",
+        "progress",
+        "eval_batch_size",
+        "log_gradient_conflict",
+    }
 )
 
 # Under fp16 the loss scaler skips a step whose gradients hold inf or NaN and halves its scale, as usual; this many
@@ -112,6 +121,9 @@ class TrainConfig:
     student_mean: tuple[float, ...] | None = None  # None: the student's own normalisation
     student_std: tuple[float, ...] | None = None
     num_workers: int = 4
+    # Decode every image once and keep it in memory (ImageDataset): for small datasets whose images cost more to
+    # open and decode than a step costs to train on them; the same draws, so the same run.
+    cache_images: bool = False
 
     # Student.
     method: Literal["dho", "kd", "ce"] = "dho"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,12 +265,19 @@ class ImageDataset(torch.utils.data.Dataset):
     False for an unlabelled row. Returns a dict: ``"student"`` (C, H, W) float32, ``"teacher"`` (C, H', W') float32
     when the transform makes teacher images, ``"label"`` (int64; ``IGNORE_INDEX`` when unlabelled) and ``"index"``
     (the sample's position in the list, e.g. the row of a precomputed teacher logits file).
+
+    ``cache_images=True`` decodes every image once, here, and keeps it in memory (about width x height x channels
+    bytes each; data-loader workers forked from this process share them): for datasets that fit in RAM, whose small
+    images cost more to open and decode than to train on. Augmentation still runs per draw.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, image_mode: str = "RGB") -> None:
+    def __init__(
+        self, samples: Sequence[Sample], transform: Callable, image_mode: str = "RGB", cache_images: bool = False
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.image_mode = image_mode
+        self.decoded = [pil_loader(s.path, image_mode) for s in self.samples] if cache_images else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -277,8 +285,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int, bool]) -> dict[str, torch.Tensor | int]:
         index, draw_seed, labelled = key if isinstance(key, tuple) else (key, None, True)
         sample = self.samples[index]
-        generator = None if draw_seed is None else torch.Generator().manual_seed(draw_seed)
-        student, teacher = self.transform(pil_loader(sample.path, self.image_mode), generator)
+        image = pil_loader(sample.path, self.image_mode) if self.decoded is None else self.decoded[index]
+        student, teacher = self.transform(image, None if draw_seed is None else random.Random(draw_seed))
         item: dict[str, torch.Tensor | int] = {
             "student": student,
             "label": sample.label if labelled else IGNORE_INDEX,

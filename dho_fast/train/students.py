@@ -17,7 +17,8 @@ class SmallConvNet(nn.Module):
     """Three conv-BN-ReLU stages (``width``, 2x, 4x channels; 2x2 max-pooling after the first two), average-pooled
     to a 3x3 grid: (N, 36 * width) features. Keeping a coarse grid instead of one global average lets a network
     this shallow see where in the image a pattern is, which small images (the embedded demo's 28x28
-    Fashion-MNIST, tests) need.
+    Fashion-MNIST, tests) need. It runs in channels-last memory order, where PyTorch's CPU max-pooling is several
+    times faster (the whole network about 2x on one core at 28x28); the features' values and order do not change.
     """
 
     def __init__(self, in_channels: int = 3, width: int = 32) -> None:
@@ -31,9 +32,10 @@ class SmallConvNet(nn.Module):
             channels = out
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.num_features = channels * 9
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features(images)
+        return self.features(images.contiguous(memory_format=torch.channels_last))
 
 
 def _load_state_dict(model: nn.Module, path: str, classifier_prefix: str) -> None:
