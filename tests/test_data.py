@@ -229,6 +229,8 @@ def test_flip_mirrors_the_same_crop():
         flips.append(not torch.equal(view, unflipped))
         torch.testing.assert_close(view, unflipped.flip(-1) if flips[-1] else unflipped)
     assert any(flips) and not all(flips)
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        PairedTransform(24, mean, std, interpolation="lanczos")
 
 
 def test_cached_images_are_the_same_draws_without_the_files(tmp_path):
