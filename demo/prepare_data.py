@@ -166,7 +166,7 @@ def prepare(
     ``teacher_share`` > 0 also holds out that share of each class of the remaining training images as
     ``splits["teacher"]`` (arrays only, no tree): images a stand-in teacher may learn from that no student sees, in
     neither its labelled nor its unlabelled set. ``pool_per_class`` keeps at most that many images of each class of
-    what remains as the students' pool (``train``; seeded), a smaller pool for a study that must converge on a CPU.
+    what remains as the students' pool (``train``; seeded), a smaller pool for a study that must run on a CPU.
     With either, the trees are written under ``out/<source>-teacher<share>-pool<n>``.
     """
     if not 0 <= teacher_share < 1:

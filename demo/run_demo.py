@@ -35,8 +35,8 @@ from dho_fast.train.trainer import train  # noqa: E402
 METHODS = ("dho", "kd", "ce")
 FRACTIONS = (0.01, 0.1)
 # The share of each class of the training images held out for the caption teacher (no student sees them), and the
-# images per class of the students' pool: 11,600 of Fashion-MNIST's 60,000, small enough for every student of the
-# study to converge on a 2-core CPU.
+# images per class of the students' pool: 11,600 of Fashion-MNIST's 60,000, small enough for the study's runs to
+# fit on a 2-core CPU.
 TEACHER_SHARE = 0.2
 POOL_PER_CLASS = 1160
 
