@@ -18,7 +18,8 @@ class SmallConvNet(nn.Module):
     to a 3x3 grid: (N, 36 * width) features. Keeping a coarse grid instead of one global average lets a network
     this shallow see where in the image a pattern is, which small images (the embedded demo's 28x28
     Fashion-MNIST, tests) need. It runs in channels-last memory order, where PyTorch's CPU max-pooling is several
-    times faster (the whole network about 2x on one core at 28x28); the features' values and order do not change.
+    times faster (forward + backward of the whole network about 1.5x on one core at 28x28,
+    ``bench/interleaved_demo_step.py``); the features' values and order do not change.
     """
 
     def __init__(self, in_channels: int = 3, width: int = 32) -> None:
