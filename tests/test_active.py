@@ -22,12 +22,12 @@ from trainer_fixtures import register_tiny_clip, run_settings, tiny_clip_config
 from dho_fast.select import STRATEGIES
 from dho_fast.select import random as random_picks
 from dho_fast.train import checkpoint, cli
-from dho_fast.train.active import CLAP_STREAM, pool_subsample, read_labelled, round_seed, run_active
+from dho_fast.train.active import CLAP_STREAM, initial_set, pool_subsample, read_labelled, round_seed, run_active
 from dho_fast.train.active_config import ActiveConfig, load_active_config
 from dho_fast.train.build import build_run_student, eval_dataset, load_splits
 from dho_fast.train.clap import fit_clap, mean_text_embeddings, write_teacher_logits
 from dho_fast.train.config import TrainConfig
-from dho_fast.train.data import k_shot_indices
+from dho_fast.train.splits import k_shot_indices
 from dho_fast.train.teacher import ClipTeacher, create_open_clip
 from dho_fast.train.trainer import train
 
@@ -92,6 +92,16 @@ def student_of_round(config: ActiveConfig, round_index: int):
 def images_of(train_config: TrainConfig, student, samples) -> torch.Tensor:
     dataset = eval_dataset(train_config, samples, student)
     return torch.stack([dataset[i]["student"] for i in range(len(dataset))])
+
+
+def test_initial_set_lists_each_image_once():
+    labels = np.array([1, 1, 0, 1, 0, 2])  # 3 shots: class 1 has exactly 3 images, class 0 two, class 2 one
+    picks = k_shot_indices(labels, 3, seed=5)
+    first_picks = list(dict.fromkeys(picks.tolist()))
+    initial = initial_set(labels, 3, seed=5)
+    assert initial.dtype == np.int64 and initial.tolist() == first_picks
+    assert len(picks) == 9 and initial[:3].tolist() == picks[:3].tolist() and initial[-1] == 5 and len(initial) <= 6
+    np.testing.assert_array_equal(initial_set(labels, 1, seed=5), k_shot_indices(labels, 1, seed=5))
 
 
 @pytest.mark.parametrize("strategy", ["pcoreset", "random"])
@@ -290,9 +300,11 @@ def test_shipped_active_configs_load(name):
     assert (config.strategy, config.initial_shots, config.rounds) == ("pcoreset", 1, 15)
     assert (train_config.method, train_config.alpha, train_config.beta) == ("dho", 0.5, 1.0)
     if "imagenet" in name:
-        assert (config.pool_size, config.budget, train_config.classnames) == (100_000, 1000, "imagenet")
+        assert (config.pool_size, config.budget, train_config.dataset) == (100_000, 1000, "imagenet")
     else:
         assert (config.pool_size, config.budget, train_config.student) == (None, None, "resnet18")
+        recipe = (train_config.dataset, train_config.epoch_length, train_config.epochs)
+        assert recipe == ("oxford_pets", "labelled", 200)
         assert (train_config.lr, train_config.labelled_batch_size, train_config.interpolation) == (1e-3, 64, "bilinear")
 
 

@@ -55,6 +55,11 @@ BAD_CONFIGS = [
     ({"lr": -1e-3}, ValueError, ["lr must be in (0, inf)", "got -0.001"]),
     ({"labelled_fraction": 1.5}, ValueError, ["labelled_fraction must be in (0, 1]", "got 1.5"]),
     ({"labelled_fraction": 0}, ValueError, ["labelled_fraction must be in (0, 1]", "got 0.0"]),
+    (
+        {"labelled_fraction": None, "labelled_percent": 0},
+        ValueError,
+        ["labelled_percent must be in (0, 100]", "got 0.0"],
+    ),
     ({"warmup_fraction": 1}, ValueError, ["warmup_fraction must be in [0, 1)", "got 1.0"]),
     ({"label_smoothing": -0.1}, ValueError, ["label_smoothing must be in [0, 1]", "got -0.1"]),
     ({"alpha": 1.5, "beta": 1}, ValueError, ["alpha must be in [0, 1]", "got 1.5"]),
@@ -65,12 +70,16 @@ BAD_CONFIGS = [
     ({"unlabelled_batch_size": -1}, ValueError, ["unlabelled_batch_size must be in [0, inf)", "got -1"]),
     ({"seed": -1}, ValueError, ["seed must be in [0, inf)", "got -1"]),
     # Rules between settings.
-    ({"labelled_fraction": None}, ValueError, ["exactly one of labelled_fraction, num_labelled, shots"]),
+    ({"labelled_fraction": None}, ValueError, ["exactly one of labelled_percent, labelled_fraction, num_labelled"]),
+    ({"labelled_percent": 1}, ValueError, ["exactly one of", "['labelled_percent', 'labelled_fraction']"]),
     ({"shots": 2}, ValueError, ["exactly one of", "['labelled_fraction', 'shots']"]),
     (
         {"labelled_indices": "round_00/labelled.json"},
         ValueError,
-        ["exactly one of labelled_fraction, num_labelled, shots, labelled_indices", "'labelled_indices']"],
+        [
+            "exactly one of labelled_percent, labelled_fraction, num_labelled, shots, labelled_indices",
+            "'labelled_indices']",
+        ],
     ),
     ({"labelled_indices": [1, 2]}, TypeError, ["labelled_indices must be a string or null", "[1, 2]"]),
     ({"crop_scale": [0.9, 0.5]}, ValueError, ["crop_scale must be (lo, hi) with lo <= hi", "(0.9, 0.5)"]),
@@ -83,6 +92,21 @@ BAD_CONFIGS = [
     ),
     ({"teacher_logits": None}, ValueError, ["teacher_logits", "required when teacher is 'logits'"]),
     ({"train_dir": None}, ValueError, ["train_dir is required"]),
+    ({"train_dir": None, "dataset": "dtd"}, ValueError, ["data_root is required with dataset 'dtd'"]),
+    (
+        {"dataset": "dtd", "data_root": "data"},
+        ValueError,
+        ["dataset 'dtd' finds its files under data_root", "['train_dir']"],
+    ),
+    ({"data_root": "data"}, ValueError, ["data_root is read only with dataset"]),
+    (
+        {"dataset": "cifar10", "data_root": "data"},
+        ValueError,
+        ["dataset must be one of", "'caltech101'", "got 'cifar10'"],
+    ),
+    ({"epoch_length": "steps"}, ValueError, ["epoch_length must be one of ('unlabelled', 'labelled')", "'steps'"]),
+    ({"test_weights": "best"}, ValueError, ["test_weights must be one of ('last', 'best_val')", "'best'"]),
+    ({"teacher_text_embeddings": "mean"}, ValueError, ["teacher_text_embeddings must be one of", "'mean'"]),
     ({"epochs": None}, ValueError, ["max_steps must be set when epochs is None"]),
     ({"unlabelled_batch_size": 0}, ValueError, ["unlabelled_batch_size must be > 0 for method 'dho'"]),
     (

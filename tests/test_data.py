@@ -1,4 +1,4 @@
-"""Data splits, k-shot sampling, the paired batch sampler and the shared student/teacher crop."""
+"""Data splits, labelled-index files, the paired batch sampler and the shared student/teacher crop."""
 
 import json
 import random
@@ -13,9 +13,6 @@ from trainer_fixtures import digits_trees
 from dho_fast.train.data import (
     IGNORE_INDEX,
     ImageDataset,
-    class_balanced_indices,
-    complement,
-    k_shot_indices,
     load_coop_splits,
     load_image_folder_splits,
     read_labelled_indices,
@@ -23,63 +20,6 @@ from dho_fast.train.data import (
 )
 from dho_fast.train.sampling import PairedBatchSampler, steps_per_epoch
 from dho_fast.train.transforms import PairedTransform
-
-
-def imagenet_like_labels(seed: int = 0) -> np.ndarray:
-    """1000 classes of 732..1300 images (ImageNet's range), most of them full, shuffled."""
-    rng = np.random.default_rng(seed)
-    sizes = np.where(rng.random(1000) < 0.9, 1300, rng.integers(732, 1300, 1000))
-    return rng.permutation(np.repeat(np.arange(1000), sizes))
-
-
-@pytest.mark.parametrize(("total", "low", "high", "num_high"), [(13_000, 13, 13, 0), (128_286, 128, 129, 286)])
-def test_imagenet_split_counts(total, low, high, num_high):
-    labels = imagenet_like_labels()
-    chosen = class_balanced_indices(labels, num_labelled=total, seed=13)
-    counts = np.bincount(labels[chosen], minlength=1000)
-    assert len(chosen) == total == len(np.unique(chosen))
-    assert counts.min() == low and counts.max() == high and (counts == high).sum() == (num_high or 1000)
-
-
-def test_split_is_deterministic_per_seed():
-    labels = imagenet_like_labels()
-    a = class_balanced_indices(labels, num_labelled=13_000, seed=13)
-    b = class_balanced_indices(labels, num_labelled=13_000, seed=13)
-    c = class_balanced_indices(labels, num_labelled=13_000, seed=14)
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    rest = complement(a, len(labels))
-    assert len(rest) + len(a) == len(labels) and not np.intersect1d(rest, a).size
-
-
-def test_fraction_split():
-    labels = np.repeat(np.arange(10), 100)
-    chosen = class_balanced_indices(labels, fraction=0.1, seed=0)
-    assert np.bincount(labels[chosen]).tolist() == [10] * 10
-    np.testing.assert_array_equal(class_balanced_indices(labels, fraction=1.0), np.arange(1000))
-
-
-def test_k_shot():
-    labels = np.concatenate([np.repeat(np.arange(5), 20), [5, 5]])  # class 5 has only 2 images
-    chosen = k_shot_indices(labels, 4, seed=1)
-    assert np.bincount(labels[chosen]).tolist() == [4, 4, 4, 4, 4, 2]
-    np.testing.assert_array_equal(chosen, k_shot_indices(labels, 4, seed=1))
-    assert not np.array_equal(chosen, k_shot_indices(labels, 4, seed=2))
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        (dict(num_labelled=0), "num_labelled"),
-        (dict(fraction=1.5), "fraction"),
-        (dict(fraction=0.1, num_labelled=3), "exactly one"),
-        (dict(num_labelled=30), "fewer than"),
-    ],
-)
-def test_split_errors(kwargs, message):
-    labels = np.array([0] * 40 + [1] * 2)
-    with pytest.raises(ValueError, match=message):
-        class_balanced_indices(labels, **kwargs)
 
 
 def test_labelled_indices_file(tmp_path):

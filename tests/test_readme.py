@@ -42,8 +42,9 @@ def test_cli_command_parses(argv):
         assert exit_info.value.code == 0
         return
     args = cli._parser().parse_args(argv)
-    if getattr(args, "config", None):
-        assert (ROOT / args.config).is_file(), args.config
+    configs = getattr(args, "config", None) or []
+    for config in [configs] if isinstance(configs, str) else configs:  # train layers repeated --config files
+        assert (ROOT / config).is_file(), config
 
 
 @pytest.mark.slow  # runs make

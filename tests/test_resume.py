@@ -76,3 +76,51 @@ def test_killed_run_resumes_exactly(tmp_path):
         torch.testing.assert_close(resumed["optimizer"]["state"][state]["exp_avg_sq"], value["exp_avg_sq"])
     assert resumed["scheduler"]["last_epoch"] == straight["scheduler"]["last_epoch"] == STEPS
     assert resumed["test"] == straight["test"] and resumed["val"] == straight["val"]
+
+
+def test_killed_run_resumes_its_best_validation_epoch(tmp_path):
+    """Epochs over L with the best validation epoch kept: a run killed after its first best.pt and resumed writes
+    the same best.pt and tests the same weights as an uninterrupted run."""
+    trees = digits_trees(tmp_path / "digits", num_classes=10)
+    logits = random_teacher_logits(tmp_path / "logits.pt", count_train_images(trees), 10)
+    settings = run_settings(
+        trees,
+        tmp_path / "killed",
+        teacher="logits",
+        teacher_logits=logits,
+        labelled_batch_size=4,
+        unlabelled_batch_size=8,
+        max_steps=None,
+        epochs=5,
+        epoch_length="labelled",
+        test_weights="best_val",
+        lr=0.05,
+        checkpoint_every=EVERY,
+        log_every=EVERY,
+    )
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(settings))
+    process = subprocess.Popen(_command(config_path), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "killed" / "best.pt").is_file() or max(_checkpointed_steps(tmp_path / "killed")) < 40:
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the run wrote no best.pt in time"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert (
+        checkpoint.load(tmp_path / "killed" / "last.pt")["step"]
+        < 5 * checkpoint.load(tmp_path / "killed" / "last.pt")["steps_per_epoch"]
+    )
+
+    subprocess.run(_command(config_path, "--resume"), env=_env(), check=True, capture_output=True)
+    subprocess.run(
+        _command(config_path, "--output-dir", str(tmp_path / "straight")), env=_env(), check=True, capture_output=True
+    )
+    for name in ("best.pt", "last.pt"):
+        resumed, straight = (checkpoint.load(tmp_path / d / name) for d in ("killed", "straight"))
+        assert resumed["step"] == straight["step"] and resumed["best_val"] == straight["best_val"], name
+        assert (resumed["alpha"], resumed["beta"]) == (straight["alpha"], straight["beta"]), name
+        for key, value in straight["model"].items():
+            torch.testing.assert_close(resumed["model"][key], value, rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
+    assert resumed["test"] == straight["test"]

@@ -6,8 +6,9 @@ Run folder (``output_dir``):
 - ``active_settings.json``: the run's settings (:meth:`ActiveConfig.settings`), which a resumed run must share;
 - ``round_XX/labelled.json``: the round's labelled set, written before the round trains: ``{"round", "strategy",
   "num_labelled", "labelled", "picks"}``, where ``labelled`` lists the train indices in the order they were
-  labelled (the initial k-shot set sorted, then each round's picks) and ``picks`` the images this round added, in
-  pick order (round 0: none; its set is the initial one). ``TrainConfig.labelled_indices`` reads the file as is;
+  labelled (:func:`initial_set`'s in its pick order, then each round's picks) and ``picks`` the images this round
+  added, in pick order (round 0: none; its set is the initial one). ``TrainConfig.labelled_indices`` reads the file
+  as the round's labelled set (in ascending index order);
 - ``round_XX/teacher_logits.pt`` (``teacher_refit: clap``): the round's refit teacher on every train image;
 - ``round_XX/``: the student's training run (``last.pt``, metrics), through :func:`dho_fast.train.trainer.train`;
 - ``active_log.json`` / ``active_log.csv``: one record per finished round (round, labelled images, strategy, test
@@ -34,11 +35,12 @@ import torch
 from dho_fast.select import pool_outputs, select
 from dho_fast.train import checkpoint
 from dho_fast.train.active_config import LABELLED_NAME, ActiveConfig
-from dho_fast.train.build import build_run_student, build_teacher_model, eval_dataset, load_splits
+from dho_fast.train.build import build_run_student, build_teacher_model, eval_dataset, load_splits, teacher_templates
 from dho_fast.train.clap import fit_clap, mean_text_embeddings, write_teacher_logits
 from dho_fast.train.config import TrainConfig
-from dho_fast.train.data import complement, k_shot_indices, load_classnames
+from dho_fast.train.data import complement, load_classnames
 from dho_fast.train.distributed import init_distributed
+from dho_fast.train.splits import k_shot_indices
 from dho_fast.train.teacher import ClipTeacher, prompt_templates
 from dho_fast.train.trainer import CHECKPOINT_NAME, train
 
@@ -60,6 +62,16 @@ def run_active(config: ActiveConfig) -> list[dict]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("dho-fast active runs in one process (selection is not distributed): run it without torchrun")
     return _ActiveRun(config).run()
+
+
+def initial_set(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Round 0's labelled set: the reference's k-shot rule (:func:`~dho_fast.train.splits.k_shot_indices`, ``shots``
+    per class drawn with ``seed``) with each image once, int64 in pick order.
+
+    The rule repeats images of a class shorter than ``shots`` (never at the reference's 1 shot); a labelled set
+    names an image once, as ``labelled_indices`` files must, so a repeat keeps only its first pick."""
+    picks = k_shot_indices(labels, shots, seed)
+    return picks[np.sort(np.unique(picks, return_index=True)[1])]
 
 
 def pool_subsample(num_train: int, initial: np.ndarray, pool_size: int | None, seed: int) -> np.ndarray:
@@ -118,7 +130,7 @@ class _ActiveRun:
                 "a test split)"
             )
         self.labels = self.splits.train_labels()
-        self.initial = k_shot_indices(self.labels, config.initial_shots, config.seed)
+        self.initial = initial_set(self.labels, config.initial_shots, config.seed)
         self.pool = pool_subsample(len(self.labels), self.initial, config.pool_size, config.seed)
         self.budget = config.budget or len(self.splits.classnames)
         if config.rounds * self.budget > len(self.pool):
@@ -214,7 +226,7 @@ class _ActiveRun:
         if self.clap_model is None:
             model, tokenizer, preprocess, input_dtype = build_teacher_model(train_config, self.device)
             classnames = load_classnames(train_config.classnames, self.splits.classnames)
-            templates = prompt_templates(train_config.teacher_templates)
+            templates = prompt_templates(teacher_templates(train_config))
             text_means = mean_text_embeddings(model, tokenizer, classnames, templates, device=self.device)
             self.clap_model = (model, preprocess, input_dtype, text_means)
         model, preprocess, input_dtype, text_means = self.clap_model

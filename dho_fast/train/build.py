@@ -13,14 +13,14 @@ from dho_fast.train.data import (
     DatasetSplits,
     ImageDataset,
     Sample,
-    class_balanced_indices,
     complement,
-    k_shot_indices,
     load_classnames,
     load_coop_splits,
     load_image_folder_splits,
     read_labelled_indices,
 )
+from dho_fast.train.datasets import dataset_templates, load_dataset
+from dho_fast.train.splits import class_balanced_indices, k_shot_indices, percent_split_indices
 from dho_fast.train.students import Student, build_student
 from dho_fast.train.teacher import (
     ClipTeacher,
@@ -45,7 +45,9 @@ class RunData:
 
 
 def load_splits(config: TrainConfig) -> DatasetSplits:
-    """The train, val and test splits of ``config``'s ImageFolder trees or CoOp split json."""
+    """The train, val and test splits of ``config``'s named dataset, ImageFolder trees or CoOp split json."""
+    if config.dataset is not None:
+        return load_dataset(config.dataset, config.data_root)
     if config.data_format == "imagefolder":
         return load_image_folder_splits(config.train_dir, config.val_dir, config.test_dir)
     return load_coop_splits(config.split_json, config.image_root)
@@ -55,16 +57,30 @@ def build_data(config: TrainConfig) -> RunData:
     """Reads the splits and selects the labelled set (the rest of the train pool is unlabelled)."""
     splits = load_splits(config)
     labels = splits.train_labels()
-    if config.shots is not None:
-        labelled = k_shot_indices(labels, config.shots, config.split_seed)
+    if config.labelled_percent is not None:
+        labelled = percent_split_indices(labels, config.labelled_percent, _split_seed(config, 13))
+    elif config.shots is not None:
+        labelled = k_shot_indices(labels, config.shots, _split_seed(config, 1))
     elif config.labelled_indices is not None:
         labelled = read_labelled_indices(config.labelled_indices, len(labels))
     else:
         labelled = class_balanced_indices(
-            labels, fraction=config.labelled_fraction, num_labelled=config.num_labelled, seed=config.split_seed
+            labels, fraction=config.labelled_fraction, num_labelled=config.num_labelled, seed=_split_seed(config, 1)
         )
     classnames = load_classnames(config.classnames, splits.classnames)
     return RunData(splits, classnames, labelled, complement(labelled, len(labels)))
+
+
+def _split_seed(config: TrainConfig, reference_seed: int) -> int:
+    return reference_seed if config.split_seed is None else config.split_seed
+
+
+def teacher_templates(config: TrainConfig) -> str:
+    """The teacher's prompt templates: ``teacher_templates``, else the named dataset's (METHOD.md), else the one
+    ``"a photo of a {}."``; a spec of :func:`~dho_fast.train.teacher.prompt_templates`."""
+    if config.teacher_templates is not None:
+        return config.teacher_templates
+    return dataset_templates(config.dataset) if config.dataset is not None else "a photo of a {}."
 
 
 def teacher_precision(config: TrainConfig, device: torch.device) -> str:
@@ -81,8 +97,11 @@ def build_teacher(config: TrainConfig, classnames: Sequence[str], num_train: int
         return LogitsTeacher.from_file(config.teacher_logits, num_train, len(classnames)).to(device)
     model, tokenizer, preprocess, input_dtype = build_teacher_model(config, device)
     if config.teacher == "open_clip":
-        templates = prompt_templates(config.teacher_templates)
-        head = ZeroShotHead(class_text_embeddings(model, tokenizer, classnames, templates, device=device))
+        templates = prompt_templates(teacher_templates(config))
+        embeddings = class_text_embeddings(
+            model, tokenizer, classnames, templates, device=device, mean=config.teacher_text_embeddings
+        )
+        head = ZeroShotHead(embeddings)
     else:
         path = config.tip_adapter_checkpoint
         state = load_file(path, f"tip_adapter_checkpoint {path}")
@@ -135,8 +154,11 @@ def build_run_student(
         import open_clip
 
         tokenizer = open_clip.get_tokenizer(config.student.removeprefix("open_clip:"))
-        templates = prompt_templates(config.student_templates or config.teacher_templates)
-        student.init_from_text(class_text_embeddings(clip_model, tokenizer, classnames, templates, device=device))
+        templates = prompt_templates(config.student_templates or teacher_templates(config))
+        embeddings = class_text_embeddings(
+            clip_model, tokenizer, classnames, templates, device=device, mean=config.student_text_embeddings
+        )
+        student.init_from_text(embeddings)
     return student
 
 

@@ -50,7 +50,7 @@ def mean_text_embeddings(
 ) -> torch.Tensor:
     """CLAP's W0: ``W0[c] = mean_t encode_text(template_t(classname_c))``, the raw prompt embeddings averaged with
     no normalisation before or after. ``model``: an open_clip model. Returns (C, D) float32 on ``device``."""
-    return class_text_embeddings(model, tokenizer, classnames, templates, device=device, normalize=False)
+    return class_text_embeddings(model, tokenizer, classnames, templates, device=device, mean="raw")
 
 
 def _float_matrix(value: object, name: str) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """``dho-fast``: ``train`` a student from a YAML config and flags, ``eval`` a checkpoint, ``active`` learning.
 
 Every setting of :class:`~dho_fast.train.config.TrainConfig` is a flag (``lr`` is ``--lr``, ``train_dir`` is
-``--train-dir``; ``none`` unsets an optional one); flags override the YAML file given with ``--config``. A boolean
+``--train-dir``; ``none`` unsets an optional one); flags override the YAML files given with ``--config`` (repeat
+it to layer files, as ``configs/fewshot/`` does: each file overrides the ones before). A boolean
 setting is a switch without a value (``--hflip`` / ``--no-hflip``): ``--hflip false`` is refused, as argparse
 refuses any stray word, so no string is ever read as a boolean.
 ``active --config FILE`` takes a few flags of the loop's top-level settings (``--resume``, ``--output-dir``,
@@ -45,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dho-fast", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a student (DHO, or the kd / ce baselines)")
-    train.add_argument("--config", help="YAML file of settings (configs/*.yaml)")
+    train.add_argument(
+        "--config",
+        action="append",
+        help="YAML file of settings (configs/); repeat it to layer files, each overriding the ones before",
+    )
     _add_setting_flags(train)
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its run's val or test split")
     evaluate.add_argument("checkpoint", help="a checkpoint written by train (output_dir/last.pt)")
@@ -89,7 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if result.val:
                 _print_metrics("validation", result.val)
             if result.test:
-                _print_metrics("test", result.test)
+                weights = (
+                    ""
+                    if result.best_val_step is None
+                    else f" (the best validation epoch's, step {result.best_val_step})"
+                )
+                _print_metrics(f"test{weights}", result.test)
             print(f"checkpoint: {result.checkpoint}")
         elif args.command == "active":
             from dho_fast.train.active import LOG_NAME, run_active

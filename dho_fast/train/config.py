@@ -17,14 +17,33 @@ A setting is checked in three stages, each naming the key, what it takes and the
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 # Keys of earlier releases: ce_weight / kd_weight now name the heads' matrices only.
 RENAMED_KEYS = {"ce_weight": "ce_loss_weight", "kd_weight": "kd_loss_weight"}
-# The four ways to choose the labelled set, of which a config sets exactly one.
-LABELLED_SET_SETTINGS = ("labelled_fraction", "num_labelled", "shots", "labelled_indices")
+# The reference protocol's datasets (dho_fast.train.datasets.DATASETS lays each out).
+DatasetName = Literal[
+    "caltech101",
+    "dtd",
+    "eurosat",
+    "fgvc",
+    "food101",
+    "imagenet",
+    "oxford_flowers",
+    "oxford_pets",
+    "stanford_cars",
+    "sun397",
+    "ucf101",
+]
+# How a class's prompt embeddings become its text embedding (dho_fast.train.teacher.class_text_embeddings).
+TextMean = Literal["normalized", "mean_of_normalized", "raw"]
+# The settings that name files of an ImageFolder tree or a split json; a named dataset finds its own.
+DATA_PATH_SETTINGS = ("train_dir", "val_dir", "test_dir", "split_json", "image_root")
+# The five ways to choose the labelled set, of which a config sets exactly one.
+LABELLED_SET_SETTINGS = ("labelled_percent", "labelled_fraction", "num_labelled", "shots", "labelled_indices")
 # Settings that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = frozenset(
     {
@@ -46,6 +65,7 @@ MAX_SKIPPED_STEPS = 20
 # The range of every number setting, as in mathematics; a list setting's every value. Every int and float field has
 # one (tests/test_config.py checks it), so no number setting goes unchecked.
 RANGES = {
+    "labelled_percent": "(0, 100]",
     "labelled_fraction": "(0, 1]",
     "num_labelled": "[1, inf)",
     "shots": "[1, inf)",
@@ -97,7 +117,10 @@ class TrainConfig:
     same way. The count is saved in checkpoints: a resumed run stops where the uninterrupted one would.
     """
 
-    # Data: an ImageFolder tree (train_dir, val_dir, test_dir) or a CoOp split json (split_json, image_root).
+    # Data: one of the reference protocol's datasets under data_root in its CoOp layout (dho_fast.train.datasets),
+    # or else an ImageFolder tree (train_dir, val_dir, test_dir) or a CoOp split json (split_json, image_root).
+    dataset: DatasetName | None = None
+    data_root: str | None = None
     data_format: Literal["imagefolder", "coop"] = "imagefolder"
     train_dir: str | None = None
     val_dir: str | None = None
@@ -105,13 +128,16 @@ class TrainConfig:
     split_json: str | None = None
     image_root: str | None = None
     classnames: str | None = None  # "imagenet" (open_clip's names), a text file with one name a line, or folder names
-    # The labelled set: exactly one of a class-balanced fraction, a class-balanced total, k shots per class, or a
-    # file of train indices (a JSON list, or an object whose "labelled" key holds one, as the active loop writes).
+    # The labelled set: exactly one of the reference's percent rule (ImageNet 1% / 10%: labelled_percent 1 or 10),
+    # a class-balanced fraction or total of exactly that size, the reference's k shots per class, or a file of train
+    # indices (a JSON list, or an object whose "labelled" key holds one, as the active loop writes); see
+    # dho_fast.train.splits.
+    labelled_percent: float | None = None
     labelled_fraction: float | None = None
     num_labelled: int | None = None
     shots: int | None = None
     labelled_indices: str | None = None
-    split_seed: int = 1
+    split_seed: int | None = None  # None: the reference's seeds, 13 for labelled_percent, 1 for the other rules
     image_mode: Literal["RGB", "L"] = "RGB"
     student_size: int = 224
     teacher_size: int | None = None  # None: the teacher model's own input size
@@ -142,12 +168,23 @@ class TrainConfig:
     teacher_arch: str = "RN50"
     teacher_pretrained: str | None = "openai"  # an open_clip pretrained tag or a local checkpoint file
     teacher_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    teacher_templates: str = "a photo of a {}."  # dho_imagenet, openai_imagenet, or one template with "{}"
+    # dho_imagenet, openai_imagenet, or one template with "{}"; None: the dataset's own (METHOD.md), else the one
+    # "a photo of a {}."
+    teacher_templates: str | None = None
+    # Class text embeddings of the prompt ensemble (dho_fast.train.teacher.class_text_embeddings): "normalized" is
+    # METHOD.md's formula; the reference's ImageNet script averages normalised prompt embeddings without normalising
+    # the mean for its open_clip teacher ("mean_of_normalized") and initialises a CLIP student's heads from the raw
+    # mean ("raw"): set these to match its published checkpoints.
+    teacher_text_embeddings: TextMean = "normalized"
+    student_text_embeddings: TextMean = "normalized"
     teacher_logits: str | None = None  # teacher="logits": a (num_train, C) tensor file, one row per train index
     tip_adapter_checkpoint: str | None = None
 
     # Optimisation.
-    epochs: int | None = 1  # passes over the unlabelled set (the labelled set if there is none); None: max_steps
+    epochs: int | None = 1  # passes over the set epoch_length names; None: max_steps alone limits the run
+    # "unlabelled": an epoch is a pass over U (the labelled set if U is empty), as the ImageNet recipes count;
+    # "labelled": a pass over L with paired unlabelled batches, as the few-shot recipe counts (200 epochs).
+    epoch_length: Literal["unlabelled", "labelled"] = "unlabelled"
     max_steps: int | None = None
     labelled_batch_size: int = 64
     unlabelled_batch_size: int = 64
@@ -165,9 +202,12 @@ class TrainConfig:
     kd_loss_weight: float = 0.5
     label_smoothing: float = 0.0
 
-    # Evaluation: alpha and beta fixed (both given) or searched on the validation split.
+    # Evaluation: alpha and beta fixed (both given) or searched on the validation split every epoch.
     alpha: float | None = None
     beta: float | None = None
+    # The weights the final test uses: "last", or "best_val": the epoch with the best validation accuracy (the
+    # blend's for dho; the first maximum), saved as best.pt beside last.pt, tested with its alpha and beta.
+    test_weights: Literal["last", "best_val"] = "last"
     eval_batch_size: int = 256
 
     # Run.
@@ -191,16 +231,24 @@ class TrainConfig:
         """Raises ValueError naming the first number out of its range (``RANGES``) or setting inconsistent with
         the others. The types were checked on construction."""
         check_ranges(self, RANGES)
-        if self.data_format == "imagefolder" and not self.train_dir:
-            raise ValueError("train_dir is required when data_format is 'imagefolder'")
-        if self.data_format == "coop" and not (self.split_json and self.image_root):
+        if self.dataset is not None:
+            if not self.data_root:
+                raise ValueError(f"data_root is required with dataset {self.dataset!r}")
+            paths = [n for n in DATA_PATH_SETTINGS if getattr(self, n) is not None]
+            if paths:
+                raise ValueError(f"dataset {self.dataset!r} finds its files under data_root: unset {paths}")
+        elif self.data_root is not None:
+            raise ValueError("data_root is read only with dataset (one of the reference protocol's datasets)")
+        elif self.data_format == "imagefolder" and not self.train_dir:
+            raise ValueError("train_dir is required when data_format is 'imagefolder' (or name a dataset)")
+        elif self.data_format == "coop" and not (self.split_json and self.image_root):
             raise ValueError("split_json and image_root are required when data_format is 'coop'")
         chosen = [n for n in LABELLED_SET_SETTINGS if getattr(self, n) is not None]
         if len(chosen) != 1:
             raise ValueError(f"exactly one of {', '.join(LABELLED_SET_SETTINGS)} must be set, got {chosen or 'none'}")
         if self.epochs is None and self.max_steps is None:
             raise ValueError("max_steps must be set when epochs is None (no limit on epochs)")
-        if self.method != "ce" and self.unlabelled_batch_size == 0 and self.labelled_fraction != 1:
+        if self.method != "ce" and self.unlabelled_batch_size == 0 and not self._all_labelled():
             raise ValueError(f"unlabelled_batch_size must be > 0 for method '{self.method}' (KD needs unlabelled rows)")
         lo, hi = self.crop_scale
         if lo > hi:
@@ -220,6 +268,9 @@ class TrainConfig:
             raise ValueError("log_gradient_conflict needs a CE and a KD term: method 'dho' or 'kd', not 'ce'")
         if (self.alpha is None) != (self.beta is None):
             raise ValueError("alpha and beta must be given together (fixed blend) or both left unset (searched)")
+
+    def _all_labelled(self) -> bool:
+        return self.labelled_fraction == 1 or self.labelled_percent == 100
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (tuples as lists), as written to YAML and to checkpoints."""
@@ -296,9 +347,16 @@ def field_types() -> dict[str, type]:
     return kinds
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A YAML file of settings (optional), then ``overrides`` on top of it; checked as a whole."""
-    return TrainConfig.from_dict({**read_yaml_settings(path), **(overrides or {})})
+def load_config(
+    path: str | Path | Sequence[str | Path] | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """YAML files of settings (optional: one path or a sequence of them, each overriding the ones before), then
+    ``overrides`` on top; checked as a whole."""
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    settings: dict[str, Any] = {}
+    for each in paths:
+        settings.update(read_yaml_settings(each))
+    return TrainConfig.from_dict({**settings, **(overrides or {})})
 
 
 def read_yaml_settings(path: str | Path | None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Datasets on disk (ImageFolder trees, CoOp split json files) and the labelled-set selections of METHOD.md."""
+"""Datasets on disk (ImageFolder trees, CoOp split json files), a labelled set read from a file and its complement."""
 
 import json
 import os
@@ -40,7 +40,9 @@ class DatasetSplits:
 
 
 def scan_image_folder(root: str | Path, class_dirs: Sequence[str] | None = None) -> tuple[list[Sample], list[str]]:
-    """Images of an ImageFolder tree ``root/<class>/<image>``, sorted by class folder then file name.
+    """Images of an ImageFolder tree ``root/<class>/...``, in torchvision ``ImageFolder``'s order: class folders
+    sorted, then within each one ``sorted(os.walk(class_dir, followlinks=True))`` (folders by path, so a folder's own
+    files come before its subfolders') and each folder's file names sorted; extensions ``IMAGE_EXTENSIONS`` in any case.
 
     Class indices follow the sorted folder names, or ``class_dirs`` when given (so val and test trees index their
     classes like the train tree; a class folder missing from them simply has no images). A class folder that exists
@@ -63,13 +65,13 @@ def scan_image_folder(root: str | Path, class_dirs: Sequence[str] | None = None)
         # os.walk on strings: pathlib costs seconds on ImageNet-sized trees.
         files = [
             os.path.join(parent, f)
-            for parent, _, names in os.walk(root / name)
-            for f in names
-            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+            for parent, _, names in sorted(os.walk(os.path.join(root, name), followlinks=True))
+            for f in sorted(names)
+            if f.lower().endswith(IMAGE_EXTENSIONS)
         ]
         if not files and name in found:
             raise ValueError(f"class folder {root / name} holds no images with extensions {IMAGE_EXTENSIONS}")
-        samples.extend(Sample(path, label) for path in sorted(files))
+        samples.extend(Sample(path, label) for path in files)
     if not samples:
         raise ValueError(f"image folder {root} holds no images with extensions {IMAGE_EXTENSIONS}")
     return samples, list(class_dirs)
@@ -137,62 +139,6 @@ def load_classnames(spec: str | None, default: list[str]) -> list[str]:
     return names
 
 
-def _check_labels(labels: np.ndarray) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
-        raise ValueError(f"labels must be a 1-d array of class indices >= 0, got {labels.dtype} {labels.shape}")
-    return labels
-
-
-def k_shot_indices(labels: np.ndarray, shots: int, seed: int = 1) -> np.ndarray:
-    """``shots`` indices per class, drawn without replacement with ``numpy`` seed ``seed``; sorted int64.
-
-    A class with fewer than ``shots`` images keeps all of them (as CoOp's sampler does).
-    """
-    labels = _check_labels(labels)
-    if shots < 1:
-        raise ValueError(f"shots must be >= 1, got {shots}")
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        chosen.append(members if len(members) <= shots else rng.choice(members, shots, replace=False))
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
-
-
-def class_balanced_indices(
-    labels: np.ndarray, *, fraction: float | None = None, num_labelled: int | None = None, seed: int = 13
-) -> np.ndarray:
-    """A class-balanced labelled set: every class gets ``total // C`` images and ``total % C`` classes (chosen with
-    the seed) one more, drawn without replacement; sorted int64 indices.
-
-    ``total`` is ``num_labelled`` or ``round(fraction * len(labels))``. METHOD.md's ImageNet splits are
-    ``num_labelled = 13000`` (1%, 13 per class) and ``128286`` (10%, 128 or 129 per class) with seed 13.
-    """
-    labels = _check_labels(labels)
-    if (fraction is None) == (num_labelled is None):
-        raise ValueError("give exactly one of fraction and num_labelled")
-    if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        if fraction == 1:
-            return np.arange(len(labels), dtype=np.int64)
-        num_labelled = max(1, round(fraction * len(labels)))
-    classes = np.unique(labels)
-    if not 1 <= num_labelled <= len(labels):
-        raise ValueError(f"num_labelled must be in [1, {len(labels)}], got {num_labelled}")
-    rng = np.random.default_rng(seed)
-    per_class = np.full(len(classes), num_labelled // len(classes))
-    per_class[rng.permutation(len(classes))[: num_labelled % len(classes)]] += 1
-    chosen = []
-    for c, k in zip(classes, per_class, strict=True):
-        members = np.flatnonzero(labels == c)
-        if k > len(members):
-            raise ValueError(f"class {c} has {len(members)} images, fewer than its {k} labelled images")
-        chosen.append(rng.choice(members, k, replace=False))
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
-
-
 def read_labelled_indices(path: str | Path, num_train: int) -> np.ndarray:
     """The labelled set of the setting ``labelled_indices``: a JSON file holding a list of train-pool indices, or an
     object whose ``"labelled"`` key holds one (the active loop's ``round_XX/labelled.json``). Returns them sorted,
@@ -236,7 +182,8 @@ def _preview(value: object, limit: int = 80) -> str:
 
 
 def complement(indices: np.ndarray, size: int) -> np.ndarray:
-    """Sorted int64 indices of ``range(size)`` that are not in ``indices`` (the unlabelled rest of the pool)."""
+    """Sorted int64 indices of ``range(size)`` that are not in ``indices`` (the unlabelled rest of the pool), each
+    once; ``indices`` may be in any order and repeat (a k-shot set of a short class)."""
     mask = np.ones(size, dtype=bool)
     mask[indices] = False
     return np.flatnonzero(mask).astype(np.int64)

@@ -7,6 +7,7 @@ indices.
 
 import hashlib
 import io
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dho_fast.train.checkpoint import load_file
-from dho_fast.train.config import InputTypeError
+from dho_fast.train.config import InputTypeError, TextMean
 
 #: The 7 ImageNet prompts of the DHO reference (METHOD.md).
 DHO_IMAGENET_TEMPLATES = (
@@ -31,6 +32,7 @@ DHO_IMAGENET_TEMPLATES = (
 TIP_ADAPTER_KEYS = ("adapter_weight", "cache_keys", "cache_values", "clip_weights", "best_alpha", "best_beta")
 
 Template = str | Callable[[str], str]
+TEXT_MEANS: tuple[str, ...] = typing.get_args(TextMean)
 
 
 def prompt_templates(spec: str) -> list[Template]:
@@ -55,26 +57,31 @@ def class_text_embeddings(
     *,
     device: torch.device | str = "cpu",
     classes_per_batch: int = 32,
-    normalize: bool = True,
+    mean: TextMean = "normalized",
 ) -> torch.Tensor:
-    """One text embedding per class from a prompt ensemble, as METHOD.md defines: each prompt's embedding is
-    L2-normalised, the class mean normalised again. ``model``: an open_clip model (``encode_text``).
-    ``normalize=False``: the plain mean of the raw prompt embeddings instead, normalised neither before nor after
-    (CLAP's W0, :func:`dho_fast.train.clap.mean_text_embeddings`).
+    """One text embedding per class from a prompt ensemble of ``templates``; ``model``: an open_clip model
+    (``encode_text``). With e_t the embedding of prompt t of a class:
 
-    Returns (C, D) float32 on ``device``, unit rows unless ``normalize`` is False.
+    - ``"normalized"`` (METHOD.md): ``normalize(mean_t normalize(e_t))``, unit rows;
+    - ``"mean_of_normalized"``: ``mean_t normalize(e_t)`` (the reference's ImageNet teacher, its open_clip path);
+    - ``"raw"``: ``mean_t e_t`` (CLAP's W0, :func:`dho_fast.train.clap.mean_text_embeddings`; the reference's
+      CLIP-student head init).
+
+    Returns (C, D) float32 on ``device``.
     """
     if not classnames or not templates:
         raise ValueError("classnames and templates must be non-empty")
+    if mean not in TEXT_MEANS:
+        raise ValueError(f"mean must be one of {TEXT_MEANS}, got {mean!r}")
     rows = []
     for start in range(0, len(classnames), classes_per_batch):
         names = classnames[start : start + classes_per_batch]
         texts = [t.format(n) if isinstance(t, str) else t(n) for n in names for t in templates]
         prompts = model.encode_text(tokenizer(texts).to(device)).float()
-        if normalize:
+        if mean != "raw":
             prompts = F.normalize(prompts, dim=-1)
         means = prompts.view(len(names), len(templates), -1).mean(dim=1)
-        rows.append(F.normalize(means, dim=-1) if normalize else means)
+        rows.append(F.normalize(means, dim=-1) if mean == "normalized" else means)
     return torch.cat(rows)
 
 
@@ -91,6 +98,10 @@ def create_open_clip(
     ``arch``: a built-in architecture (``ViT-H-14-378-quickgelu``), ``local-dir:PATH`` or ``hf-hub:ORG/REPO``;
     ``pretrained``: an open_clip tag (``dfn5b``, ``openai``) or a local checkpoint file, None for random weights;
     ``model_config``: a model config json registered first, for architectures open_clip does not ship.
+
+    Raises ValueError when the pretrained tag's weights were trained with QuickGELU (OpenAI's CLIP weights) and
+    ``arch`` builds GELU layers: open_clip would load them with only a warning into a model whose features are
+    wrong; the message names the QuickGELU architecture to use (``RN50-quickgelu`` for ``RN50``).
     """
     import open_clip
 
@@ -98,9 +109,26 @@ def create_open_clip(
         if not Path(model_config).is_file():
             raise FileNotFoundError(f"model_config {model_config} does not exist")
         open_clip.add_model_config(model_config)
+    _check_quick_gelu(arch, pretrained)
     model = open_clip.create_model(arch, pretrained=pretrained, precision=precision, device=device)
     model.eval()
     return model, open_clip.get_tokenizer(arch), open_clip.get_model_preprocess_cfg(model)
+
+
+def _check_quick_gelu(arch: str, pretrained: str | None) -> None:
+    import open_clip
+
+    if pretrained is None or Path(pretrained).is_file():
+        return  # random weights, or a local file whose training open_clip does not record
+    weights = open_clip.get_pretrained_cfg(arch, pretrained)
+    built = open_clip.get_model_config(arch) or {}
+    if weights.get("quick_gelu") and not built.get("quick_gelu"):
+        name = f"{arch}-quickgelu"
+        hint = f"'{name}'" if name in open_clip.list_models() else "an architecture whose config sets quick_gelu"
+        raise ValueError(
+            f"pretrained {pretrained!r} weights of {arch!r} were trained with QuickGELU activations but {arch!r} "
+            f"builds GELU layers (its features would be wrong): use {hint} instead"
+        )
 
 
 class ZeroShotHead(nn.Module):

@@ -25,6 +25,7 @@ from dho_fast.train.schedule import build_scheduler
 from dho_fast.train.teacher import LogitsTeacher
 
 CHECKPOINT_NAME = "last.pt"
+BEST_CHECKPOINT_NAME = "best.pt"  # test_weights "best_val": the epoch with the best validation accuracy
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TrainResult:
     val: dict[str, float] | None = None
     test: dict[str, float] | None = None
     history: list[dict] = field(default_factory=list)
+    best_val_step: int | None = None  # test_weights "best_val": the step whose weights were tested
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -46,6 +48,10 @@ def train(config: TrainConfig) -> TrainResult:
     Writes ``output_dir/last.pt`` every ``checkpoint_every`` steps, at each epoch end (after that epoch's
     evaluation) and at the end; ``config.resume`` continues from it at the exact step, with the optimizer, scheduler,
     loss-scaler and random-number state, so a killed run loses at most ``checkpoint_every`` steps.
+
+    ``test_weights: best_val`` also writes ``output_dir/best.pt`` (the same format) after each epoch whose validation
+    accuracy beats every earlier epoch's (strictly: the first maximum is kept), and tests those weights with that
+    epoch's alpha and beta at the end, as the reference's few-shot protocol does.
     """
     info = init_distributed(config.device)
     try:
@@ -92,8 +98,12 @@ class _Trainer:
         self.student = build_run_student(config, self.data.classnames, device)
         self.train_set = train_dataset(config, splits.train, self.student, self.teacher)
         self.eval_sets = {k: eval_dataset(config, getattr(splits, k), self.student) for k in ("val", "test")}
+        if config.test_weights == "best_val" and not splits.val:
+            raise ValueError("test_weights 'best_val' needs a validation split to pick the epoch")
+        # A pass over U (or over L when U is empty or unused), or with epoch_length "labelled" one over L.
+        num_unlabelled = len(self.data.unlabelled) if config.epoch_length == "unlabelled" else 0
         self.steps_per_epoch = steps_per_epoch(
-            len(self.data.labelled), len(self.data.unlabelled), config.labelled_batch_size, config.unlabelled_batch_size
+            len(self.data.labelled), num_unlabelled, config.labelled_batch_size, config.unlabelled_batch_size
         )
         limits = [] if config.max_steps is None else [config.max_steps]
         if config.epochs is not None:
@@ -114,6 +124,8 @@ class _Trainer:
         self.val_metrics: dict | None = None
         # (step, metrics) of the last test-split evaluation, which the final test reuses when it ran at the last step.
         self.last_test: tuple[int, dict] | None = None
+        # test_weights "best_val": the step and validation metrics of the weights in best.pt.
+        self.best_val: tuple[int, dict] | None = None
         self.use_unlabelled = config.method != "ce"
         if config.resume:
             self._load_checkpoint()
@@ -141,6 +153,7 @@ class _Trainer:
         self.step = state["step"]
         self.alpha, self.beta = state["alpha"], state["beta"]
         self.history, self.val_metrics = state["history"], state["val"]
+        self.best_val = state["best_val"]
         rng = state["rng"]
         if len(rng) != self.info.world_size:
             warnings.warn(
@@ -153,7 +166,9 @@ class _Trainer:
     def _teacher_logits_sha256(self) -> str | None:
         return self.teacher.sha256 if isinstance(self.teacher, LogitsTeacher) else None
 
-    def _save_checkpoint(self, test: dict | None = None) -> None:
+    def _save_checkpoint(self, test: dict | None = None, path: Path | None = None) -> None:
+        """Writes this run's state atomically to ``path`` (``last.pt`` by default); called on every rank."""
+        path = path or self.ckpt_path
         rng = gather_objects(checkpoint.rng_state(), self.info)  # every rank's generators, collected on all
         if self.info.is_main:
             state = {
@@ -174,10 +189,11 @@ class _Trainer:
                 "history": self.history,
                 "val": self.val_metrics,
                 "test": test,
+                "best_val": self.best_val,
                 "teacher_logits_sha256": self._teacher_logits_sha256(),
             }
-            checkpoint.save_atomic(state, self.ckpt_path)
-            self.log.log("checkpoint", self.step, {"path": str(self.ckpt_path)})
+            checkpoint.save_atomic(state, path)
+            self.log.log("checkpoint", self.step, {"path": str(path)})
         barrier(self.info)
 
     def _evaluate(self, split: str, search: bool) -> dict[str, float]:
@@ -209,6 +225,11 @@ class _Trainer:
         record = {"split": split, "epoch": self.step / self.steps_per_epoch, **metrics}
         self.history.append({"step": self.step, **record})
         self.log.log("eval", self.step, record)
+        if split == "val" and self.config.test_weights == "best_val":
+            accuracy = metrics["acc_blend" if self.config.method == "dho" else "acc"]
+            if self.best_val is None or accuracy > self.best_val[1]["accuracy"]:
+                self.best_val = (self.step, {"accuracy": accuracy, **metrics})
+                self._save_checkpoint(path=self.out / BEST_CHECKPOINT_NAME)
 
     def _loader(self) -> DataLoader:
         sampler = PairedBatchSampler(
@@ -296,14 +317,34 @@ class _Trainer:
             if epoch_end or self.step % cfg.checkpoint_every == 0:
                 self._save_checkpoint()
         progress.close()
-        test = None
-        if self.data.splits.test:
-            at_last_step = self.last_test is not None and self.last_test[0] == self.step
-            test = self.last_test[1] if at_last_step else self._evaluate("test", search=False)
-            self.log.log("test", self.step, test)
+        test = self._final_test()
         self._save_checkpoint(test)
         self.log.close()
-        return TrainResult(self.step, self.ckpt_path, self.alpha, self.beta, self.val_metrics, test, self.history)
+        best_step = self.best_val[0] if self.best_val else None
+        return TrainResult(
+            self.step, self.ckpt_path, self.alpha, self.beta, self.val_metrics, test, self.history, best_step
+        )
+
+    def _final_test(self) -> dict | None:
+        """The test metrics of the last weights, or under test_weights "best_val" of best.pt's weights with their
+        alpha and beta (the trained weights are restored after, so last.pt keeps the last ones)."""
+        if not self.data.splits.test:
+            return None
+        if self.config.test_weights == "best_val":
+            last_weights = {k: v.clone() for k, v in self.student.state_dict().items()}
+            last_blend = self.alpha, self.beta
+            best = checkpoint.load(self.out / BEST_CHECKPOINT_NAME)
+            self.student.load_state_dict(best["model"])
+            self.alpha, self.beta = best["alpha"], best["beta"]
+            test = self._evaluate("test", search=False)
+            self.student.load_state_dict(last_weights)
+            self.alpha, self.beta = last_blend
+            self.log.log("test", self.step, {**test, "weights_step": best["step"]})
+            return test
+        at_last_step = self.last_test is not None and self.last_test[0] == self.step
+        test = self.last_test[1] if at_last_step else self._evaluate("test", search=False)
+        self.log.log("test", self.step, test)
+        return test
 
     def _optimizer_step(self, step_terms: torch.Tensor) -> None:
         """Applies one optimizer step; ``step_terms``: this rank's loss, ce and kd terms summed over the step's
