@@ -254,6 +254,7 @@ ACTIVE_BAD_CONFIGS = [
     ({"train": {"shots": 2}}, ValueError, ["train settings ['shots'] are set by the active loop"]),
     ({"train": {"output_dir": "x", "resume": True}}, ValueError, ["['output_dir', 'resume'] are set by the active"]),
     ({"teacher_refit": "clap"}, ValueError, ["teacher_refit 'clap'", "train.teacher to 'open_clip'", "'logits'"]),
+    ({"train": {"test_weights": "best_val"}}, ValueError, ["train.test_weights must be 'last'", "'best_val'"]),
 ]
 
 

@@ -2,7 +2,8 @@
 
 Backends: "reference" (eager PyTorch, the one CPU tensors get), "triton" (CPU tensors under the interpreter, marker
 ``triton``) and "triton-cuda" (marker ``gpu``). The brute force takes each row's softmax in float64 and the first
-maximum written out, pair by pair of the grid; the best pair is METHOD.md's scan (beta outer, alpha inner, strict >).
+maximum written out, pair by pair of the grid; the best pair is METHOD.md's scan (beta outer, alpha inner from the
+pure-CE end, as the reference scans its KD weight 1 - alpha upwards, strict >).
 """
 
 import pytest
@@ -62,12 +63,13 @@ def brute_force_counts(ce, kd, labels, alphas, betas, near: float):
 
 
 def methods_best(table: torch.Tensor, alphas, betas) -> tuple[float, float, float]:
-    """(alpha, beta, accuracy) of the reference protocol: beta outer, alpha inner, strictly better replaces."""
+    """(alpha, beta, accuracy) of the reference protocol: beta outer, alpha inner from the last alpha to the first
+    (the reference's KD weight 1 - alpha upwards), strictly better replaces."""
     best = (-1.0, None, None)
     for j, b in enumerate(betas):
-        for i, a in enumerate(alphas):
+        for i in reversed(range(len(alphas))):
             if table[i, j] > best[0]:
-                best = (float(table[i, j]), a, b)
+                best = (float(table[i, j]), alphas[i], b)
     return best[1], best[2], best[0]
 
 
@@ -165,6 +167,18 @@ def test_search_breaks_ties_as_the_reference_protocol(backend_device):
     result = dho_fast.search_alpha_beta(ce, kd, labels, alphas, betas, backend=backend)
     assert result.table.tolist() == [[0.0, 1.0], [1.0, 1.0]]
     assert (result.alpha, result.beta, result.accuracy) == (0.75, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("backend_device", BLEND_BACKENDS)
+def test_search_ties_go_to_the_pure_ce_end_as_in_the_reference(backend_device):
+    # Equal heads give every pair of the grid the same predictions. The reference blends (1 - a) ce + a kd and scans
+    # a = 0, 0.05, ... upwards, keeping its first pair: a = 0, the pure-CE blend, which is alpha = 1 here.
+    backend, device = backend_device
+    ce = torch.tensor([[2.0, -1.0, 0.0], [0.0, 1.0, -1.0]], device=device)
+    labels = torch.tensor([0, 1], device=device)
+    result = dho_fast.search_alpha_beta(ce, ce.clone(), labels, backend=backend)
+    assert bool((result.table == 1).all())
+    assert (result.alpha, result.beta) == (1.0, 0.5)
 
 
 @pytest.mark.parametrize("backend_device", BLEND_BACKENDS)

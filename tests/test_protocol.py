@@ -65,7 +65,8 @@ def test_best_validation_epoch_is_tested_with_its_alpha_and_beta(trees, logits_f
     assert best["step"] == best_step and last["step"] == result.steps
     assert best["val"]["acc_blend"] == best_accuracy
     # The test of the run is the best epoch's weights with that epoch's alpha and beta.
-    assert (result.test["alpha"], result.test["beta"]) == (best["alpha"], best["beta"])
+    assert (result.test["alpha"], result.test["beta"]) == (best["alpha"], best["beta"]) == (result.alpha, result.beta)
+    assert result.val == best["val"] == best["best_val"][1]  # the run reports the epoch it tested
     assert evaluate_checkpoint(tmp_path / "best.pt") == pytest.approx(result.test)
     assert last["test"] == result.test
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -257,4 +258,6 @@ def test_fewshot_recipe_runs_on_a_dataset_tree(tmp_path, capsys):
     best_step = checkpoint.load(tmp_path / "run" / "best.pt")["step"]
     assert last["step"] == 3 * 3 and best_step in (3, 6, 9)  # 12 labelled images, batches of 4
     assert set(last["test"]) == {"acc_ce", "acc_kd", "acc_blend", "alpha", "beta"}
-    assert f"test (the best validation epoch's, step {best_step})" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"validation (the best validation epoch, step {best_step})" in printed
+    assert f"test (the best validation epoch, step {best_step})" in printed and "tested weights: best.pt" in printed

@@ -96,9 +96,13 @@ def search_alpha_beta(
 
     ``ce_logits``, ``kd_logits``: (N, C) float, N >= 1; ``labels``: (N,) int64 in [0, C). The logits are read once:
     each chunk of rows gets one softmax of the CE head, one per beta of the KD head, and all blends from those.
-    The best pair maximises accuracy; ties go to the first pair in the reference protocol's scan of the grid, beta
-    outer and alpha inner (METHOD.md: "beta-major, alpha-minor, strict >"). ``backend`` as in
-    :func:`dual_head_predict` (the search has no autograd graph).
+    The best pair maximises accuracy; ties go to the first pair in the reference protocol's scan of the grid
+    (METHOD.md: "beta-major, alpha-minor, strict >"): betas in the given order, and for each the alphas from the
+    last to the first. The reference weighs the heads ``(1 - a) softmax(z_ce) + a softmax(z_kd / beta)`` and scans
+    its ``a`` upwards; here ``alpha`` weighs the CE head, ``alpha = 1 - a``, so its scan runs downwards from the
+    pure-CE end of the default grid. (When every pair has accuracy 0 this gives the last alpha and first beta; the
+    reference then keeps its initial ``a = 0, beta = 1``.) ``backend`` as in :func:`dual_head_predict` (the search
+    has no autograd graph).
     """
     _check_pair(ce_logits, kd_logits)
     n, c = ce_logits.shape
@@ -127,6 +131,8 @@ def search_alpha_beta(
     name = backends.resolve("blend_search", backend, ce_logits.device)
     correct = backends.run("blend_search", name, ce_logits, kd_logits, labels, alpha_t, beta_t)
     table = correct.double().cpu() / n
-    best = int(table.t().flatten().argmax())  # the first maximum, scanning beta-major: ties go to the earliest pair
-    j, i = divmod(best, len(alphas))
+    # The first maximum of the reference's scan: beta-major, alphas last to first.
+    best = int(table.flip(0).t().flatten().argmax())
+    j, reversed_i = divmod(best, len(alphas))
+    i = len(alphas) - 1 - reversed_i
     return AlphaBetaSearch(float(alphas[i]), float(betas[j]), float(table[i, j]), table, tuple(alphas), tuple(betas))

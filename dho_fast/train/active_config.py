@@ -92,6 +92,11 @@ class ActiveConfig:
                 "labelled.json, the folder output_dir/round_XX): remove them (top level: output_dir, resume)"
             )
         config = self.round_train_config(0)
+        if config.test_weights != "last":
+            raise ValueError(
+                f"train.test_weights must be 'last' in the active loop, got {config.test_weights!r}: each round "
+                "selects with the student it trained to the end, and its test accuracy must be that student's"
+            )
         if self.teacher_refit == "clap" and (config.teacher != "open_clip" or config.method == "ce"):
             raise ValueError(
                 "teacher_refit 'clap' refits a CLAP head on the open_clip model of the train settings: set "

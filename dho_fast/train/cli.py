@@ -86,21 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports
     try:
         if args.command == "train":
-            from dho_fast.train.trainer import train
+            from dho_fast.train.trainer import BEST_CHECKPOINT_NAME, train
 
             result = train(load_config(args.config, _settings(args)))
             if not reports:
                 return 0
+            best = "" if result.best_val_step is None else f" (the best validation epoch, step {result.best_val_step})"
             if result.val:
-                _print_metrics("validation", result.val)
+                _print_metrics(f"validation{best}", result.val)
             if result.test:
-                weights = (
-                    ""
-                    if result.best_val_step is None
-                    else f" (the best validation epoch's, step {result.best_val_step})"
-                )
-                _print_metrics(f"test{weights}", result.test)
-            print(f"checkpoint: {result.checkpoint}")
+                _print_metrics(f"test{best}", result.test)
+            print(
+                f"checkpoint: {result.checkpoint}" + ("" if not best else f"; tested weights: {BEST_CHECKPOINT_NAME}")
+            )
         elif args.command == "active":
             from dho_fast.train.active import LOG_NAME, run_active
             from dho_fast.train.active_config import load_active_config

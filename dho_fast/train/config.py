@@ -86,7 +86,7 @@ RANGES = {
     "weight_decay": "[0, inf)",
     "warmup_steps": "[0, inf)",
     "warmup_fraction": "[0, 1)",
-    "warmup_start_factor": "(0, 1]",
+    "warmup_start_factor": "[0, 1]",
     "accumulation_steps": "[1, inf)",
     "grad_clip": "(0, inf)",
     "temperature": "(0, inf)",

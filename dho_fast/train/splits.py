@@ -47,8 +47,9 @@ def percent_split_indices(labels: np.ndarray, percent: float, seed: int = 13) ->
 
     Picks: one ``np.random.RandomState(seed)``; for c = 0, 1, ..., C-1 ``choice(positions of class c in list
     order, k_c, replace=False)``. Returns (sum k_c,) int64 train indices in that pick order (class 0's picks in
-    draw order, then class 1's, ...), distinct. On ImageNet (N = 1,281,167): 13 per class at 1%; at 10% 128 for
-    classes 0-713 and 129 for 714-999 (128,286).
+    draw order, then class 1's, ...), distinct. ``percent == 100`` gives every index in list order, as the
+    reference does (its unlabelled set is then a copy of the whole train set, a quirk not kept: U is empty). On
+    ImageNet (N = 1,281,167): 13 per class at 1%; at 10% 128 for classes 0-713 and 129 for 714-999 (128,286).
 
     Raises ValueError naming ``labels`` (not 1-d integers >= 0, empty, or a class 0..C-1 without images) or
     ``percent`` (not a number in (0, 100]).
@@ -56,6 +57,8 @@ def percent_split_indices(labels: np.ndarray, percent: float, seed: int = 13) ->
     labels = _check_labels(labels)
     if isinstance(percent, bool) or not isinstance(percent, numbers.Real) or not 0 < percent <= 100:
         raise ValueError(f"percent must be a number in (0, 100], got {percent!r}")
+    if percent == 100:
+        return np.arange(len(labels), dtype=np.int64)  # the reference returns the whole list, in its order
     sizes = np.bincount(labels)
     empty = np.flatnonzero(sizes == 0)
     if len(empty):

@@ -39,7 +39,8 @@ class TrainResult:
     val: dict[str, float] | None = None
     test: dict[str, float] | None = None
     history: list[dict] = field(default_factory=list)
-    best_val_step: int | None = None  # test_weights "best_val": the step whose weights were tested
+    # test_weights "best_val": the step whose weights were tested; alpha, beta and val are then that epoch's.
+    best_val_step: int | None = None
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -81,8 +82,9 @@ class _Trainer:
             raise FileExistsError(
                 f"{self.ckpt_path} exists: pass resume to continue that run, or choose another output_dir"
             )
-        if info.is_main:
-            checkpoint.remove_stale_temp_files(self.ckpt_path)  # of a run killed while it wrote a checkpoint
+        if info.is_main:  # of a run killed while it wrote a checkpoint
+            for path in (self.ckpt_path, self.out / BEST_CHECKPOINT_NAME):
+                checkpoint.remove_stale_temp_files(path)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.data = build_data(config)
         splits = self.data.splits
@@ -226,9 +228,9 @@ class _Trainer:
         self.history.append({"step": self.step, **record})
         self.log.log("eval", self.step, record)
         if split == "val" and self.config.test_weights == "best_val":
-            accuracy = metrics["acc_blend" if self.config.method == "dho" else "acc"]
-            if self.best_val is None or accuracy > self.best_val[1]["accuracy"]:
-                self.best_val = (self.step, {"accuracy": accuracy, **metrics})
+            key = "acc_blend" if self.config.method == "dho" else "acc"
+            if self.best_val is None or metrics[key] > self.best_val[1][key]:  # a tie keeps the earlier epoch
+                self.best_val = (self.step, metrics)
                 self._save_checkpoint(path=self.out / BEST_CHECKPOINT_NAME)
 
     def _loader(self) -> DataLoader:
@@ -320,10 +322,12 @@ class _Trainer:
         test = self._final_test()
         self._save_checkpoint(test)
         self.log.close()
-        best_step = self.best_val[0] if self.best_val else None
-        return TrainResult(
-            self.step, self.ckpt_path, self.alpha, self.beta, self.val_metrics, test, self.history, best_step
-        )
+        if self.best_val is None:
+            return TrainResult(self.step, self.ckpt_path, self.alpha, self.beta, self.val_metrics, test, self.history)
+        # test_weights "best_val": the run reports the epoch it tested.
+        best_step, best_metrics = self.best_val
+        alpha, beta = best_metrics.get("alpha"), best_metrics.get("beta")
+        return TrainResult(self.step, self.ckpt_path, alpha, beta, best_metrics, test, self.history, best_step)
 
     def _final_test(self) -> dict | None:
         """The test metrics of the last weights, or under test_weights "best_val" of best.pt's weights with their
@@ -334,6 +338,13 @@ class _Trainer:
             last_weights = {k: v.clone() for k, v in self.student.state_dict().items()}
             last_blend = self.alpha, self.beta
             best = checkpoint.load(self.out / BEST_CHECKPOINT_NAME)
+            if best["step"] != self.best_val[0]:
+                # Only a run killed between writing best.pt and last.pt, then resumed on another number of ranks
+                # whose re-evaluation of that epoch came out lower, gets here: its recorded epoch's weights are gone.
+                raise RuntimeError(
+                    f"{self.out / BEST_CHECKPOINT_NAME} holds step {best['step']} but the best validation epoch on "
+                    f"record is step {self.best_val[0]}: rerun from scratch to test the recorded epoch"
+                )
             self.student.load_state_dict(best["model"])
             self.alpha, self.beta = best["alpha"], best["beta"]
             test = self._evaluate("test", search=False)
