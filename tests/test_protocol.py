@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from trainer_fixtures import register_tiny_clip, run_settings
 
 from dho_fast.train import checkpoint, cli
-from dho_fast.train.build import build_data, build_run_student, build_teacher, teacher_templates
+from dho_fast.train.build import build_data, build_run_student, build_teacher, teacher_template_spec
 from dho_fast.train.config import DatasetName, TrainConfig, load_config
 from dho_fast.train.datasets import DATASETS
 from dho_fast.train.eval_checkpoint import evaluate_checkpoint
+from dho_fast.train.splits import k_shot_indices, percent_split_indices
 from dho_fast.train.teacher import class_text_embeddings, create_open_clip
 from dho_fast.train.trainer import train
 
@@ -125,7 +126,7 @@ def test_imagenet_recipes_use_the_reference_split_and_quickgelu(name, percent):
     assert (config.teacher_arch, config.teacher_pretrained) == ("ViT-H-14-378-quickgelu", "dfn5b")
     assert (config.lr, config.weight_decay, config.warmup_steps, config.lr_decay) == (5e-5, 0.05, 5000, "cosine")
     assert (config.alpha, config.beta, config.epochs, config.interpolation) == (0.5, 0.5, 32, "bicubic")
-    assert teacher_templates(config) == "dho_imagenet"
+    assert teacher_template_spec(config) == "dho_imagenet"
 
 
 def test_the_dataset_setting_takes_exactly_the_registered_datasets():
@@ -142,9 +143,9 @@ def test_layered_configs_override_in_order(tmp_path):
 
 def test_teacher_templates_come_from_the_dataset_unless_set():
     base = dict(dataset="dtd", data_root="data", shots=1)
-    assert teacher_templates(TrainConfig(**base)) == "{} texture."
-    assert teacher_templates(TrainConfig(**base, teacher_templates="a {}.")) == "a {}."
-    assert teacher_templates(TrainConfig(train_dir="x", shots=1)) == "a photo of a {}."
+    assert teacher_template_spec(TrainConfig(**base)) == "{} texture."
+    assert teacher_template_spec(TrainConfig(**base, teacher_templates="a {}.")) == "a {}."
+    assert teacher_template_spec(TrainConfig(train_dir="x", shots=1)) == "a photo of a {}."
 
 
 @pytest.mark.parametrize(("arch", "fix"), [("RN50", "RN50-quickgelu"), ("ViT-B-16", "ViT-B-16-quickgelu")])
@@ -247,7 +248,8 @@ def test_fewshot_recipe_runs_on_a_dataset_tree(tmp_path, capsys):
     files = [CONFIGS / "fewshot" / f"{name}.yaml" for name in ("recipe", "dtd")]
     config = load_config(files, overrides)
     data = build_data(config)
-    assert data.classnames == ["zero digit", "one digit", "two digit"] and teacher_templates(config) == "{} texture."
+    assert data.classnames == ["zero digit", "one digit", "two digit"]
+    assert teacher_template_spec(config) == "{} texture."
     assert len(data.labelled) == 12 and len(data.unlabelled) == 90 - 12
     argv = ["train", *(f"--config={f}" for f in files)]
     for key, value in overrides.items():
@@ -261,3 +263,18 @@ def test_fewshot_recipe_runs_on_a_dataset_tree(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"validation (the best validation epoch, step {best_step})" in printed
     assert f"test (the best validation epoch, step {best_step})" in printed and "tested weights: best.pt" in printed
+
+
+@pytest.mark.parametrize(
+    ("rule", "seed"), [(dict(labelled_percent=10), None), (dict(labelled_percent=10), 5), (dict(shots=3), None)]
+)
+def test_the_trainer_uses_the_reference_rules_with_their_seeds(trees, rule, seed):
+    config = TrainConfig(train_dir=trees["train"], split_seed=seed, **rule)
+    data = build_data(config)
+    labels = data.splits.train_labels()
+    if "shots" in rule:
+        expected = k_shot_indices(labels, 3, 1 if seed is None else seed)
+    else:
+        expected = percent_split_indices(labels, 10, 13 if seed is None else seed)
+    np.testing.assert_array_equal(data.labelled, expected)
+    np.testing.assert_array_equal(data.unlabelled, np.setdiff1d(np.arange(len(labels)), expected))

@@ -78,6 +78,12 @@ def test_resume_guards(trees, logits_file, tmp_path):
         train(TrainConfig(**base))
     with pytest.raises(ValueError, match="cannot resume: the settings \\['lr'\\] differ"):
         train(TrainConfig(**{**base, "lr": 0.5}, resume=True))
+    # A checkpoint of an earlier version lacks the settings added since: named, not compared as None.
+    state = checkpoint.load(tmp_path / "last.pt")
+    del state["config"]["epoch_length"]
+    checkpoint.save_atomic(state, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="earlier version of dho_fast, without the settings \\['epoch_length'\\]"):
+        train(TrainConfig(**base, resume=True))
 
 
 def test_open_clip_teacher_and_student_end_to_end(tmp_path):

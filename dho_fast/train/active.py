@@ -35,7 +35,13 @@ import torch
 from dho_fast.select import pool_outputs, select
 from dho_fast.train import checkpoint
 from dho_fast.train.active_config import LABELLED_NAME, ActiveConfig
-from dho_fast.train.build import build_run_student, build_teacher_model, eval_dataset, load_splits, teacher_templates
+from dho_fast.train.build import (
+    build_run_student,
+    build_teacher_model,
+    eval_dataset,
+    load_splits,
+    teacher_template_spec,
+)
 from dho_fast.train.clap import fit_clap, mean_text_embeddings, write_teacher_logits
 from dho_fast.train.config import TrainConfig
 from dho_fast.train.data import complement, load_classnames
@@ -226,7 +232,7 @@ class _ActiveRun:
         if self.clap_model is None:
             model, tokenizer, preprocess, input_dtype = build_teacher_model(train_config, self.device)
             classnames = load_classnames(train_config.classnames, self.splits.classnames)
-            templates = prompt_templates(teacher_templates(train_config))
+            templates = prompt_templates(teacher_template_spec(train_config))
             text_means = mean_text_embeddings(model, tokenizer, classnames, templates, device=self.device)
             self.clap_model = (model, preprocess, input_dtype, text_means)
         model, preprocess, input_dtype, text_means = self.clap_model

@@ -75,7 +75,7 @@ def _split_seed(config: TrainConfig, reference_seed: int) -> int:
     return reference_seed if config.split_seed is None else config.split_seed
 
 
-def teacher_templates(config: TrainConfig) -> str:
+def teacher_template_spec(config: TrainConfig) -> str:
     """The teacher's prompt templates: ``teacher_templates``, else the named dataset's (METHOD.md), else the one
     ``"a photo of a {}."``; a spec of :func:`~dho_fast.train.teacher.prompt_templates`."""
     if config.teacher_templates is not None:
@@ -97,7 +97,7 @@ def build_teacher(config: TrainConfig, classnames: Sequence[str], num_train: int
         return LogitsTeacher.from_file(config.teacher_logits, num_train, len(classnames)).to(device)
     model, tokenizer, preprocess, input_dtype = build_teacher_model(config, device)
     if config.teacher == "open_clip":
-        templates = prompt_templates(teacher_templates(config))
+        templates = prompt_templates(teacher_template_spec(config))
         embeddings = class_text_embeddings(
             model, tokenizer, classnames, templates, device=device, mean=config.teacher_text_embeddings
         )
@@ -154,7 +154,7 @@ def build_run_student(
         import open_clip
 
         tokenizer = open_clip.get_tokenizer(config.student.removeprefix("open_clip:"))
-        templates = prompt_templates(config.student_templates or teacher_templates(config))
+        templates = prompt_templates(config.student_templates or teacher_template_spec(config))
         embeddings = class_text_embeddings(
             clip_model, tokenizer, classnames, templates, device=device, mean=config.student_text_embeddings
         )

@@ -118,7 +118,8 @@ class TrainConfig:
     """
 
     # Data: one of the reference protocol's datasets under data_root in its CoOp layout (dho_fast.train.datasets),
-    # or else an ImageFolder tree (train_dir, val_dir, test_dir) or a CoOp split json (split_json, image_root).
+    # or else (data_format) an ImageFolder tree (train_dir, val_dir, test_dir) or a CoOp split json (split_json,
+    # image_root); data_format is not read when dataset is set.
     dataset: DatasetName | None = None
     data_root: str | None = None
     data_format: Literal["imagefolder", "coop"] = "imagefolder"

@@ -63,6 +63,12 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _check_resumable(saved: dict, config: TrainConfig) -> None:
     current = config.to_dict()
+    unknown = sorted(k for k in current if k not in saved)
+    if unknown:
+        raise ValueError(
+            f"cannot resume: the checkpoint was written by an earlier version of dho_fast, without the settings "
+            f"{unknown}; start the run again"
+        )
     changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
     if changed:
         raise ValueError(
@@ -102,7 +108,7 @@ class _Trainer:
         self.eval_sets = {k: eval_dataset(config, getattr(splits, k), self.student) for k in ("val", "test")}
         if config.test_weights == "best_val" and not splits.val:
             raise ValueError("test_weights 'best_val' needs a validation split to pick the epoch")
-        # A pass over U (or over L when U is empty or unused), or with epoch_length "labelled" one over L.
+        # A pass over U (over L when U is empty), or with epoch_length "labelled" one over L.
         num_unlabelled = len(self.data.unlabelled) if config.epoch_length == "unlabelled" else 0
         self.steps_per_epoch = steps_per_epoch(
             len(self.data.labelled), num_unlabelled, config.labelled_batch_size, config.unlabelled_batch_size
