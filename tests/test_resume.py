@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,39 +37,40 @@ def _checkpointed_steps(run_dir) -> list[int]:
     return [r["step"] for r in records if r["kind"] == "checkpoint"]
 
 
-def test_killed_run_resumes_exactly(tmp_path):
+def _kill_resume_and_rerun(tmp_path: Path, ready: Callable[[Path], bool], **changes) -> dict:
+    """Starts a run on 10-class digit trees with ``changes`` in ``tmp_path/killed``, kills it (SIGKILL) once
+    ``ready(run_dir)``, resumes it to the end, and runs the same settings uninterrupted in ``tmp_path/straight``.
+    Returns the checkpoint the killed run left."""
     trees = digits_trees(tmp_path / "digits", num_classes=10)
     logits = random_teacher_logits(tmp_path / "logits.pt", count_train_images(trees), 10)
-    settings = run_settings(
-        trees,
-        tmp_path / "killed",
-        teacher="logits",
-        teacher_logits=logits,
-        labelled_batch_size=4,
-        unlabelled_batch_size=8,
-        max_steps=STEPS,
-        checkpoint_every=EVERY,
-        log_every=EVERY,
-    )
+    run = dict(teacher="logits", teacher_logits=logits, labelled_batch_size=4, unlabelled_batch_size=8)
+    settings = run_settings(trees, tmp_path / "killed", checkpoint_every=EVERY, log_every=EVERY, **run, **changes)
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(settings))
 
     process = subprocess.Popen(_command(config_path), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while max(_checkpointed_steps(tmp_path / "killed"), default=0) < KILL_AFTER:
+    while not ready(tmp_path / "killed"):
         assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "the run wrote no checkpoint in time"
+        assert time.monotonic() < deadline, "the run did not get to the kill point in time"
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    saved = checkpoint.load(tmp_path / "killed" / "last.pt")
-    # One epoch is longer than the run, so every checkpoint, and the kill, fall mid-epoch.
-    assert KILL_AFTER <= saved["step"] < STEPS < saved["steps_per_epoch"] and saved["step"] % EVERY == 0
+    left = checkpoint.load(tmp_path / "killed" / "last.pt")
 
     subprocess.run(_command(config_path, "--resume"), env=_env(), check=True, capture_output=True)
     subprocess.run(
         _command(config_path, "--output-dir", str(tmp_path / "straight")), env=_env(), check=True, capture_output=True
     )
+    return left
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    saved = _kill_resume_and_rerun(
+        tmp_path, lambda run_dir: max(_checkpointed_steps(run_dir), default=0) >= KILL_AFTER, max_steps=STEPS
+    )
+    # One epoch is longer than the run, so every checkpoint, and the kill, fall mid-epoch.
+    assert KILL_AFTER <= saved["step"] < STEPS < saved["steps_per_epoch"] and saved["step"] % EVERY == 0
     resumed, straight = (checkpoint.load(tmp_path / d / "last.pt") for d in ("killed", "straight"))
     assert resumed["step"] == straight["step"] == STEPS
     for key, value in straight["model"].items():
@@ -79,44 +82,15 @@ def test_killed_run_resumes_exactly(tmp_path):
 
 
 def test_killed_run_resumes_its_best_validation_epoch(tmp_path):
-    """Epochs over L with the best validation epoch kept: a run killed after its first best.pt and resumed writes
-    the same best.pt and tests the same weights as an uninterrupted run."""
-    trees = digits_trees(tmp_path / "digits", num_classes=10)
-    logits = random_teacher_logits(tmp_path / "logits.pt", count_train_images(trees), 10)
-    settings = run_settings(
-        trees,
-        tmp_path / "killed",
-        teacher="logits",
-        teacher_logits=logits,
-        labelled_batch_size=4,
-        unlabelled_batch_size=8,
-        max_steps=None,
-        epochs=5,
-        epoch_length="labelled",
-        test_weights="best_val",
-        lr=0.05,
-        checkpoint_every=EVERY,
-        log_every=EVERY,
-    )
-    config_path = tmp_path / "run.yaml"
-    config_path.write_text(yaml.safe_dump(settings))
-    process = subprocess.Popen(_command(config_path), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "killed" / "best.pt").is_file() or max(_checkpointed_steps(tmp_path / "killed")) < 40:
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "the run wrote no best.pt in time"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert (
-        checkpoint.load(tmp_path / "killed" / "last.pt")["step"]
-        < 5 * checkpoint.load(tmp_path / "killed" / "last.pt")["steps_per_epoch"]
-    )
+    """Epochs over L with the best validation epoch kept: a run killed after its first best.pt, mid-run, and resumed
+    writes the same best.pt and tests the same weights as an uninterrupted run."""
 
-    subprocess.run(_command(config_path, "--resume"), env=_env(), check=True, capture_output=True)
-    subprocess.run(
-        _command(config_path, "--output-dir", str(tmp_path / "straight")), env=_env(), check=True, capture_output=True
-    )
+    def ready(run_dir: Path) -> bool:
+        return (run_dir / "best.pt").is_file() and max(_checkpointed_steps(run_dir), default=0) >= 40
+
+    changes = dict(max_steps=None, epochs=5, epoch_length="labelled", test_weights="best_val", lr=0.05)
+    saved = _kill_resume_and_rerun(tmp_path, ready, **changes)
+    assert saved["step"] < 5 * saved["steps_per_epoch"]  # the kill fell before the end
     for name in ("best.pt", "last.pt"):
         resumed, straight = (checkpoint.load(tmp_path / d / name) for d in ("killed", "straight"))
         assert resumed["step"] == straight["step"] and resumed["best_val"] == straight["best_val"], name
