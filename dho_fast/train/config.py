@@ -183,8 +183,9 @@ class TrainConfig:
 
     # Optimisation.
     epochs: int | None = 1  # passes over the set epoch_length names; None: max_steps alone limits the run
-    # "unlabelled": an epoch is a pass over U (the labelled set if U is empty), as the ImageNet recipes count;
-    # "labelled": a pass over L with paired unlabelled batches, as the few-shot recipe counts (200 epochs).
+    # "unlabelled": an epoch is a pass over U, |U| // unlabelled_batch_size steps (over L if U is empty), as the
+    # ImageNet recipes count; "labelled": one over L, ceil(|L| / labelled_batch_size) steps with paired unlabelled
+    # batches, as the few-shot recipe counts (200 epochs).
     epoch_length: Literal["unlabelled", "labelled"] = "unlabelled"
     max_steps: int | None = None
     labelled_batch_size: int = 64
