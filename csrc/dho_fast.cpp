@@ -3,15 +3,17 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(dho_fast, m) {
-  // Loss terms of both heads and, when asked, their unweighted gradients (grad-in-forward):
+  // Loss terms of both heads and, when asked, their gradients times a factor (grad-in-forward):
   //   loss = ce_loss_weight * ce_term + kd_loss_weight * kd_term
-  //   ce_grad_out = d ce_term / d ce_logits, kd_grad_out = d kd_term / d kd_logits (empty when not asked), in the
-  //   accumulation dtype (float32 for half logits, so that backward scales them before rounding to half)
+  //   ce_grad_out = ce_grad_scale * d ce_term / d ce_logits, kd_grad_out = kd_grad_scale * d kd_term / d kd_logits
+  //   (empty when not asked), in the accumulation dtype (float32 for half logits, so that backward scales them
+  //   before rounding to half). Autograd passes the loss weights as the factors (dho_fast/ops/registry.py), so
+  //   that a plain loss.backward() can hand the gradients on as they are.
   m.def(
       "dual_head_loss(Tensor ce_logits, Tensor kd_logits, Tensor teacher_logits, Tensor labels, float temperature, "
       "float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, float label_smoothing, "
-      "bool ce_grad, bool kd_grad) -> (Tensor loss, Tensor ce_term, Tensor kd_term, Tensor ce_grad_out, "
-      "Tensor kd_grad_out)");
+      "bool ce_grad, bool kd_grad, float ce_grad_scale=1.0, float kd_grad_scale=1.0) -> (Tensor loss, "
+      "Tensor ce_term, Tensor kd_term, Tensor ce_grad_out, Tensor kd_grad_out)");
 
   // One row chunk of the batch's loss: the per-chunk step of fused_linear_dual_head_loss (below).
   //   kd_logits (R, C): the KD logits of rows [start, start + R) of the batch;

@@ -232,9 +232,10 @@ def _launch_rows(ce, ce_row, kd, t, labels, info, g_ce, g_kd, row_ce, row_kl, st
 def dual_head_loss(
     ce_logits: torch.Tensor, kd_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
     temperature: float, ce_loss_weight: float, kd_loss_weight: float, kd_split: bool, ignore_index: int,
-    label_smoothing: float, ce_grad: bool, kd_grad: bool,
+    label_smoothing: float, ce_grad: bool, kd_grad: bool, ce_grad_scale: float = 1.0, kd_grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """(loss, ce_term, kd_term, d ce_term / d ce_logits, d kd_term / d kd_logits, info) of (N, C) logits; the
+    """(loss, ce_term, kd_term, ce_grad_scale * d ce_term / d ce_logits, kd_grad_scale * d kd_term / d kd_logits,
+    info) of (N, C) logits; the
     arguments as dho_fast::dual_head_loss takes them (validated by the caller). info (4,) int64: the number of
     labelled rows, the first row with a bad label (N if none), the first bad teacher row (N if none) and its
     row_math::TeacherRowStatus; the caller raises the errors. Scalars are float32 in the kernels (exact for the usual
@@ -253,7 +254,7 @@ def dual_head_loss(
     _launch_rows(
         ce, None, kd, t, y, info, g_ce, g_kd, row_ce, row_kl, status, num_rows=n, num_labelled=None,
         temperature=temperature, kd_split=kd_split, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        ce_grad=ce_grad, kd_grad=kd_grad,
+        ce_grad=ce_grad, kd_grad=kd_grad, ce_grad_scale=ce_grad_scale, kd_grad_scale=kd_grad_scale,
     )  # fmt: skip
     wrap_triton(_reduce_rows_kernel)[(1,)](
         row_ce, row_kl, status, info, loss, ce_term, kd_term, n, ce_loss_weight, kd_loss_weight, HAS_LOSS=True,

@@ -18,7 +18,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head_loss_cpu(
     const at::Tensor& ce_logits, const at::Tensor& kd_logits, const at::Tensor& teacher_logits,
     const at::Tensor& labels, double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
-    int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad) {
+    int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad, double ce_grad_scale,
+    double kd_grad_scale) {
   check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight,
                     label_smoothing);
   const at::Tensor ce = ce_logits.contiguous(), kd = kd_logits.contiguous(), t = teacher_logits.contiguous();
@@ -31,7 +32,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
                      .ignore_index = ignore_index,
                      .temperature = temperature,
                      .label_smoothing = label_smoothing,
-                     .kd_split = kd_split};
+                     .kd_split = kd_split,
+                     .ce_grad_scale = ce_grad_scale,
+                     .kd_grad_scale = kd_grad_scale};
 
   // The gradients in the accumulation dtype (float32 for half logits): the backward rounds them once, after scaling.
   const auto acc_dtype = ce.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -84,7 +84,7 @@ struct RowsArgs {
   bool kd_split;
   const scalar_t* ce_bias = nullptr;  // (C,) added to every row of ce / kd (nullptr: none; chunk op only)
   const scalar_t* kd_bias = nullptr;
-  acc_t ce_grad_scale = 1, kd_grad_scale = 1;  // factors of the gradients written (chunk op only)
+  acc_t ce_grad_scale = 1, kd_grad_scale = 1;  // factors of the gradients written
 };
 
 // One row's pointers (nullptr: absent), whether each starts 16-byte aligned, its label, the label's CE-head logit
@@ -447,7 +447,8 @@ at::Tensor gradient_buffer(const at::Tensor& x, bool wanted) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head_loss_cuda(
     const at::Tensor& ce_logits, const at::Tensor& kd_logits, const at::Tensor& teacher_logits,
     const at::Tensor& labels, double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
-    int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad) {
+    int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad, double ce_grad_scale,
+    double kd_grad_scale) {
   check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight,
                     label_smoothing);
   const c10::cuda::CUDAGuard guard(ce_logits.device());
@@ -487,7 +488,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
                                .temperature = acc_t(temperature),
                                .inv_t = acc_t(1) / acc_t(temperature),
                                .eps = acc_t(label_smoothing),
-                               .kd_split = kd_split};
+                               .kd_split = kd_split,
+                               .ce_grad_scale = acc_t(ce_grad_scale),
+                               .kd_grad_scale = acc_t(kd_grad_scale)};
     launch_rows(p, stream);
     launch_reduce<acc_t>(row_ce, row_kl, status, ce_loss_weight, kd_loss_weight, &loss, ce_term, kd_term, info,
                          stream);

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dho_fast import kernels
-from dho_fast.ops import reference, registry  # noqa: F401  (registry: importing it registers the ops)
+from dho_fast.ops import reference, registry  # importing registry also registers the ops
 from dho_fast.ops.extension import EXTENSION_ERROR, has_cuda_kernels, has_extension
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
@@ -37,12 +37,22 @@ def _grad_flags(*logits: torch.Tensor) -> tuple[bool, ...]:
     return tuple(on and t.requires_grad for t in logits)
 
 
-def _loss_compiled(ce, kd, *args):
-    return torch.ops.dho_fast.dual_head_loss(ce, kd, *args, *_grad_flags(ce, kd))[:3]
+def _grad_scales(ce_loss_weight: float, kd_loss_weight: float) -> tuple[float, float]:
+    return registry.saved_gradient_scale(ce_loss_weight), registry.saved_gradient_scale(kd_loss_weight)
 
 
-def _loss_triton(ce, kd, *args):
-    return torch.ops.dho_fast.dual_head_loss_triton(ce, kd, *args, *_grad_flags(ce, kd))[:3]
+def _loss_compiled(ce, kd, teacher, labels, temperature, ce_loss_weight, kd_loss_weight, *args):
+    weights = (ce_loss_weight, kd_loss_weight)
+    return torch.ops.dho_fast.dual_head_loss(
+        ce, kd, teacher, labels, temperature, *weights, *args, *_grad_flags(ce, kd), *_grad_scales(*weights)
+    )[:3]
+
+
+def _loss_triton(ce, kd, teacher, labels, temperature, ce_loss_weight, kd_loss_weight, *args):
+    weights = (ce_loss_weight, kd_loss_weight)
+    return torch.ops.dho_fast.dual_head_loss_triton(
+        ce, kd, teacher, labels, temperature, *weights, *args, *_grad_flags(ce, kd), *_grad_scales(*weights)
+    )[:3]
 
 
 def _loss_reference(ce, kd, teacher, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index,

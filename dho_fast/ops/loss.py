@@ -54,9 +54,11 @@ def fused_dual_head_loss(
         With ``return_terms`` the tuple ``(loss, ce_term, kd_term)``; all three are differentiable.
 
     Gradients with respect to ``ce_logits`` and ``kd_logits`` are computed during the forward pass when autograd needs
-    them, in float32 (float64 for float64 input); backward scales them by the incoming gradient and rounds them to the
-    logits' dtype once, so that under a loss scale (``(loss * 65536).backward()``) half-precision logits get eager
-    PyTorch's float32-then-rounded gradient rather than entries that underflowed before the scale. Backward has no graph
+    them, in float32 (float64 for float64 input), already times the loss weights. A plain ``loss.backward()`` (incoming
+    gradient exactly 1) hands them on as they are, without a pass or a copy, for float32/float64 logits; otherwise
+    backward scales them by the incoming gradient and rounds them to the logits' dtype once, so that under a loss
+    scale (``(loss * 65536).backward()``) half-precision logits get eager PyTorch's float32-then-rounded gradient
+    rather than entries that underflowed before the scale. Backward has no graph
     of itself: ``create_graph=True`` (a gradient penalty, double backward) raises ``RuntimeError`` on every backend but
     "reference". Statistics accumulate in float32 (float64 for float64 input). NaN or inf in the student logits is not
     an error: it propagates to the loss, so mixed-precision loss scaling can skip the step. Bad shapes or values raise

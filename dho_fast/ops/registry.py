@@ -12,6 +12,7 @@ everything; dho_fast.ops.backends, which every op goes through, imports it.
 """
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from dho_fast import kernels
 from dho_fast.ops.extension import has_cuda_kernels, has_extension
@@ -27,8 +28,8 @@ from dho_fast.ops.validation import (
 LOSS_SCHEMA = (
     "(Tensor ce_logits, Tensor kd_logits, Tensor teacher_logits, Tensor labels, float temperature, "
     "float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, float label_smoothing, "
-    "bool ce_grad, bool kd_grad) -> (Tensor loss, Tensor ce_term, Tensor kd_term, Tensor ce_grad_out, "
-    "Tensor kd_grad_out)"
+    "bool ce_grad, bool kd_grad, float ce_grad_scale=1.0, float kd_grad_scale=1.0) -> (Tensor loss, Tensor ce_term, "
+    "Tensor kd_term, Tensor ce_grad_out, Tensor kd_grad_out)"
 )
 CHUNK_SCHEMA = (
     "(Tensor(a!) ce_logits, Tensor(b!) kd_logits, Tensor teacher_logits, Tensor labels, int start, int num_labelled, "
@@ -40,7 +41,7 @@ CHUNK_SCHEMA = (
 
 def dual_head_loss_fake(
     ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index,
-    label_smoothing, ce_grad, kd_grad,
+    label_smoothing, ce_grad, kd_grad, ce_grad_scale=1.0, kd_grad_scale=1.0,
 ):  # fmt: skip
     acc = accumulate_dtype(ce_logits.dtype)
     scalar = ce_logits.new_empty((), dtype=acc)
@@ -94,8 +95,16 @@ DOUBLE_BACKWARD_MESSAGE = (
 )
 
 
+def saved_gradient_scale(loss_weight: float) -> float:
+    """The factor the loss ops' forward writes a term's logit gradient with (their ``*_grad_scale`` argument): the
+    term's loss weight, so that the saved gradient is the loss's own and a plain ``loss.backward()`` hands it on
+    unchanged; 1 for a weight of 0, where it would lose the term's gradient that ``ce_term.backward()`` needs."""
+    return loss_weight if loss_weight != 0 else 1.0
+
+
 def _setup_context(ctx, inputs, output) -> None:
     ctx.ce_loss_weight, ctx.kd_loss_weight = inputs[5], inputs[6]
+    ctx.ce_grad_scale, ctx.kd_grad_scale = inputs[12], inputs[13]
     ctx.ce_dtype, ctx.kd_dtype = inputs[0].dtype, inputs[1].dtype
     ctx.save_for_backward(output[3], output[4])
     # The returned gradients are results, not functions of the inputs to differentiate; and the loss terms a caller
@@ -104,19 +113,38 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
+def _is_one(grad: torch.Tensor | None) -> bool:
+    """Whether the incoming gradient of the loss is exactly 1 (plain ``loss.backward()``): one scalar read, a device
+    sync on CUDA. False, without reading it, for a gradient without a value: while torch.compile traces the backward,
+    and for meta or fake tensors."""
+    if grad is None or grad.is_meta or torch.compiler.is_compiling() or is_fake(grad):
+        return False
+    return bool(grad == 1)
+
+
 def _scaled(
-    grad_term: torch.Tensor, weight: float, grad_loss, grad_of_term, name: str, dtype: torch.dtype
+    saved: torch.Tensor, weight: float, saved_scale: float, grad_loss, grad_of_term, name: str, dtype: torch.dtype
 ) -> torch.Tensor:
-    """(grad_loss * weight + grad_of_term) * grad_term in grad_term's accumulation dtype, rounded once to dtype."""
-    if grad_term.dim() != 2:  # the (0,) placeholder of a gradient the forward was told not to compute
+    """The gradient of the logits, ``(grad_loss * weight + grad_of_term) * d term / d logits``, from ``saved`` =
+    ``saved_scale * d term / d logits`` (accumulation dtype), rounded once to ``dtype``.
+
+    When the factor is exactly 1 (``grad_loss`` is 1, no gradient of the term itself, ``saved_scale`` the weight) and
+    no rounding is due, ``saved`` itself is returned: no pass over it and no allocation. That is safe: a backward
+    without ``retain_graph`` frees ``saved`` before the next node runs (a leaf's ``.grad`` then takes it over), and
+    with ``retain_graph`` autograd copies a gradient it must keep before accumulating into it; an in-place change of
+    it by other code is caught by autograd's version check, never read silently. Every other case scales out of
+    place: a backward cannot see ``retain_graph``, so it never writes ``saved`` in place."""
+    if saved.dim() != 2:  # the (0,) placeholder of a gradient the forward was told not to compute
         raise RuntimeError(f"the gradient of {name} was not computed in the forward pass (its grad flag was False)")
+    if grad_of_term is None and weight == saved_scale and saved.dtype == dtype and _is_one(grad_loss):
+        return saved
     scale = 0.0
     if grad_loss is not None:
-        scale = grad_loss * weight
+        scale = grad_loss * (weight / saved_scale)
     if grad_of_term is not None:
-        scale = scale + grad_of_term
+        scale = scale + grad_of_term * (1.0 / saved_scale)
     # A no-op for float32 and float64 logits; for half ones, the one rounding, after the scale.
-    return (grad_term * scale).to(dtype)
+    return (saved * scale).to(dtype)
 
 
 def _backward(ctx, grad_loss, grad_ce_term, grad_kd_term, _grad_ce_out, _grad_kd_out):
@@ -125,10 +153,14 @@ def _backward(ctx, grad_loss, grad_ce_term, grad_kd_term, _grad_ce_out, _grad_kd
     grad_ce, grad_kd = ctx.saved_tensors
     d_ce = d_kd = None
     if ctx.needs_input_grad[0]:
-        d_ce = _scaled(grad_ce, ctx.ce_loss_weight, grad_loss, grad_ce_term, "ce_logits", ctx.ce_dtype)
+        d_ce = _scaled(
+            grad_ce, ctx.ce_loss_weight, ctx.ce_grad_scale, grad_loss, grad_ce_term, "ce_logits", ctx.ce_dtype
+        )
     if ctx.needs_input_grad[1]:
-        d_kd = _scaled(grad_kd, ctx.kd_loss_weight, grad_loss, grad_kd_term, "kd_logits", ctx.kd_dtype)
-    return (d_ce, d_kd) + (None,) * 10
+        d_kd = _scaled(
+            grad_kd, ctx.kd_loss_weight, ctx.kd_grad_scale, grad_loss, grad_kd_term, "kd_logits", ctx.kd_dtype
+        )
+    return (d_ce, d_kd) + (None,) * 12
 
 
 def _register_compiled_ops() -> None:
@@ -155,11 +187,11 @@ def _register_triton_ops() -> None:
     def dual_head_loss_triton(
         ce_logits: torch.Tensor, kd_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
         temperature: float, ce_loss_weight: float, kd_loss_weight: float, kd_split: bool, ignore_index: int,
-        label_smoothing: float, ce_grad: bool, kd_grad: bool,
+        label_smoothing: float, ce_grad: bool, kd_grad: bool, ce_grad_scale: float = 1.0, kd_grad_scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         *result, info = triton_loss.dual_head_loss(
             ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split,
-            ignore_index, label_smoothing, ce_grad, kd_grad,
+            ignore_index, label_smoothing, ce_grad, kd_grad, ce_grad_scale, kd_grad_scale,
         )  # fmt: skip
         raise_flagged_values(info, labels, ce_logits.shape[1], ignore_index)
         return tuple(result)

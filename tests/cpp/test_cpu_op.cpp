@@ -72,7 +72,7 @@ int main() {
   const auto op = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("dho_fast::dual_head_loss", "")
                       .typed<Result(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, double, double,
-                                    bool, int64_t, double, bool, bool)>();
+                                    bool, int64_t, double, bool, bool, double, double)>();
   at::manual_seed(0);
   const int64_t N = 24, C = 1001;
   const double T = 2.0, w_ce = 0.3, w_kd = 0.7;
@@ -81,7 +81,8 @@ int main() {
   labels.slice(0, 0, N, 3).fill_(kIgnore);
 
   const auto [loss, ce_term, kd_term, g_ce, g_kd] =
-      op.call(ce, kd, t, labels, T, w_ce, w_kd, /*kd_split=*/true, kIgnore, 0.0, true, true);
+      op.call(ce, kd, t, labels, T, w_ce, w_kd, /*kd_split=*/true, kIgnore, 0.0, true, true,
+              /*ce_grad_scale=*/w_ce, /*kd_grad_scale=*/w_kd);
 
   // float64 reference: ce_term = mean over the labelled rows of CE,
   // kd_term = T^2 (mean over labelled rows of KL(p || q) + mean over unlabelled rows of KL(p || q)),
@@ -102,16 +103,17 @@ int main() {
   expect_near(kd_term.item<double>(), want_kd, "kd_term");
   expect_near(loss.item<double>(), w_ce * want_ce + w_kd * want_kd, "loss");
 
+  // The gradients written are the grad scales (here the loss weights) times
   // d ce_term / d ce_logits = (softmax - onehot) / n_labelled on labelled rows, 0 on the others.
-  const Tensor ce_row_weight = lab.to(at::kDouble).unsqueeze(1) / n_lab;
+  const Tensor ce_row_weight = w_ce * lab.to(at::kDouble).unsqueeze(1) / n_lab;
   expect_close(g_ce, (softmax_ce - onehot) * ce_row_weight, (softmax_ce + onehot) * ce_row_weight, "ce gradient");
   expect((g_ce.index({~lab}) == 0).all().item<bool>(), "ce gradient of unlabelled rows is not exactly 0");
   // d kd_term / d kd_logits = T^2 / n_group * (q - p) / T, n_group the row's group (labelled or unlabelled).
-  const Tensor kd_row_weight = (T * at::where(lab, 1.0 / n_lab, 1.0 / n_unl)).unsqueeze(1);
+  const Tensor kd_row_weight = (w_kd * T * at::where(lab, 1.0 / n_lab, 1.0 / n_unl)).unsqueeze(1);
   expect_close(g_kd, (q - p) * kd_row_weight, (q + p) * kd_row_weight, "kd gradient");
 
   auto call = [&](const Tensor& c, const Tensor& k, const Tensor& y) {
-    op.call(c, k, t, y, T, w_ce, w_kd, true, kIgnore, 0.0, false, false);
+    op.call(c, k, t, y, T, w_ce, w_kd, true, kIgnore, 0.0, false, false, 1.0, 1.0);
   };
   Tensor bad_labels = labels.clone();
   bad_labels[1] = C;

@@ -1,0 +1,145 @@
+"""The loss op's backward in each way autograd can call it: a plain ``loss.backward()`` hands on the gradients the
+forward computed, without a copy; every other case (a scaled loss, a term's own gradient, a zero loss weight,
+``retain_graph``, a reused graph, torch.compile, half logits) scales them, and each gives PyTorch's own gradients.
+(torch.func's transforms refuse the op: torch.library's autograd registration does not support them.)"""
+
+import pytest
+import torch
+from helpers import backend_params, make_inputs
+
+import dho_fast
+
+# The grad-in-forward backends (the reference's backward is PyTorch's own).
+BACKENDS = backend_params("cpu", "triton", "cuda", "triton-cuda")
+WEIGHTS = dict(temperature=2.0, ce_loss_weight=0.5, kd_loss_weight=0.7)
+
+
+def _leaves(ce, kd):
+    return ce.detach().clone().requires_grad_(), kd.detach().clone().requires_grad_()
+
+
+def _reference_grads(inputs, combine=lambda loss, ce_term, kd_term: loss, **weights):
+    ce, kd = _leaves(*inputs[:2])
+    terms = dho_fast.fused_dual_head_loss(ce, kd, *inputs[2:], return_terms=True, backend="reference", **weights)
+    return torch.autograd.grad(combine(*terms), (ce, kd), allow_unused=True, materialize_grads=True)
+
+
+# float32 kernels against PyTorch's float32 autograd (the CPU kernel's exp is within 2.4e-6, README); half
+# gradients are rounded once to their dtype.
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-7), torch.float16: dict(rtol=2e-3, atol=1e-5)}
+TOLERANCES[torch.bfloat16] = dict(rtol=1e-2, atol=1e-4)
+
+
+def _close(got, want, dtype=torch.float32):
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOLERANCES[dtype])
+
+
+def _loss(backend, ce, kd, teacher, labels, **weights):
+    return dho_fast.fused_dual_head_loss(ce, kd, teacher, labels, return_terms=True, backend=backend, **weights)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_plain_backward_hands_on_the_forward_gradients(backend_device):
+    backend, device = backend_device
+    inputs = make_inputs(16, 9, device=device)
+    leaves = _leaves(*inputs[:2])
+    ce, kd = (x * 1 for x in leaves)  # logits inside a graph, as a layer's output would be
+    passed_on = []
+    for logits in (ce, kd):
+        logits.register_hook(passed_on.append)  # the gradient the op's backward returns, as it returns it
+    weights = (WEIGHTS["ce_loss_weight"], WEIGHTS["kd_loss_weight"])
+    op = torch.ops.dho_fast.dual_head_loss if backend != "triton" else torch.ops.dho_fast.dual_head_loss_triton
+    loss, _, _, saved_ce, saved_kd = op(ce, kd, *inputs[2:], 2.0, *weights, True, -100, 0.0, True, True, *weights)
+    loss.backward()
+    # The forward's buffers themselves: no pass over them, no copy.
+    assert sorted(g.data_ptr() for g in passed_on) == sorted((saved_ce.data_ptr(), saved_kd.data_ptr()))
+    _close([x.grad for x in leaves], _reference_grads(inputs, **WEIGHTS))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize(
+    "combine",
+    [
+        pytest.param(lambda loss, ce_term, kd_term: 3.0 * loss, id="scaled-loss"),
+        pytest.param(lambda loss, ce_term, kd_term: ce_term, id="ce-term"),
+        pytest.param(lambda loss, ce_term, kd_term: loss + 2.0 * kd_term, id="loss-and-kd-term"),
+    ],
+)
+def test_scaled_and_term_gradients(backend_device, combine):
+    backend, device = backend_device
+    inputs = make_inputs(16, 9, device=device)
+    ce, kd = _leaves(*inputs[:2])
+    out = combine(*_loss(backend, ce, kd, *inputs[2:], **WEIGHTS))
+    got = torch.autograd.grad(out, (ce, kd), allow_unused=True, materialize_grads=True)
+    _close(got, _reference_grads(inputs, combine, **WEIGHTS))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_a_zero_loss_weight_keeps_its_term_gradient(backend_device):
+    backend, device = backend_device
+    inputs = make_inputs(16, 9, device=device)
+    weights = {**WEIGHTS, "ce_loss_weight": 0.0}
+    for combine in (lambda loss, c, k: loss, lambda loss, c, k: loss + c):
+        ce, kd = _leaves(*inputs[:2])
+        got = torch.autograd.grad(combine(*_loss(backend, ce, kd, *inputs[2:], **weights)), (ce, kd))
+        _close(got, _reference_grads(inputs, combine, **weights))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_retain_graph_and_a_reused_graph(backend_device):
+    backend, device = backend_device
+    inputs = make_inputs(16, 9, device=device)
+    want = _reference_grads(inputs, **WEIGHTS)
+    ce, kd = _leaves(*inputs[:2])
+    loss = _loss(backend, ce, kd, *inputs[2:], **WEIGHTS)[0]
+    loss.backward(retain_graph=True)
+    first = ce.grad.clone()
+    ce.grad.zero_()  # an optimizer's zero_grad(set_to_none=False) between the two backward passes
+    kd.grad.mul_(7.0)
+    loss.backward(retain_graph=True)
+    _close((first,), want[:1])
+    _close((ce.grad, kd.grad), (want[0], 8.0 * want[1]))
+    # A third pass, and a gradient of the same graph through torch.autograd.grad, still read the kept gradients.
+    _close(torch.autograd.grad(loss, (ce, kd)), want)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_logits_of_a_layer_pass_their_gradient_on(backend_device):
+    # The usual graph: the logits come out of a layer, whose backward reads the loss's gradient.
+    backend, device = backend_device
+    ce, kd, teacher, labels = make_inputs(16, 9, device=device)
+    features = torch.randn(16, 5, device=device)
+    heads = [torch.randn(5, 9, device=device, requires_grad=True) for _ in range(2)]
+    _loss(backend, features @ heads[0], features @ heads[1], teacher, labels, **WEIGHTS)[0].backward()
+    ref = [h.detach().clone().requires_grad_() for h in heads]
+    _loss("reference", features @ ref[0], features @ ref[1], teacher, labels, **WEIGHTS)[0].backward()
+    _close([h.grad for h in heads], [h.grad for h in ref])
+
+
+@pytest.mark.parametrize("backend_device", backend_params("cpu", "cuda"))
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_torch_compile_backward(backend_device, scale):
+    # The forward compiled as one graph; AOTAutograd traces the op's backward, where no value can be read.
+    backend, device = backend_device
+    inputs = make_inputs(16, 9, device=device)
+
+    @torch.compile(fullgraph=True)
+    def loss_of(ce, kd):
+        return scale * _loss(backend, ce, kd, *inputs[2:], **WEIGHTS)[0]
+
+    ce, kd = _leaves(*inputs[:2])
+    loss_of(ce, kd).backward()
+    _close((ce.grad, kd.grad), _reference_grads(inputs, lambda loss, c, k: scale * loss, **WEIGHTS))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits_get_half_gradients(backend_device, dtype):
+    backend, device = backend_device
+    inputs = make_inputs(16, 9, dtype, device=device)
+    ce, kd = _leaves(*inputs[:2])
+    _loss(backend, ce, kd, *inputs[2:], **WEIGHTS)[0].backward()
+    assert ce.grad.dtype == kd.grad.dtype == dtype
+    want = _reference_grads([t.float() if t.is_floating_point() else t for t in inputs], **WEIGHTS)
+    _close((ce.grad.float(), kd.grad.float()), want, dtype)
