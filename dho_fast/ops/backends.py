@@ -37,22 +37,18 @@ def _grad_flags(*logits: torch.Tensor) -> tuple[bool, ...]:
     return tuple(on and t.requires_grad for t in logits)
 
 
-def _grad_scales(ce_loss_weight: float, kd_loss_weight: float) -> tuple[float, float]:
-    return registry.saved_gradient_scale(ce_loss_weight), registry.saved_gradient_scale(kd_loss_weight)
+def _grad_in_forward_loss(op_name: str) -> Callable:
+    """The public loss's kernel on the grad-in-forward op ``torch.ops.dho_fast.<op_name>`` (compiled or Triton,
+    looked up when called: it exists only when its backend does): the gradients computed when autograd needs them,
+    written times the loss weights (registry.saved_gradient_scale), so that loss.backward() hands them on."""
 
+    def run(ce, kd, teacher, labels, temperature, ce_loss_weight, kd_loss_weight, *args):
+        weights = (ce_loss_weight, kd_loss_weight)
+        scales = tuple(registry.saved_gradient_scale(w) for w in weights)
+        op = getattr(torch.ops.dho_fast, op_name)
+        return op(ce, kd, teacher, labels, temperature, *weights, *args, *_grad_flags(ce, kd), *scales)[:3]
 
-def _loss_compiled(ce, kd, teacher, labels, temperature, ce_loss_weight, kd_loss_weight, *args):
-    weights = (ce_loss_weight, kd_loss_weight)
-    return torch.ops.dho_fast.dual_head_loss(
-        ce, kd, teacher, labels, temperature, *weights, *args, *_grad_flags(ce, kd), *_grad_scales(*weights)
-    )[:3]
-
-
-def _loss_triton(ce, kd, teacher, labels, temperature, ce_loss_weight, kd_loss_weight, *args):
-    weights = (ce_loss_weight, kd_loss_weight)
-    return torch.ops.dho_fast.dual_head_loss_triton(
-        ce, kd, teacher, labels, temperature, *weights, *args, *_grad_flags(ce, kd), *_grad_scales(*weights)
-    )[:3]
+    return run
 
 
 def _loss_reference(ce, kd, teacher, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index,
@@ -156,9 +152,9 @@ def _has_data(device: torch.device) -> Exception | None:
 #: op -> backend -> kernel. Arguments are each op's positional arguments (see the op's public function).
 KERNELS: dict[str, dict[str, Kernel]] = {
     "dual_head_loss": {
-        "cpu": Kernel(_loss_compiled, _needs_extension("cpu")),
-        "cuda": Kernel(_loss_compiled, _needs_extension("cuda")),
-        "triton": Kernel(_loss_triton, _needs_triton),
+        "cpu": Kernel(_grad_in_forward_loss("dual_head_loss"), _needs_extension("cpu")),
+        "cuda": Kernel(_grad_in_forward_loss("dual_head_loss"), _needs_extension("cuda")),
+        "triton": Kernel(_grad_in_forward_loss("dual_head_loss_triton"), _needs_triton),
         "reference": Kernel(_loss_reference, _has_data),
     },
     "fused_linear_dual_head_loss": {

@@ -20,7 +20,13 @@ from dho_fast.train.data import (
     read_labelled_indices,
 )
 from dho_fast.train.datasets import dataset_templates, load_dataset
-from dho_fast.train.splits import class_balanced_indices, k_shot_indices, percent_split_indices
+from dho_fast.train.splits import (
+    K_SHOT_SEED,
+    PERCENT_SEED,
+    class_balanced_indices,
+    k_shot_indices,
+    percent_split_indices,
+)
 from dho_fast.train.students import Student, build_student
 from dho_fast.train.teacher import (
     ClipTeacher,
@@ -58,12 +64,13 @@ def build_data(config: TrainConfig) -> RunData:
     splits = load_splits(config)
     labels = splits.train_labels()
     if config.labelled_percent is not None:
-        labelled = percent_split_indices(labels, config.labelled_percent, _split_seed(config, 13))
+        labelled = percent_split_indices(labels, config.labelled_percent, _split_seed(config, PERCENT_SEED))
     elif config.shots is not None:
-        labelled = k_shot_indices(labels, config.shots, _split_seed(config, 1))
+        labelled = k_shot_indices(labels, config.shots, _split_seed(config, K_SHOT_SEED))
     elif config.labelled_indices is not None:
         labelled = read_labelled_indices(config.labelled_indices, len(labels))
     else:
+        # Seed 1 by default: the split_seed of earlier versions, so that their class-balanced sets stay the same.
         labelled = class_balanced_indices(
             labels, fraction=config.labelled_fraction, num_labelled=config.num_labelled, seed=_split_seed(config, 1)
         )

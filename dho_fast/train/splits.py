@@ -5,6 +5,10 @@ import random
 
 import numpy as np
 
+# The reference's seeds: numpy's legacy generator for the ImageNet percent split, Python's for the k-shot one.
+PERCENT_SEED = 13
+K_SHOT_SEED = 1
+
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
@@ -30,7 +34,7 @@ def _cascade_round(targets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return np.minimum(rounded, sizes).astype(np.int64)
 
 
-def percent_split_indices(labels: np.ndarray, percent: float, seed: int = 13) -> np.ndarray:
+def percent_split_indices(labels: np.ndarray, percent: float, seed: int = PERCENT_SEED) -> np.ndarray:
     """The reference's ImageNet ``percent``% labelled set (METHOD.md; ``percent`` 1 or 10 in the paper).
 
     ``labels``: (N,) integer class indices 0..C-1 in the train list's order (ImageFolder order on ImageNet), every
@@ -80,7 +84,7 @@ def percent_split_indices(labels: np.ndarray, percent: float, seed: int = 13) ->
     return np.concatenate(picks).astype(np.int64)
 
 
-def k_shot_indices(labels: np.ndarray, shots: int, seed: int = 1) -> np.ndarray:
+def k_shot_indices(labels: np.ndarray, shots: int, seed: int = K_SHOT_SEED) -> np.ndarray:
     """The reference's few-shot labelled set: ``shots`` images per class (METHOD.md, CoOp's sampler with repeats).
 
     ``labels``: (N,) integer class indices >= 0 in the train list's order. One ``random.Random(seed)``; classes in

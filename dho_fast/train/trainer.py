@@ -82,6 +82,7 @@ class _Trainer:
         self.config, self.info = config, info
         self.out = Path(config.output_dir)
         self.ckpt_path = self.out / CHECKPOINT_NAME
+        self.best_path = self.out / BEST_CHECKPOINT_NAME
         if config.resume and not self.ckpt_path.is_file():
             raise FileNotFoundError(f"resume is set but {self.ckpt_path} does not exist")
         if not config.resume and self.ckpt_path.is_file():
@@ -89,7 +90,7 @@ class _Trainer:
                 f"{self.ckpt_path} exists: pass resume to continue that run, or choose another output_dir"
             )
         if info.is_main:  # of a run killed while it wrote a checkpoint
-            for path in (self.ckpt_path, self.out / BEST_CHECKPOINT_NAME):
+            for path in (self.ckpt_path, self.best_path):
                 checkpoint.remove_stale_temp_files(path)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.data = build_data(config)
@@ -237,7 +238,7 @@ class _Trainer:
             key = "acc_blend" if self.config.method == "dho" else "acc"
             if self.best_val is None or metrics[key] > self.best_val[1][key]:  # a tie keeps the earlier epoch
                 self.best_val = (self.step, metrics)
-                self._save_checkpoint(path=self.out / BEST_CHECKPOINT_NAME)
+                self._save_checkpoint(path=self.best_path)
 
     def _loader(self) -> DataLoader:
         sampler = PairedBatchSampler(
@@ -343,12 +344,12 @@ class _Trainer:
         if self.config.test_weights == "best_val":
             last_weights = {k: v.clone() for k, v in self.student.state_dict().items()}
             last_blend = self.alpha, self.beta
-            best = checkpoint.load(self.out / BEST_CHECKPOINT_NAME)
+            best = checkpoint.load(self.best_path)
             if best["step"] != self.best_val[0]:
                 # Only a run killed between writing best.pt and last.pt, then resumed on another number of ranks
                 # whose re-evaluation of that epoch came out lower, gets here: its recorded epoch's weights are gone.
                 raise RuntimeError(
-                    f"{self.out / BEST_CHECKPOINT_NAME} holds step {best['step']} but the best validation epoch on "
+                    f"{self.best_path} holds step {best['step']} but the best validation epoch on "
                     f"record is step {self.best_val[0]}: rerun from scratch to test the recorded epoch"
                 )
             self.student.load_state_dict(best["model"])
