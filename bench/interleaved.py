@@ -1,8 +1,8 @@
 """Interleaved rounds, the timing method of every ratio quoted from bench/: each round runs every provider once, in an
 order shuffled per round (so that no provider always follows the one that disturbs the caches and the allocator
 most), and a ratio is the median over rounds of that round's ratio, whose two timings ran within milliseconds of each
-other. pytest-benchmark times one provider after another, so a change in a shared machine's speed between providers
-lands in its ratios: the same GEMMs have measured 9 ms and 16 ms minutes apart here."""
+other. Timing one provider's repetitions after another's lets a change in a shared machine's speed between providers
+land in their ratios: the same GEMMs have measured 9 ms and 16 ms minutes apart here."""
 
 import random
 import statistics
@@ -10,22 +10,23 @@ import time
 from collections.abc import Callable
 
 
-def interleaved_times(
-    steps: dict[str, Callable[[], object]], rounds: int, warmup_rounds: int
-) -> dict[str, list[float]]:
-    """Seconds of each provider's ``steps[name]()`` in each of ``rounds`` rounds, after ``warmup_rounds`` untimed
-    ones (torch.compile compiles in its first calls); the shuffles are seeded, so runs are comparable."""
+def run_round(
+    steps: dict[str, Callable[[], object]],
+    times: dict[str, list[float]],
+    rng: random.Random,
+    sync: Callable[[], None] = lambda: None,
+) -> None:
+    """Runs every ``steps[name]()`` once in an order drawn from ``rng`` and appends its seconds to ``times[name]``.
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before and after each step, so a GPU's queued work is counted
+    with the step that queued it."""
     order = list(steps)
-    shuffle = random.Random(0).shuffle
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(warmup_rounds + rounds):
-        shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            steps[name]()
-            if r >= warmup_rounds:
-                times[name].append(time.perf_counter() - start)
-    return times
+    rng.shuffle(order)
+    for name in order:
+        sync()
+        start = time.perf_counter()
+        steps[name]()
+        sync()
+        times[name].append(time.perf_counter() - start)
 
 
 def median_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:

@@ -2,6 +2,8 @@
 // autograd implementations (dho_fast/ops/registry.py).
 #include <torch/library.h>
 
+#include "cpu/kernel_isa.h"
+
 TORCH_LIBRARY(dho_fast, m) {
   // Loss terms of both heads and, when asked, their gradients times a factor (grad-in-forward):
   //   loss = ce_loss_weight * ce_term + kd_loss_weight * kd_term
@@ -62,4 +64,8 @@ TORCH_LIBRARY(dho_fast, m) {
   //   float32, K >= 1, min_sq_dist (N,) float32, all contiguous; a non-finite squared distance is a ValueError naming
   //   the first such row. Rows with min_sq_dist < 0 (picked points) are not read.
   m.def("kcenter_update(Tensor points, Tensor centres, Tensor(a!) min_sq_dist) -> (Tensor index, Tensor value)");
+
+  // The instruction set the CPU kernels run with here: "avx512", "avx2" or "default" (after ATEN_CPU_CAPABILITY).
+  // It takes no tensor, so its one kernel is registered with the schema, for every dispatch key.
+  m.def("cpu_kernel_isa() -> str", &dho_fast::cpu::kernel_isa_name);
 }

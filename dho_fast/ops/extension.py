@@ -18,3 +18,9 @@ def has_extension() -> bool:
 def has_cuda_kernels() -> bool:
     """Whether the extension was built with its CUDA kernels."""
     return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key("dho_fast::dual_head_loss", "CUDA")
+
+
+def cpu_kernel_isa() -> str | None:
+    """The instruction set of the CPU kernels that run here: "avx512", "avx2" or "default" (``ATEN_CPU_CAPABILITY``
+    lowers it, as it does ATen's); None when the extension is not built."""
+    return torch.ops.dho_fast.cpu_kernel_isa() if has_extension() else None
