@@ -7,6 +7,7 @@ kernel fails to write fails the comparison.
 """
 
 import os
+import platform
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ from hypothesis import strategies as st
 
 import dho_fast
 from dho_fast import kernels
+from dho_fast.ops import extension
 
 # Odd shapes (C = 1, N = 1, C = 997: rows not 16-byte aligned), around the CUDA kernel's warp-per-row limits (1024
 # columns, 512 for float64), rows wider than Triton's widest tile (MAX_TILE = 4096: the two-pass path) and
@@ -227,6 +229,35 @@ def test_every_instruction_set_variant_of_the_cpu_kernel(capability, monkeypatch
         check_loss("cpu", make_inputs(9, 1037, dtype, masked_fraction=0.2), dtype, label_smoothing=0.1, **LOSS_KW)
         for c in (2, 511, 1031):
             check_loss("cpu", adversarial_batch(c, dtype, "cpu"), dtype, label_smoothing=0.1, **LOSS_KW)
+
+
+ISA_RANK = {"default": 0, "avx2": 1, "avx512": 2}
+
+
+def best_isa_of_this_cpu() -> str:
+    """From the CPU's own flags, independently of the extension's choice."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        pytest.skip("needs /proc/cpuinfo")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "default"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "default"
+
+
+@pytest.mark.parametrize("capability", [None, "default", "avx2", "avx512"])
+def test_cpu_kernel_isa_names_the_variant_that_runs(capability, monkeypatch):
+    # What benchmarks record: the CPU's best instruction set, lowered (never raised) by ATEN_CPU_CAPABILITY.
+    best = best_isa_of_this_cpu()
+    if capability is None:
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+        assert extension.cpu_kernel_isa() == best
+    else:
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
+        assert extension.cpu_kernel_isa() == min(capability, best, key=ISA_RANK.get)
 
 
 @pytest.mark.parametrize("backend_device", backend_params("triton"))
