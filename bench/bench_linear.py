@@ -95,4 +95,8 @@ def test_fused_linear(interleaved, device, shape, dtype, mode):
     steps = {name: timed_step(loss, features, head, teacher, labels, backward) for name, loss in losses.items()}
     steps["gemms"] = gemm_step(features, head, labels, backward)
     case = {"mode": mode, "N": n, "D": d, "C": c, "dtype": dtype}
-    interleaved("fused_linear_dual_head_loss", case, steps, rounds=rounds_for(n * c))
+    # Without AVX512-BF16 or AMX, ATen's CPU bf16 GEMM is a scalar loop: eager's step at C = 21843 takes most of a
+    # minute there, so that case gets few rounds.
+    crawl = device.type == "cpu" and dtype == "bf16" and c > 1000
+    rounds, warmup = (3, 1) if crawl else (rounds_for(n * c), 3)
+    interleaved("fused_linear_dual_head_loss", case, steps, rounds=rounds, warmup_rounds=warmup)

@@ -150,8 +150,8 @@ def report(records: list[dict]) -> str:
 
 
 def _short_label(case: dict) -> str:
-    """``N x C`` (``N x D x C``), dtype and mode on three lines: a tick label of the plot."""
-    shape = " x ".join(str(case[k]) for k in ("N", "D", "C") if k in case)
+    """``N x C``, dtype and mode on three lines: a tick label of the plot (the tables give D)."""
+    shape = f"{case['N']} x {case['C']}"
     return f"{shape}\n{case['dtype']}\n{'fwd+bwd' if case['mode'] == 'forward+backward' else 'fwd'}"
 
 

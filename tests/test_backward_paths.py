@@ -143,3 +143,19 @@ def test_half_logits_get_half_gradients(backend_device, dtype):
     assert ce.grad.dtype == kd.grad.dtype == dtype
     want = _reference_grads([t.float() if t.is_floating_point() else t for t in inputs], **WEIGHTS)
     _close((ce.grad.float(), kd.grad.float()), want, dtype)
+
+
+@pytest.mark.parametrize("backend_device", backend_params("cpu", "cuda"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_logits_plain_backward_is_the_float32_gradient_rounded_once(backend_device, dtype):
+    # A plain loss.backward() on half logits only rounds the saved float32 gradient (no scaling pass): it must equal
+    # the gradient of the same values given as float32, rounded to the logits' dtype once.
+    backend, device = backend_device
+    ce, kd, teacher, labels = (t.to(device) for t in make_inputs(13, 517, dtype))
+    half = _leaves(ce, kd)
+    dho_fast.fused_dual_head_loss(*half, teacher, labels, backend=backend, **WEIGHTS).backward()
+    full = _leaves(ce.float(), kd.float())
+    dho_fast.fused_dual_head_loss(*full, teacher.float(), labels, backend=backend, **WEIGHTS).backward()
+    for got, want in zip(half, full, strict=True):
+        assert got.grad.dtype == dtype
+        assert torch.equal(got.grad, want.grad.to(dtype))

@@ -97,8 +97,10 @@ def dual_head_predict(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: f
     """``alpha * softmax(ce_logits) + (1 - alpha) * softmax(kd_logits / beta)``, (N, C) in float32 (float64 for
     float64 input)."""
     acc = accumulate_dtype(ce_logits.dtype)
-    p_ce, p_kd = torch.softmax(ce_logits.to(acc), dim=1), torch.softmax(kd_logits.to(acc) / beta, dim=1)
-    return alpha * p_ce + (1 - alpha) * p_kd
+    # One expression, the KD head's weight folded into the add: each softmax is freed as soon as it is used, so at
+    # most three (N, C) buffers are alive at once.
+    weighted_ce = alpha * torch.softmax(ce_logits.to(acc), dim=1)
+    return torch.add(weighted_ce, torch.softmax(kd_logits.to(acc) / beta, dim=1), alpha=1 - alpha)
 
 
 def blend_search(

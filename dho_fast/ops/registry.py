@@ -128,16 +128,18 @@ def _scaled(
     """The gradient of the logits, ``(grad_loss * weight + grad_of_term) * d term / d logits``, from ``saved`` =
     ``saved_scale * d term / d logits`` (accumulation dtype), rounded once to ``dtype``.
 
-    When the factor is exactly 1 (``grad_loss`` is 1, no gradient of the term itself, ``saved_scale`` the weight) and
-    no rounding is due, ``saved`` itself is returned: no pass over it and no allocation. That is safe: a backward
-    without ``retain_graph`` frees ``saved`` before the next node runs (a leaf's ``.grad`` then takes it over), and
-    with ``retain_graph`` autograd copies a gradient it must keep before accumulating into it; an in-place change of
-    it by other code is caught by autograd's version check, never read silently. Every other case scales out of
-    place: a backward cannot see ``retain_graph``, so it never writes ``saved`` in place."""
+    When the factor is exactly 1 (``grad_loss`` is 1, no gradient of the term itself, ``saved_scale`` the weight),
+    ``saved`` itself is returned when no rounding is due (no pass over it and no allocation), else only rounded.
+    That is safe: a backward without ``retain_graph`` frees ``saved`` before the next node runs (a leaf's ``.grad``
+    then takes it over), and with ``retain_graph`` autograd copies a gradient it must keep before accumulating into
+    it; an in-place change of it by other code is caught by autograd's version check, never read silently. Every
+    other case scales out of place: a backward cannot see ``retain_graph``, so it never writes ``saved`` in place.
+    """
     if saved.dim() != 2:  # the (0,) placeholder of a gradient the forward was told not to compute
         raise RuntimeError(f"the gradient of {name} was not computed in the forward pass (its grad flag was False)")
-    if grad_of_term is None and weight == saved_scale and saved.dtype == dtype and _is_one(grad_loss):
-        return saved
+    if grad_of_term is None and weight == saved_scale and _is_one(grad_loss):
+        # A factor of exactly 1: float32/64 logits take ``saved`` itself, half ones its one rounding, in one pass.
+        return saved if saved.dtype == dtype else saved.to(dtype)
     scale = 0.0
     if grad_loss is not None:
         scale = grad_loss * (weight / saved_scale)
