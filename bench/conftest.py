@@ -86,6 +86,9 @@ def interleaved(benchmark, device: torch.device) -> Callable[..., None]:
 
     def run(op: str, case: dict[str, object], steps: dict[str, Callable[[], object]], *, rounds: int,
             warmup_rounds: int = 3) -> None:  # fmt: skip
+        # Each case's torch.compile provider compiles afresh for its own shape: with the cache of earlier cases,
+        # dynamo would mark the changed sizes dynamic and time a dynamic-shape graph instead.
+        torch._dynamo.reset()
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         rng = random.Random(0)  # seeded: two runs shuffle alike
         times: dict[str, list[float]] = {name: [] for name in steps}
