@@ -84,7 +84,8 @@ def ratio_table(records: list[dict]) -> list[str]:
         for p, title in zip(dict.fromkeys(p for r2 in records for p in fused_providers(r2)), memory, strict=True):
             eager = r["peak_bytes"].get("eager")
             if p in r["peak_bytes"] and eager:
-                cells[title] = f"{r['peak_bytes'][p] / eager:.2g}"
+                ratio = r["peak_bytes"][p] / eager
+                cells[title] = f"{ratio:.2g}" if ratio >= 0.01 else "< 0.01"
         rows.append(_case_cells(r, keys) + [cells.get(t, "") for t in titles + memory])
     return _markdown(keys + titles + memory, rows, len(keys))
 
