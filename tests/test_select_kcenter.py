@@ -314,6 +314,7 @@ def _rank(rank: int, world_size: int, port: int, inputs: str, cuts: list[int], o
         except (TypeError, ValueError) as error:
             results.append(f"{type(error).__name__}: {error}")
         torch.save(results, f"{out}.{rank}")
+        dist.barrier()  # a rank that closes its gloo connections while its peer still reads them aborts the peer
     finally:
         dist.destroy_process_group()
 

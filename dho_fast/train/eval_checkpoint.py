@@ -6,7 +6,7 @@ from typing import Any
 from dho_fast.train import checkpoint
 from dho_fast.train.build import build_data, build_run_student, eval_dataset
 from dho_fast.train.config import TrainConfig
-from dho_fast.train.distributed import init_distributed, shutdown
+from dho_fast.train.distributed import barrier, init_distributed, shutdown
 from dho_fast.train.evaluate import head_metrics, predict_logits
 
 
@@ -41,6 +41,7 @@ def evaluate_checkpoint(
             num_workers=config.num_workers,
             precision=config.precision,
         )
+        barrier(info)  # no rank closes its gloo connections while a peer still reads them
     finally:
         shutdown(info)
     alpha, beta = config.alpha, config.beta

@@ -56,7 +56,9 @@ def train(config: TrainConfig) -> TrainResult:
     """
     info = init_distributed(config.device)
     try:
-        return _Trainer(config, info).run()
+        result = _Trainer(config, info).run()
+        barrier(info)  # a rank that tears its gloo connections down while a peer still reads them aborts the peer
+        return result
     finally:
         shutdown(info)
 
