@@ -20,7 +20,7 @@ from trainer_fixtures import run_settings
 
 from dho_fast.train import checkpoint, cli
 from dho_fast.train.config import MAX_SKIPPED_STEPS, TrainConfig
-from dho_fast.train.distributed import init_distributed, shutdown
+from dho_fast.train.distributed import process_group
 from dho_fast.train.trainer import _Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +113,7 @@ def test_nonfinite_gradients_under_a_finite_loss_stop_the_run(trees, logits_file
     # A finite loss whose backward overflows (e.g. in a backbone's layer) is injected where it would arise: a hook
     # on a real parameter of the real trainer's student makes step 2's gradient NaN.
     settings = run_settings(trees, tmp_path / "run", teacher="logits", teacher_logits=logits_file, checkpoint_every=1)
-    info = init_distributed("cpu")
-    try:
+    with process_group("cpu") as info:
         trainer = _Trainer(TrainConfig(**settings), info)
         backwards = []
 
@@ -125,7 +124,5 @@ def test_nonfinite_gradients_under_a_finite_loss_stop_the_run(trees, logits_file
         next(trainer.student.parameters()).register_hook(poison_the_second_step)
         with pytest.raises(FloatingPointError, match="the gradients are not finite at step 2 although the loss is"):
             trainer.run()
-    finally:
-        shutdown(info)
     state = checkpoint.load(tmp_path / "run" / "last.pt")
     assert state["step"] == 1 and finite_weights(state)

@@ -1,6 +1,8 @@
 """torchrun-style process groups (NCCL on GPU, gloo on CPU) and the collectives the trainer needs."""
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +55,21 @@ def shutdown(info: DistInfo) -> None:
     """Leaves the process group if :func:`init_distributed` created it."""
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: str = "auto") -> Iterator[DistInfo]:
+    """:func:`init_distributed` on entry, :func:`shutdown` on exit.
+
+    On a normal exit every rank first waits for the others: a rank that closes its gloo connections while a peer still
+    reads them aborts the peer. After an exception it does not wait, so a failed rank cannot hang the rest.
+    """
+    info = init_distributed(device)
+    try:
+        yield info
+        barrier(info)
+    finally:
+        shutdown(info)
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

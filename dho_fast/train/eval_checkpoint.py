@@ -6,7 +6,7 @@ from typing import Any
 from dho_fast.train import checkpoint
 from dho_fast.train.build import build_data, build_run_student, eval_dataset
 from dho_fast.train.config import TrainConfig
-from dho_fast.train.distributed import barrier, init_distributed, shutdown
+from dho_fast.train.distributed import process_group
 from dho_fast.train.evaluate import head_metrics, predict_logits
 
 
@@ -25,8 +25,7 @@ def evaluate_checkpoint(
     # The weights come from the checkpoint: the student's pretrained file or tag is not needed again.
     values = {**state["config"], "resume": False, "student_pretrained": None, **(overrides or {})}
     config = TrainConfig.from_dict(values)
-    info = init_distributed(config.device)
-    try:
+    with process_group(config.device) as info:
         data = build_data(config)
         samples = getattr(data.splits, split)
         if not samples:
@@ -41,9 +40,6 @@ def evaluate_checkpoint(
             num_workers=config.num_workers,
             precision=config.precision,
         )
-        barrier(info)  # no rank closes its gloo connections while a peer still reads them
-    finally:
-        shutdown(info)
     alpha, beta = config.alpha, config.beta
     if alpha is None:
         alpha, beta = state["alpha"], state["beta"]

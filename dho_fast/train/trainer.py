@@ -16,7 +16,7 @@ from dho_fast.train import checkpoint
 from dho_fast.train.build import build_data, build_run_student, build_teacher, eval_dataset, train_dataset
 from dho_fast.train.config import MAX_SKIPPED_STEPS, RESUMABLE_CHANGES, TrainConfig
 from dho_fast.train.data import IGNORE_INDEX
-from dho_fast.train.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown
+from dho_fast.train.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, process_group
 from dho_fast.train.evaluate import autocast, head_metrics, predict_logits
 from dho_fast.train.gradient_conflict import term_gradient_cosines
 from dho_fast.train.metrics_log import MetricsLog
@@ -54,13 +54,8 @@ def train(config: TrainConfig) -> TrainResult:
     accuracy beats every earlier epoch's (strictly: the first maximum is kept), and tests those weights with that
     epoch's alpha and beta at the end, as the reference's few-shot protocol does.
     """
-    info = init_distributed(config.device)
-    try:
-        result = _Trainer(config, info).run()
-        barrier(info)  # a rank that tears its gloo connections down while a peer still reads them aborts the peer
-        return result
-    finally:
-        shutdown(info)
+    with process_group(config.device) as info:
+        return _Trainer(config, info).run()
 
 
 def _check_resumable(saved: dict, config: TrainConfig) -> None:
