@@ -11,11 +11,16 @@ TORCH_LIBRARY(dho_fast, m) {
   //   (empty when not asked), in the accumulation dtype (float32 for half logits, so that backward scales them
   //   before rounding to half). Autograd passes the loss weights as the factors (dho_fast/ops/registry.py), so
   //   that a plain loss.backward() can hand the gradients on as they are.
+  // The teacher, in every loss op (csrc/row_math.h TeacherForm): teacher_form 0, teacher_logits (N, C) logits;
+  //   1, teacher_logits holds (N, C) probabilities; 2 (sparse), teacher_logits holds (N, k) probabilities in the
+  //   accumulation dtype at the int64 classes teacher_indices (N, k), with teacher_row_terms (N, 2) = [u, sum_c p_c log
+  //   p_c] per row, u the probability of each unlisted class (dho_fast/ops/teacher.py builds them).
   m.def(
       "dual_head_loss(Tensor ce_logits, Tensor kd_logits, Tensor teacher_logits, Tensor labels, float temperature, "
       "float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, float label_smoothing, "
-      "bool ce_grad, bool kd_grad, float ce_grad_scale=1.0, float kd_grad_scale=1.0) -> (Tensor loss, "
-      "Tensor ce_term, Tensor kd_term, Tensor ce_grad_out, Tensor kd_grad_out)");
+      "bool ce_grad, bool kd_grad, float ce_grad_scale=1.0, float kd_grad_scale=1.0, int teacher_form=0, "
+      "Tensor? teacher_indices=None, Tensor? teacher_row_terms=None) -> (Tensor loss, Tensor ce_term, "
+      "Tensor kd_term, Tensor ce_grad_out, Tensor kd_grad_out)");
 
   // One row chunk of the batch's loss: the per-chunk step of fused_linear_dual_head_loss (below).
   //   kd_logits (R, C): the KD logits of rows [start, start + R) of the batch;
@@ -33,8 +38,8 @@ TORCH_LIBRARY(dho_fast, m) {
       "dual_head_loss_chunk(Tensor(a!) ce_logits, Tensor(b!) kd_logits, Tensor teacher_logits, Tensor labels, "
       "int start, int num_labelled, float temperature, bool kd_split, int ignore_index, float label_smoothing, "
       "bool ce_grad, bool kd_grad, Tensor? ce_bias=None, Tensor? kd_bias=None, float ce_grad_scale=1.0, "
-      "float kd_grad_scale=1.0, Tensor(c!)? ce_grad_out=None, Tensor(d!)? kd_grad_out=None) -> (Tensor ce_term, "
-      "Tensor kd_term)");
+      "float kd_grad_scale=1.0, Tensor(c!)? ce_grad_out=None, Tensor(d!)? kd_grad_out=None, int teacher_form=0, "
+      "Tensor? teacher_indices=None, Tensor? teacher_row_terms=None) -> (Tensor ce_term, Tensor kd_term)");
 
   // The DHO loss of two linear heads over shared features, in row chunks (csrc/fused_linear_dual_head_loss.cpp):
   //   ce_logits = features @ ce_weight.T + ce_bias,
@@ -44,7 +49,8 @@ TORCH_LIBRARY(dho_fast, m) {
       "fused_linear_dual_head_loss(Tensor features, Tensor ce_weight, Tensor? ce_bias, Tensor kd_weight, "
       "Tensor? kd_bias, Tensor teacher_logits, Tensor labels, bool kd_cosine, float kd_logit_scale, int chunk_size, "
       "float temperature, float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, "
-      "float label_smoothing) -> (Tensor loss, Tensor ce_term, Tensor kd_term)");
+      "float label_smoothing, int teacher_form=0, Tensor? teacher_indices=None, Tensor? teacher_row_terms=None) -> "
+      "(Tensor loss, Tensor ce_term, Tensor kd_term)");
   // Its forward as its autograd kernel runs it: also the gradients (d_*_ce) of s_ce * ce_term and (d_*_kd) of
   // s_kd * kd_term that the grad flags ask for, each a (0,) placeholder when not asked for (or when its bias is None),
   // in the accumulation dtype (float32 for half inputs: backward rounds them to the inputs' dtype after scaling).
@@ -53,9 +59,10 @@ TORCH_LIBRARY(dho_fast, m) {
       "fused_linear_dual_head_loss_with_grads(Tensor features, Tensor ce_weight, Tensor? ce_bias, Tensor kd_weight, "
       "Tensor? kd_bias, Tensor teacher_logits, Tensor labels, bool kd_cosine, float kd_logit_scale, int chunk_size, "
       "float temperature, float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, "
-      "float label_smoothing, bool grad_features, bool grad_ce_head, bool grad_kd_head) -> (Tensor loss, "
-      "Tensor ce_term, Tensor kd_term, Tensor d_features_ce, Tensor d_features_kd, Tensor d_ce_weight, "
-      "Tensor d_ce_bias, Tensor d_kd_weight, Tensor d_kd_bias)");
+      "float label_smoothing, bool grad_features, bool grad_ce_head, bool grad_kd_head, int teacher_form=0, "
+      "Tensor? teacher_indices=None, Tensor? teacher_row_terms=None) -> (Tensor loss, Tensor ce_term, "
+      "Tensor kd_term, Tensor d_features_ce, Tensor d_features_kd, Tensor d_ce_weight, Tensor d_ce_bias, "
+      "Tensor d_kd_weight, Tensor d_kd_bias)");
 
   // One step of greedy k-center (dho_fast/ops/kcenter.py): for each point i with min_sq_dist[i] >= 0,
   //   min_sq_dist[i] = min(min_sq_dist[i], min_k sum_c (points[i, c] - centres[k, c])^2)   (in place; the sum's order:

@@ -42,17 +42,18 @@ std::tuple<Tensor, Tensor> loss_chunk(Tensor& ce_logits, Tensor& kd_logits, cons
                                       const std::optional<Tensor>& ce_bias, const std::optional<Tensor>& kd_bias,
                                       double ce_grad_scale, double kd_grad_scale,
                                       const std::optional<Tensor>& ce_grad_out,
-                                      const std::optional<Tensor>& kd_grad_out) {
+                                      const std::optional<Tensor>& kd_grad_out, const LinearLossArgs& a) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("dho_fast::dual_head_loss_chunk", "")
           .typed<std::tuple<Tensor, Tensor>(Tensor&, Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, double,
                                             bool, int64_t, double, bool, bool, const std::optional<Tensor>&,
                                             const std::optional<Tensor>&, double, double,
+                                            const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t,
                                             const std::optional<Tensor>&, const std::optional<Tensor>&)>();
   return op.call(ce_logits, kd_logits, teacher, labels, start, num_labelled, temperature, kd_split, ignore_index,
                  label_smoothing, ce_grad, kd_grad, ce_bias, kd_bias, ce_grad_scale, kd_grad_scale, ce_grad_out,
-                 kd_grad_out);
+                 kd_grad_out, a.teacher_form, a.teacher_indices, a.teacher_row_terms);
 }
 
 // One chunk of rows [start, stop) and its labelled rows: entries [first, last) of the batch's labelled-row list.
@@ -208,7 +209,7 @@ Outputs fused_linear_forward(const LinearLossArgs& a) {
     const auto [ce_sum, kd_sum] =
         loss_chunk(z_ce, z_kd, teacher, y, c.start, num_labelled, a.temperature, a.kd_split, a.ignore_index,
                    a.label_smoothing, ce_grad, kd_grad, ce_bias_c, kd_bias_c, ce_scale, kd_scale, ce_grad_out,
-                   kd_grad_out);
+                   kd_grad_out, a);
     ce_term.add_(ce_sum);
     kd_term.add_(kd_sum);
     // g_ce and g_kd now hold ce_scale * d ce_term / d z_ce and kd_scale * d kd_term / d z_kd.
@@ -257,11 +258,13 @@ Outputs with_grads_below_autograd(const LinearLossArgs& a) {
           .findSchemaOrThrow("dho_fast::fused_linear_dual_head_loss_with_grads", "")
           .typed<Outputs(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
                          const std::optional<Tensor>&, const Tensor&, const Tensor&, bool, double, int64_t, double,
-                         double, double, bool, int64_t, double, bool, bool, bool)>();
+                         double, double, bool, int64_t, double, bool, bool, bool, int64_t,
+                         const std::optional<Tensor>&, const std::optional<Tensor>&)>();
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(a.features, a.ce_weight, a.ce_bias, a.kd_weight, a.kd_bias, a.teacher_logits, a.labels, a.kd_cosine,
                  a.kd_logit_scale, a.chunk_size, a.temperature, a.ce_loss_weight, a.kd_loss_weight, a.kd_split,
-                 a.ignore_index, a.label_smoothing, a.grad_features, a.grad_ce_head, a.grad_kd_head);
+                 a.ignore_index, a.label_smoothing, a.grad_features, a.grad_ce_head, a.grad_kd_head, a.teacher_form,
+                 a.teacher_indices, a.teacher_row_terms);
 }
 
 // A gradient saved by the forward, times the factor backward must apply to it (d loss / d term over the scale the
@@ -380,7 +383,9 @@ Terms fused_linear_entry(const Tensor& features, const Tensor& ce_weight, const 
                          const Tensor& kd_weight, const std::optional<Tensor>& kd_bias, const Tensor& teacher_logits,
                          const Tensor& labels, bool kd_cosine, double kd_logit_scale, int64_t chunk_size,
                          double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
-                         int64_t ignore_index, double label_smoothing) {
+                         int64_t ignore_index, double label_smoothing, int64_t teacher_form,
+                         const std::optional<Tensor>& teacher_indices,
+                         const std::optional<Tensor>& teacher_row_terms) {
   return run({.features = features,
               .ce_weight = ce_weight,
               .ce_bias = ce_bias,
@@ -396,7 +401,10 @@ Terms fused_linear_entry(const Tensor& features, const Tensor& ce_weight, const 
               .kd_loss_weight = kd_loss_weight,
               .kd_split = kd_split,
               .ignore_index = ignore_index,
-              .label_smoothing = label_smoothing});
+              .label_smoothing = label_smoothing,
+              .teacher_form = teacher_form,
+              .teacher_indices = teacher_indices,
+              .teacher_row_terms = teacher_row_terms});
 }
 
 // fused_linear_dual_head_loss_with_grads's kernel.
@@ -406,7 +414,9 @@ Outputs fused_linear_with_grads_entry(const Tensor& features, const Tensor& ce_w
                                       const Tensor& labels, bool kd_cosine, double kd_logit_scale, int64_t chunk_size,
                                       double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
                                       int64_t ignore_index, double label_smoothing, bool grad_features,
-                                      bool grad_ce_head, bool grad_kd_head) {
+                                      bool grad_ce_head, bool grad_kd_head, int64_t teacher_form,
+                                      const std::optional<Tensor>& teacher_indices,
+                                      const std::optional<Tensor>& teacher_row_terms) {
   return fused_linear_forward({.features = features,
                                .ce_weight = ce_weight,
                                .ce_bias = ce_bias,
@@ -425,7 +435,10 @@ Outputs fused_linear_with_grads_entry(const Tensor& features, const Tensor& ce_w
                                .label_smoothing = label_smoothing,
                                .grad_features = grad_features,
                                .grad_ce_head = grad_ce_head,
-                               .grad_kd_head = grad_kd_head});
+                               .grad_kd_head = grad_kd_head,
+                               .teacher_form = teacher_form,
+                               .teacher_indices = teacher_indices,
+                               .teacher_row_terms = teacher_row_terms});
 }
 
 }  // namespace

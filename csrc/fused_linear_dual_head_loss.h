@@ -15,7 +15,7 @@ struct LinearLossArgs {
   std::optional<at::Tensor> ce_bias;   // (C,) or None
   at::Tensor kd_weight;                // (C, D)
   std::optional<at::Tensor> kd_bias;   // (C,) or None
-  at::Tensor teacher_logits;           // (N, C)
+  at::Tensor teacher_logits;           // (N, C), or (N, k) for a sparse teacher (teacher_form below)
   at::Tensor labels;                   // (N,) int64
   bool kd_cosine;
   double kd_logit_scale;
@@ -30,6 +30,10 @@ struct LinearLossArgs {
   bool grad_features = false;
   bool grad_ce_head = false;
   bool grad_kd_head = false;
+  // The teacher's form (row_math::TeacherForm) and a sparse teacher's other tensors (csrc/dho_fast.cpp).
+  int64_t teacher_form = 0;
+  std::optional<at::Tensor> teacher_indices;    // (N, k) int64
+  std::optional<at::Tensor> teacher_row_terms;  // (N, 2)
 };
 
 }  // namespace dho_fast

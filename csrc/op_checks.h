@@ -55,18 +55,69 @@ inline void check_loss_weight(const char* name, double weight) {
   TORCH_CHECK_VALUE(std::isfinite(weight) && weight >= 0, name, " must be finite and >= 0, got ", weight);
 }
 
+// The public argument a teacher of form `form` (row_math::TeacherForm) comes from, for messages.
+inline const char* teacher_name(int64_t form) {
+  return form == row_math::kTeacherProbs ? "teacher_probs"
+         : form == row_math::kTeacherSparse ? "teacher_topk_values"
+                                             : "teacher_logits";
+}
+
+// A loss op's teacher (the schemas' teacher_form, teacher, teacher_indices, teacher_row_terms) for `rows` rows of C
+// classes, against `logits`, the student logits: logits or probabilities (rows, C) of the logits' dtype; or sparse:
+// probabilities (rows, k) with 1 <= k <= C and row terms (rows, 2) in the accumulation dtype, and int64 class
+// indices (rows, k) in [0, C), none repeated in a row (the kernels index with them, so this is checked here too).
+inline void check_teacher(int64_t form, const at::Tensor& t, const std::optional<at::Tensor>& indices,
+                          const std::optional<at::Tensor>& row_terms, int64_t rows, int64_t C,
+                          const char* logits_name, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(form >= row_math::kTeacherLogits && form <= row_math::kTeacherSparse,
+                    "teacher_form must be 0 (logits), 1 (probabilities) or 2 (sparse), got ", form);
+  const char* name = teacher_name(form);
+  if (form != row_math::kTeacherSparse) {
+    TORCH_CHECK_VALUE(!indices && !row_terms, "teacher_indices and teacher_row_terms are only for a sparse teacher");
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == C, name, " must have shape (", rows, ", ", C,
+                      "), got ", t.sizes());
+    check_like(name, t, logits_name, logits);
+    return;
+  }
+  TORCH_CHECK_VALUE(indices && row_terms, "a sparse teacher needs teacher_indices and teacher_row_terms");
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) >= 1 && t.size(1) <= C, name,
+                    " must have shape (", rows, ", k) with 1 <= k <= ", C, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == acc && row_terms->scalar_type() == acc, name, " and teacher_row_terms must be ",
+                   acc, " (the accumulation dtype of ", logits_name, "), got ", t.scalar_type(), " and ",
+                   row_terms->scalar_type());
+  TORCH_CHECK_TYPE(indices->scalar_type() == at::kLong, "teacher_indices must be int64, got ", indices->scalar_type());
+  TORCH_CHECK_VALUE(indices->sizes() == t.sizes(), "teacher_indices must have the shape of ", name, " ", t.sizes(),
+                    ", got ", indices->sizes());
+  TORCH_CHECK_VALUE(row_terms->dim() == 2 && row_terms->size(0) == rows && row_terms->size(1) == 2,
+                    "teacher_row_terms must have shape (", rows, ", 2), got ", row_terms->sizes());
+  for (const auto& [what, x] : {std::pair<const char*, const at::Tensor&>{name, t},
+                                {"teacher_indices", *indices},
+                                {"teacher_row_terms", *row_terms}}) {
+    TORCH_CHECK_VALUE(x.device() == logits.device(), what, " must be on ", logits.device(), " (as ", logits_name,
+                      "), got ", x.device());
+    TORCH_CHECK_VALUE(x.is_contiguous(), what, " must be contiguous");
+  }
+  if (indices->numel() == 0) return;
+  TORCH_CHECK_VALUE(indices->min().item<int64_t>() >= 0 && indices->max().item<int64_t>() < C,
+                    "teacher_topk_indices must lie in [0, ", C, ")");
+  const at::Tensor sorted = std::get<0>(indices->sort(1));
+  TORCH_CHECK_VALUE(!(sorted.narrow(1, 1, t.size(1) - 1) == sorted.narrow(1, 0, t.size(1) - 1)).any().item<bool>(),
+                    "teacher_topk_indices repeats a class within a row");
+}
+
 inline void check_loss_inputs(const at::Tensor& ce, const at::Tensor& kd, const at::Tensor& t,
                               const at::Tensor& labels, double temperature, double ce_loss_weight,
-                              double kd_loss_weight, double label_smoothing) {
+                              double kd_loss_weight, double label_smoothing, int64_t teacher_form,
+                              const std::optional<at::Tensor>& teacher_indices,
+                              const std::optional<at::Tensor>& teacher_row_terms) {
   TORCH_CHECK_VALUE(ce.dim() == 2 && ce.size(1) >= 1, "ce_logits must have shape (N, C) with C >= 1, got ",
                     ce.sizes());
   check_floating("ce_logits", ce);
   TORCH_CHECK_VALUE(kd.sizes() == ce.sizes(), "kd_logits must have the shape of ce_logits ", ce.sizes(), ", got ",
                     kd.sizes());
-  TORCH_CHECK_VALUE(t.sizes() == ce.sizes(), "teacher_logits must have the shape of ce_logits ", ce.sizes(),
-                    ", got ", t.sizes());
   check_like("kd_logits", kd, "ce_logits", ce);
-  check_like("teacher_logits", t, "ce_logits", ce);
+  check_teacher(teacher_form, t, teacher_indices, teacher_row_terms, ce.size(0), ce.size(1), "ce_logits", ce);
   check_labels(labels, ce.size(0), "ce_logits", ce);
   check_temperature(temperature);
   check_loss_weight("ce_loss_weight", ce_loss_weight);
@@ -96,10 +147,7 @@ inline void check_linear_loss_inputs(const LinearLossArgs& a) {
                       ",) as the weights' rows, got ", bias->sizes());
     check_like(name, *bias, "features", x);
   }
-  const at::Tensor& t = a.teacher_logits;
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == N && t.size(1) == C, "teacher_logits must have shape (N, C) = (", N,
-                    ", ", C, "), got ", t.sizes());
-  check_like("teacher_logits", t, "features", x);
+  check_teacher(a.teacher_form, a.teacher_logits, a.teacher_indices, a.teacher_row_terms, N, C, "features", x);
   check_labels(a.labels, N, "features", x);
   TORCH_CHECK_VALUE(a.chunk_size >= 1, "chunk_size must be >= 1, got ", a.chunk_size);
   TORCH_CHECK_VALUE(std::isfinite(a.kd_logit_scale) && a.kd_logit_scale > 0,
@@ -120,26 +168,29 @@ inline void check_chunk_bias(const char* name, const std::optional<at::Tensor>& 
   TORCH_CHECK_VALUE(bias->is_contiguous(), name, " must be contiguous");
 }
 
+// The chunk op's tensors: the batch's N rows are the labels'; the teacher covers the whole batch.
 inline void check_chunk_inputs(const at::Tensor& ce, const at::Tensor& kd, const at::Tensor& t,
                                const at::Tensor& labels, int64_t start, int64_t num_labelled, double temperature,
                                double label_smoothing, const std::optional<at::Tensor>& ce_bias,
-                               const std::optional<at::Tensor>& kd_bias) {
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) >= 1, "teacher_logits must have shape (N, C) with C >= 1, got ",
-                    t.sizes());
-  check_floating("teacher_logits", t);
-  const int64_t N = t.size(0), C = t.size(1);
-  check_labels(labels, N, "teacher_logits", t);
-  TORCH_CHECK_VALUE(kd.dim() == 2 && kd.size(1) == C, "kd_logits must have shape (R, ", C, "), got ", kd.sizes());
+                               const std::optional<at::Tensor>& kd_bias, int64_t teacher_form,
+                               const std::optional<at::Tensor>& teacher_indices,
+                               const std::optional<at::Tensor>& teacher_row_terms) {
+  TORCH_CHECK_VALUE(kd.dim() == 2 && kd.size(1) >= 1, "kd_logits must have shape (R, C) with C >= 1, got ",
+                    kd.sizes());
+  check_floating("kd_logits", kd);
+  TORCH_CHECK_VALUE(labels.dim() == 1, "labels must have shape (N,), got ", labels.sizes());
+  const int64_t N = labels.size(0), C = kd.size(1);
+  check_labels(labels, N, "kd_logits", kd);
+  check_teacher(teacher_form, t, teacher_indices, teacher_row_terms, N, C, "kd_logits", kd);
   TORCH_CHECK_VALUE(ce.dim() == 2 && ce.size(1) == C, "ce_logits must have shape (L, ", C, "), got ", ce.sizes());
   TORCH_CHECK_VALUE(start >= 0 && start + kd.size(0) <= N, "rows [start, start + R) = [", start, ", ",
                     start + kd.size(0), ") must lie in the batch's ", N, " rows");
   TORCH_CHECK_VALUE(num_labelled >= 0 && num_labelled <= N, "num_labelled must be in [0, ", N, "], got ",
                     num_labelled);
-  check_like("ce_logits", ce, "teacher_logits", t);
-  check_like("kd_logits", kd, "teacher_logits", t);
+  check_like("ce_logits", ce, "kd_logits", kd);
   for (const auto& [name, x] : {std::pair<const char*, const at::Tensor&>{"ce_logits", ce},
                                 {"kd_logits", kd},
-                                {"teacher_logits", t},
+                                {teacher_name(teacher_form), t},
                                 {"labels", labels}}) {
     TORCH_CHECK_VALUE(x.is_contiguous(), name, " must be contiguous");
   }
@@ -184,8 +235,16 @@ inline void check_label(int64_t row, int64_t label, int64_t num_classes, int64_t
                     " classes (unlabelled rows must be ignore_index = ", ignore_index, ")");
 }
 
-// status: the row_math::TeacherRowStatus a kernel reported for teacher_logits row `row`.
-inline void check_teacher_row(int64_t row, int status) {
+// status: the row_math::TeacherRowStatus a kernel reported for teacher row `row` of form `form` (the messages are
+// dho_fast.ops.validation.teacher_row_error's).
+inline void check_teacher_row(int64_t row, int status, int64_t form) {
+  if (form == row_math::kTeacherProbs) {
+    TORCH_CHECK_VALUE(status != row_math::kTeacherNonFinite && status != row_math::kTeacherOverflow,
+                      "teacher_probs row ", row, " contains a negative, NaN or +inf probability");
+    TORCH_CHECK_VALUE(status != row_math::kTeacherAllMasked, "teacher_probs row ", row,
+                      " is 0 in every class: the teacher distribution is undefined");
+    return;
+  }
   TORCH_CHECK_VALUE(status != row_math::kTeacherNonFinite, "teacher_logits row ", row,
                     " contains NaN or +inf (only -inf is allowed, for masked classes)");
   TORCH_CHECK_VALUE(status != row_math::kTeacherAllMasked, "teacher_logits row ", row,

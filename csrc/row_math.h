@@ -129,6 +129,24 @@ DHO_HD T kl_value(KlStat<T> s) {
   return s.cross / s.teacher.sum - std::log(s.teacher.sum) + std::log(s.student.sum);
 }
 
+// How the teacher reaches a loss op (its schema's teacher_form; dho_fast/ops/teacher.py builds the arguments):
+//   kTeacherLogits: teacher (N, C) logits t, p = softmax(t / T);
+//   kTeacherProbs:  teacher (N, C) probabilities, read as the logits T log(p) (exp(-inf) = 0 is a masked class), so
+//                   p = row / sum(row) and every statistic below is the logits form's;
+//   kTeacherSparse: p given on k classes per row (teacher (N, k) in the accumulation dtype, normalised, at
+//                   teacher_indices (N, k)) and u (teacher_row_terms[:, 0]) on each of the other C - k classes;
+//                   teacher_row_terms[:, 1] = sum_c p_c log p_c, exact, computed once from the k values.
+enum TeacherForm : int { kTeacherLogits = 0, kTeacherProbs = 1, kTeacherSparse = 2 };
+
+// KL(p || q) of a sparse teacher (kTeacherSparse) and the student's softmax statistic of b = z / T:
+//   KL = sum_c p_c log p_c - sum_c p_c (b_c - student.max) + log(student.sum),
+// where cross = sum_c p_c (b_c - student.max) = sum_j (p_j - u) (b_j - max) + u sum_c (b_c - max) is summed over
+// the k listed classes and, when u > 0, the whole row.
+template <typename T>
+DHO_HD T sparse_kl_value(SoftmaxStat<T> student, T cross, T neg_entropy) {
+  return neg_entropy - cross + std::log(student.sum);
+}
+
 // Status of a teacher row, judged from the maximum of a = t / T alone (NaN and +inf propagate into the maximum).
 // kTeacherOverflow: t itself is finite (or -inf) but t / T is not, which the maximum cannot tell from a NaN or +inf
 // in t; teacher_overflow_status tells them apart once a row is known to be invalid.

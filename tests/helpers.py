@@ -213,18 +213,24 @@ def loss_terms_and_grads(fn, ce, kd, teacher, labels, combine=None, **kwargs):
     return [t.detach() for t in terms], [grad_ce, grad_kd]
 
 
-def fused(backend: str):
-    """fused_dual_head_loss with ``return_terms`` on ``backend``, as a function of the oracle's arguments."""
+def fused(backend: str, teacher: dict | None = None):
+    """fused_dual_head_loss with ``return_terms`` on ``backend``, as a function of the oracle's arguments; with
+    ``teacher`` (the keyword arguments of a probability or top-k teacher) the oracle's teacher logits are ignored and
+    the teacher is that one."""
 
-    def fn(*args, **kwargs):
-        return dho_fast.fused_dual_head_loss(*args, return_terms=True, backend=backend, **kwargs)
+    def fn(ce, kd, teacher_logits, labels, **kwargs):
+        if teacher is not None:
+            return dho_fast.fused_dual_head_loss(ce, kd, None, labels, **teacher, return_terms=True, backend=backend,
+                                                 **kwargs)  # fmt: skip
+        return dho_fast.fused_dual_head_loss(ce, kd, teacher_logits, labels, return_terms=True, backend=backend,
+                                             **kwargs)  # fmt: skip
 
     return fn
 
 
 def eager(*args, **kwargs):
     """PyTorch's own DHO loss in the inputs' dtype: the low-precision error the gradient bound allows."""
-    return dho_fast.fused_dual_head_loss(*args, return_terms=True, backend="reference", **kwargs)
+    return fused("reference")(*args, **kwargs)
 
 
 def as_float64(*tensors):
@@ -296,17 +302,20 @@ def result_rtol(backend: str, device: torch.device, dtype: torch.dtype) -> float
     return None
 
 
-def check_loss(backend: str, inputs, dtype: torch.dtype, combine=None, **kwargs) -> None:
+def check_loss(backend: str, inputs, dtype: torch.dtype, combine=None, teacher: dict | None = None, **kwargs) -> None:
     """The correctness check of one backend of fused_dual_head_loss: loss, ce_term and kd_term against the float64
     oracle, and the gradients of ``combine(loss, ce_term, kd_term)`` (default: the loss) for both logits
-    element-wise against it."""
-    values, grads = loss_terms_and_grads(fused(backend), *inputs, combine=combine, **kwargs)
+    element-wise against it. ``teacher``: the op gets this probability or top-k teacher (fused's) instead of
+    ``inputs``' teacher logits, which give the oracle the same distribution (e.g. ``T log p`` in float64)."""
+    values, grads = loss_terms_and_grads(fused(backend, teacher), *inputs, combine=combine, **kwargs)
     want_values, want_grads = loss_terms_and_grads(oracle_loss, *as_float64(*inputs), combine=combine, **kwargs)
     value_magnitudes = oracle_loss(*as_float64(*inputs), magnitudes="value", **kwargs)
     _, magnitudes = loss_terms_and_grads(
         oracle_loss, *as_float64(*inputs), combine=combine, magnitudes="gradient", **kwargs
     )
-    eager_grads = None if backend == "reference" else loss_terms_and_grads(eager, *inputs, combine=combine, **kwargs)[1]
+    eager_grads = None
+    if backend != "reference":
+        eager_grads = loss_terms_and_grads(fused("reference", teacher), *inputs, combine=combine, **kwargs)[1]
     rtol = result_rtol(backend, inputs[0].device, dtype)
     # A probability that an exp flushed to 0 below the smallest normal enters a gradient times its weight: at most
     # w_ce (a CE gradient, w_ce / n_labelled) or w_kd T (a KD one, w_kd T^2 / n_group / T), each probability once.

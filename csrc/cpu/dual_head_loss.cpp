@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -19,10 +20,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
     const at::Tensor& ce_logits, const at::Tensor& kd_logits, const at::Tensor& teacher_logits,
     const at::Tensor& labels, double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
     int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad, double ce_grad_scale,
-    double kd_grad_scale) {
+    double kd_grad_scale, int64_t teacher_form, const std::optional<at::Tensor>& teacher_indices,
+    const std::optional<at::Tensor>& teacher_row_terms) {
   check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight,
-                    label_smoothing);
+                    label_smoothing, teacher_form, teacher_indices, teacher_row_terms);
   const at::Tensor ce = ce_logits.contiguous(), kd = kd_logits.contiguous(), t = teacher_logits.contiguous();
+  const bool sparse = teacher_form == row_math::kTeacherSparse;
   const at::Tensor y = labels.contiguous();
   const int64_t N = ce.size(0), C = ce.size(1);
   const int64_t* y_ptr = y.const_data_ptr<int64_t>();
@@ -34,7 +37,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
                      .label_smoothing = label_smoothing,
                      .kd_split = kd_split,
                      .ce_grad_scale = ce_grad_scale,
-                     .kd_grad_scale = kd_grad_scale};
+                     .kd_grad_scale = kd_grad_scale,
+                     .teacher_form = int(teacher_form),
+                     .teacher_k = sparse ? t.size(1) : 0};
 
   // The gradients in the accumulation dtype (float32 for half logits): the backward rounds them once, after scaling.
   const auto acc_dtype = ce.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -52,13 +57,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
                               .ce = ce.const_data_ptr<scalar_t>(),
                               .ce_row = nullptr,
                               .kd = kd.const_data_ptr<scalar_t>(),
-                              .teacher = t.const_data_ptr<scalar_t>(),
+                              .teacher = sparse ? nullptr : t.const_data_ptr<scalar_t>(),
                               .labels = y_ptr,
                               .g_ce = ce_grad ? g_ce.mutable_data_ptr<acc_type<scalar_t>>() : nullptr,
                               .g_kd = kd_grad ? g_kd.mutable_data_ptr<acc_type<scalar_t>>() : nullptr,
                               .row_ce = row_ce.data(),
                               .row_kl = row_kl.data(),
-                              .row_status = status.data()};
+                              .row_status = status.data(),
+                              .sparse_probs = sparse ? t.const_data_ptr<acc_type<scalar_t>>() : nullptr,
+                              .sparse_indices = sparse ? teacher_indices->const_data_ptr<int64_t>() : nullptr,
+                              .sparse_row_terms = sparse ? teacher_row_terms->const_data_ptr<acc_type<scalar_t>>()
+                                                         : nullptr};
     run_rows(io, p);
   });
 

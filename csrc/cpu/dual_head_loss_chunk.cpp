@@ -24,12 +24,17 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logit
                                                             const std::optional<at::Tensor>& kd_bias,
                                                             double ce_grad_scale, double kd_grad_scale,
                                                             const std::optional<at::Tensor>& ce_grad_out,
-                                                            const std::optional<at::Tensor>& kd_grad_out) {
+                                                            const std::optional<at::Tensor>& kd_grad_out,
+                                                            int64_t teacher_form,
+                                                            const std::optional<at::Tensor>& teacher_indices,
+                                                            const std::optional<at::Tensor>& teacher_row_terms) {
   check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, label_smoothing,
-                     ce_bias, kd_bias);
+                     ce_bias, kd_bias, teacher_form, teacher_indices, teacher_row_terms);
   check_chunk_grad_out("ce_grad_out", ce_grad_out, "ce_logits", ce_logits, ce_grad);
   check_chunk_grad_out("kd_grad_out", kd_grad_out, "kd_logits", kd_logits, kd_grad);
-  const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1), R = kd_logits.size(0);
+  const int64_t N = labels.size(0), C = kd_logits.size(1), R = kd_logits.size(0);
+  const bool sparse = teacher_form == row_math::kTeacherSparse;
+  const int64_t k = sparse ? teacher_logits.size(1) : 0;
   const int64_t* y = labels.const_data_ptr<int64_t>() + start;
   std::vector<int64_t> ce_row(R);
   const int64_t chunk_labelled = index_labelled(y, R, C, ignore_index, start, ce_row.data());
@@ -42,7 +47,9 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logit
                      .label_smoothing = label_smoothing,
                      .kd_split = kd_split,
                      .ce_grad_scale = ce_grad_scale,
-                     .kd_grad_scale = kd_grad_scale};
+                     .kd_grad_scale = kd_grad_scale,
+                     .teacher_form = int(teacher_form),
+                     .teacher_k = k};
 
   std::vector<double> row_ce(R), row_kl(R);
   std::vector<int> status(R);
@@ -55,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logit
                               .ce = ce_logits.const_data_ptr<scalar_t>(),
                               .ce_row = ce_row.data(),
                               .kd = kd_logits.const_data_ptr<scalar_t>(),
-                              .teacher = teacher_logits.const_data_ptr<scalar_t>() + start * C,
+                              .teacher = sparse ? nullptr : teacher_logits.const_data_ptr<scalar_t>() + start * C,
                               .labels = y,
                               .g_ce = grad_ptr(ce_grad, ce_grad_out, ce_logits),
                               .g_kd = grad_ptr(kd_grad, kd_grad_out, kd_logits),
@@ -63,7 +70,14 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cpu(at::Tensor& ce_logit
                               .row_kl = row_kl.data(),
                               .row_status = status.data(),
                               .ce_bias = ce_bias ? ce_bias->const_data_ptr<scalar_t>() : nullptr,
-                              .kd_bias = kd_bias ? kd_bias->const_data_ptr<scalar_t>() : nullptr};
+                              .kd_bias = kd_bias ? kd_bias->const_data_ptr<scalar_t>() : nullptr,
+                              .sparse_probs =
+                                  sparse ? teacher_logits.const_data_ptr<acc_type<scalar_t>>() + start * k : nullptr,
+                              .sparse_indices = sparse ? teacher_indices->const_data_ptr<int64_t>() + start * k
+                                                       : nullptr,
+                              .sparse_row_terms = sparse ? teacher_row_terms->const_data_ptr<acc_type<scalar_t>>() +
+                                                               2 * start
+                                                         : nullptr};
     run_rows(io, p);
   });
 

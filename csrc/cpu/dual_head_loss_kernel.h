@@ -30,17 +30,33 @@ constexpr int64_t kBlock = 512;
 
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> ce, kd, teacher;  // converted inputs, or logits plus bias
+  std::vector<acc_t> ce, kd, teacher;  // converted inputs, logits plus bias, or T log(probabilities)
   std::vector<acc_t> exp_teacher;      // exp(t / T - running max) per column
   std::vector<acc_t> block_max;        // running maxima used for each block: 3 per block
-  RowScratch(int64_t C, bool convert, bool biased) : block_max(3 * ((C + kBlock - 1) / kBlock)) {
+  std::vector<acc_t> sparse_kd;        // a sparse teacher's classes' KD logits, read before pass 1 overwrites them
+  RowScratch(int64_t C, bool convert, bool biased, int teacher_form, int64_t k)
+      : block_max(3 * ((C + kBlock - 1) / kBlock)) {
     if (convert || biased) {
       ce.resize(C);
       kd.resize(C);
     }
-    if (convert) teacher.resize(C);
-    exp_teacher.resize(C);
+    if (teacher_form == rm::kTeacherSparse) {
+      sparse_kd.resize(k);
+    } else {
+      if (convert || teacher_form == rm::kTeacherProbs) teacher.resize(C);
+      exp_teacher.resize(C);
+    }
   }
+};
+
+// One row of a sparse teacher (row_math::kTeacherSparse): p on k listed classes, u on each other class.
+template <typename acc_t>
+struct SparseTeacherRow {
+  const acc_t* probs;
+  const int64_t* indices;
+  int64_t k;
+  acc_t u;
+  acc_t neg_entropy;  // sum_c p_c log p_c
 };
 
 // Row x plus bias (nullptr: none) in acc_t: x itself when that needs neither, else written into `scratch`.
@@ -53,6 +69,20 @@ inline const acc_t* load_row(const scalar_t* x, const acc_t* bias, std::vector<a
   } else {
     at::vec::convert(x, scratch.data(), C);
     if (bias) at::vec::map2([](V a, V b) { return a + b; }, scratch.data(), scratch.data(), bias, C);
+  }
+  return scratch.data();
+}
+
+// A row of teacher probabilities as the logits T log(p) in acc_t, written into `scratch`: p = 0 becomes -inf (a
+// masked class), and a negative or NaN probability NaN (reported as an invalid row).
+template <typename acc_t, typename scalar_t>
+inline const acc_t* load_probs_as_logits(const scalar_t* p, std::vector<acc_t>& scratch, int64_t C, acc_t T) {
+  using V = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    at::vec::map([T](V a) { return a.log() * V(T); }, scratch.data(), p, C);
+  } else {
+    at::vec::convert(p, scratch.data(), C);
+    at::vec::map([T](V a) { return a.log() * V(T); }, scratch.data(), scratch.data(), C);
   }
   return scratch.data();
 }
@@ -118,6 +148,16 @@ inline acc_t block_exp(const acc_t* x, int64_t n, acc_t scale, acc_t m, acc_t* o
   return lane_sum(total);
 }
 
+template <typename acc_t>
+inline acc_t block_sum(const acc_t* x, int64_t n) {
+  using V = Vectorized<acc_t>;
+  V total(0);
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) total += V::loadu(x + c);
+  if (c < n) total += V::set(V(0), V::loadu(x + c, n - c), n - c);
+  return lane_sum(total);
+}
+
 // sum_c (h x_c - h_target) over a block: the label-smoothing sum of row_math::cross_entropy_value.
 template <typename acc_t>
 inline acc_t block_smoothing_sum(const acc_t* x, int64_t n, acc_t h, acc_t h_target) {
@@ -164,11 +204,12 @@ struct RowResult {
   int teacher_status;
 };
 
-// One row. ce/kd/t are the row's inputs in acc_t (ce is unused, and may be nullptr, for an unlabelled row); g_ce/g_kd
-// receive the unweighted gradients (nullptr: not wanted) and may be ce/kd themselves.
+// One row. ce/kd/t are the row's inputs in acc_t (ce is unused, and may be nullptr, for an unlabelled row; t is
+// unused for a sparse teacher, which `sparse` then gives); g_ce/g_kd receive the unweighted gradients (nullptr: not
+// wanted) and may be ce/kd themselves.
 template <typename acc_t>
-RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_t label, const LossParams& p,
-                        acc_t* g_ce, acc_t* g_kd, RowScratch<acc_t>& scratch) {
+RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, const SparseTeacherRow<acc_t>* sparse,
+                        int64_t label, const LossParams& p, acc_t* g_ce, acc_t* g_kd, RowScratch<acc_t>& scratch) {
   const int64_t C = p.num_classes;
   const acc_t inv_t = acc_t(1) / acc_t(p.temperature);
   const bool labelled = label != p.ignore_index;
@@ -183,6 +224,11 @@ RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_
   const acc_t h = rm::smoothing_scale<acc_t>(C), h_target = h * target_logit;
   acc_t ce_smoothing_sum = 0;
   acc_t* bmax = scratch.block_max.data();
+  // A sparse teacher's KL needs the KD logits of its k classes, and the row's sum when u > 0 spreads mass on all.
+  acc_t kd_sum = 0;
+  if (sparse) {
+    for (int64_t j = 0; j < sparse->k; ++j) scratch.sparse_kd[j] = kd[sparse->indices[j]];
+  }
 
   // Pass 1: each input element is read from memory once; the block's running maxima are recorded so the exps
   // stored now can be rescaled to the row's final maxima in pass 2. Every read of a block precedes the exps written
@@ -196,20 +242,38 @@ RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_
       ce_stat = rm::softmax_merge(ce_stat, rm::SoftmaxStat<acc_t>{m, s});
       bmax[3 * blk] = m;
     }
-    const acc_t ma = rm::nan_max(kl_stat.teacher.max, block_max(t + b0, n, inv_t));
     const acc_t mb = rm::nan_max(kl_stat.student.max, block_max(kd + b0, n, inv_t));
+    bmax[3 * blk + 1] = mb;
+    if (sparse) {
+      if (sparse->u != 0) kd_sum += block_sum(kd + b0, n);
+      const acc_t sb = block_exp(kd + b0, n, inv_t, mb, g_kd ? g_kd + b0 : nullptr);
+      kl_stat.student = rm::softmax_merge(kl_stat.student, rm::SoftmaxStat<acc_t>{mb, sb});
+      continue;
+    }
+    const acc_t ma = rm::nan_max(kl_stat.teacher.max, block_max(t + b0, n, inv_t));
     acc_t sa, cross;
     block_kl(t + b0, kd + b0, n, inv_t, ma, mb, scratch.exp_teacher.data() + b0, sa, cross);
     const acc_t sb = block_exp(kd + b0, n, inv_t, mb, g_kd ? g_kd + b0 : nullptr);
     kl_stat = rm::kl_merge(kl_stat, rm::KlStat<acc_t>{{ma, sa}, {mb, sb}, cross});
-    bmax[3 * blk + 1] = mb;
     bmax[3 * blk + 2] = ma;
   }
 
-  RowResult result{0.0, 0.0, rm::teacher_row_status(kl_stat.teacher.max)};
-  if (result.teacher_status == rm::kTeacherNonFinite) result.teacher_status = rm::teacher_overflow_status<acc_t>(t, C);
-  if (result.teacher_status != rm::kTeacherOk) return result;
-  result.kl = double(rm::kl_value(kl_stat));
+  RowResult result{0.0, 0.0, rm::kTeacherOk};
+  if (sparse) {
+    const acc_t m = kl_stat.student.max;
+    acc_t cross = sparse->u != 0 ? sparse->u * (kd_sum * inv_t - acc_t(C) * m) : acc_t(0);
+    for (int64_t j = 0; j < sparse->k; ++j) {
+      const acc_t w_j = sparse->probs[j] - sparse->u;
+      if (w_j != 0) cross += w_j * (scratch.sparse_kd[j] * inv_t - m);
+    }
+    result.kl = double(rm::sparse_kl_value(kl_stat.student, cross, sparse->neg_entropy));
+  } else {
+    result.teacher_status = rm::teacher_row_status(kl_stat.teacher.max);
+    if (result.teacher_status == rm::kTeacherNonFinite)
+      result.teacher_status = rm::teacher_overflow_status<acc_t>(t, C);
+    if (result.teacher_status != rm::kTeacherOk) return result;
+    result.kl = double(rm::kl_value(kl_stat));
+  }
   if (do_ce) {
     result.ce = double(
         rm::cross_entropy_value(ce_stat, target_logit, ce_smoothing_sum, acc_t(p.label_smoothing), C));
@@ -231,7 +295,17 @@ RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, int64_
       g_ce[label] -= gw_ce * (acc_t(1) - acc_t(p.label_smoothing));
     }
   }
-  if (g_kd) {
+  if (g_kd && sparse) {
+    // d(kd_term)/d(z) = kd_row * (q - p) / T: q - u everywhere, then p - u taken off at the k listed classes.
+    const acc_t scale = gw_kd * inv_t;
+    const V off(scale * sparse->u);
+    for (int64_t b0 = 0, blk = 0; b0 < C; b0 += kBlock, ++blk) {
+      const int64_t n = std::min(kBlock, C - b0);
+      const V fb(scale * rm::probability_factor(bmax[3 * blk + 1], kl_stat.student));
+      at::vec::map([&](V eb) { return eb * fb - off; }, g_kd + b0, g_kd + b0, n);
+    }
+    for (int64_t j = 0; j < sparse->k; ++j) g_kd[sparse->indices[j]] -= scale * (sparse->probs[j] - sparse->u);
+  } else if (g_kd) {
     // d(kd_term)/d(z) = kd_row * (q - p) / T
     const acc_t scale = gw_kd * inv_t;
     for (int64_t b0 = 0, blk = 0; b0 < C; b0 += kBlock, ++blk) {
@@ -271,14 +345,26 @@ void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
     const bool labelled = io.labels[i] != p.ignore_index;
     const acc_t* ce_row = ce_in && labelled ? load_row(ce_in, ce_bias, scratch.ce, C) : nullptr;
     const acc_t* kd_row = load_row(io.kd + off, kd_bias, scratch.kd, C);
-    const acc_t* t_row = load_row(io.teacher + off, static_cast<const acc_t*>(nullptr), scratch.teacher, C);
-    const RowResult r = dual_head_row<acc_t>(ce_row, kd_row, t_row, io.labels[i], p, g_ce_row, g_kd_row, scratch);
+    const acc_t* t_row = nullptr;
+    SparseTeacherRow<acc_t> sparse_row{};
+    if (p.teacher_form == rm::kTeacherSparse) {
+      const int64_t k = p.teacher_k;
+      sparse_row = {io.sparse_probs + i * k, io.sparse_indices + i * k, k, io.sparse_row_terms[2 * i],
+                    io.sparse_row_terms[2 * i + 1]};
+    } else if (p.teacher_form == rm::kTeacherProbs) {
+      t_row = load_probs_as_logits(io.teacher + off, scratch.teacher, C, acc_t(p.temperature));
+    } else {
+      t_row = load_row(io.teacher + off, static_cast<const acc_t*>(nullptr), scratch.teacher, C);
+    }
+    const SparseTeacherRow<acc_t>* sparse = p.teacher_form == rm::kTeacherSparse ? &sparse_row : nullptr;
+    const RowResult r =
+        dual_head_row<acc_t>(ce_row, kd_row, t_row, sparse, io.labels[i], p, g_ce_row, g_kd_row, scratch);
     io.row_ce[i] = r.ce;
     io.row_kl[i] = r.kl;
     io.row_status[i] = r.teacher_status;
   };
   at::parallel_for(0, num_tasks, 1, [&](int64_t first_task, int64_t end_task) {
-    RowScratch<acc_t> scratch(C, convert, biased);
+    RowScratch<acc_t> scratch(C, convert, biased, p.teacher_form, p.teacher_k);
     for (int64_t task = first_task; task < end_task; ++task) {
       for (int64_t i = task; i < io.rows; i += num_tasks) process_row(i, scratch);
     }

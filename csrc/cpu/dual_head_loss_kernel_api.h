@@ -24,6 +24,9 @@ struct LossParams {
   // Factors of the gradients written (the chunk op's ce_grad_scale, kd_grad_scale); the loss terms are unscaled.
   double ce_grad_scale = 1.0;
   double kd_grad_scale = 1.0;
+  // row_math::TeacherForm of RowsIO's teacher, and k of a sparse one.
+  int teacher_form = 0;
+  int64_t teacher_k = 0;
 };
 
 // The dtype the kernel computes in, and writes the gradients in: float32 for float32 and half inputs, so that the
@@ -40,7 +43,7 @@ struct RowsIO {
   const scalar_t* ce;
   const int64_t* ce_row;
   const scalar_t* kd;       // (rows, C)
-  const scalar_t* teacher;  // (rows, C)
+  const scalar_t* teacher;  // (rows, C) logits or probabilities; unused for a sparse teacher (below)
   const int64_t* labels;    // (rows,), already validated
   // Unweighted gradients of ce_term and kd_term (nullptr: not wanted), laid out as ce and kd, in acc_type. For
   // float32 and float64 inputs they may be ce and kd themselves: the kernel reads a block of a row before it
@@ -53,6 +56,11 @@ struct RowsIO {
   // (C,) added to every row of ce / kd before the loss (nullptr: none).
   const scalar_t* ce_bias = nullptr;
   const scalar_t* kd_bias = nullptr;
+  // A sparse teacher (row_math::kTeacherSparse): (rows, k) probabilities at (rows, k) class indices, and (rows, 2)
+  // [u, sum_c p_c log p_c] per row; validated (in range, no repeats) by the caller.
+  const acc_type<scalar_t>* sparse_probs = nullptr;
+  const int64_t* sparse_indices = nullptr;
+  const acc_type<scalar_t>* sparse_row_terms = nullptr;
 };
 
 #define DHO_FAST_DECLARE_ROWS(NS)                                           \

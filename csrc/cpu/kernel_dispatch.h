@@ -91,7 +91,7 @@ inline std::pair<double, double> reduce_rows(const int64_t* labels, int64_t rows
                                              const LossParams& p) {
   double ce_term = 0, kd_term = 0;
   for (int64_t i = 0; i < rows; ++i) {
-    check_teacher_row(first_row + i, status[i]);
+    check_teacher_row(first_row + i, status[i], p.teacher_form);
     const bool labelled = labels[i] != p.ignore_index;
     const auto w = row_math::row_weights<double>(labelled, p.num_labelled, p.num_rows, p.kd_split, p.temperature);
     ce_term += w.ce * row_ce[i];

@@ -25,6 +25,8 @@ import torch
 from dho_fast import kernels
 from dho_fast.ops import reference, registry  # importing registry also registers the ops
 from dho_fast.ops.extension import EXTENSION_ERROR, has_cuda_kernels, has_extension
+from dho_fast.ops.teacher import OpTeacher
+from dho_fast.ops.validation import TEACHER_FORM_LOGITS, TEACHER_FORM_SPARSE
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 # Meta tensors (shapes without data) go to the compiled ops, whose fake implementations compute the output shapes.
@@ -42,21 +44,28 @@ def _grad_in_forward_loss(op_name: str) -> Callable:
     looked up when called: it exists only when its backend does): the gradients computed when autograd needs them,
     written times the loss weights (registry.saved_gradient_scale), so that loss.backward() hands them on."""
 
-    def run(ce, kd, teacher, labels, temperature, ce_loss_weight, kd_loss_weight, *args):
+    def run(ce, kd, teacher, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index,
+            label_smoothing, *teacher_args):  # fmt: skip
         weights = (ce_loss_weight, kd_loss_weight)
         scales = tuple(registry.saved_gradient_scale(w) for w in weights)
         op = getattr(torch.ops.dho_fast, op_name)
-        return op(ce, kd, teacher, labels, temperature, *weights, *args, *_grad_flags(ce, kd), *scales)[:3]
+        return op(
+            ce, kd, teacher, labels, temperature, *weights, kd_split, ignore_index, label_smoothing,
+            *_grad_flags(ce, kd), *scales, *teacher_args,
+        )[:3]  # fmt: skip
 
     return run
 
 
 def _loss_reference(ce, kd, teacher, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index,
-                    label_smoothing):  # fmt: skip
+                    label_smoothing, teacher_form=TEACHER_FORM_LOGITS, teacher_indices=None,
+                    teacher_row_terms=None):  # fmt: skip
+    if teacher_form == TEACHER_FORM_SPARSE:  # the reference may build the dense teacher that the kernels never do
+        teacher = OpTeacher(teacher_form, teacher, teacher_indices, teacher_row_terms).dense_probs(ce.shape[1])
     return reference.dual_head_loss(
         ce, kd, teacher, labels, temperature=temperature, ce_loss_weight=ce_loss_weight,
         kd_loss_weight=kd_loss_weight, kd_reduction="split" if kd_split else "mean", ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
+        label_smoothing=label_smoothing, teacher_is_probs=teacher_form != TEACHER_FORM_LOGITS,
     )  # fmt: skip
 
 
@@ -68,6 +77,7 @@ def _linear_compiled(*args):
 
 def _linear_reference(features, ce_weight, ce_bias, kd_weight, kd_bias, teacher, labels, kd_cosine, kd_logit_scale,
                       _chunk_size, *loss_args):  # fmt: skip
+    # loss_args: the loss's scalars, then the teacher's form and tensors, as _loss_reference takes them.
     ce_logits, kd_logits = reference.dual_head_logits(
         features, ce_weight, ce_bias, kd_weight, kd_bias, kd_cosine=kd_cosine, kd_logit_scale=kd_logit_scale
     )

@@ -4,6 +4,7 @@ import torch
 
 from dho_fast.ops import backends
 from dho_fast.ops.loss import autocast_active
+from dho_fast.ops.teacher import op_teacher
 from dho_fast.ops.validation import check_linear_loss_args
 
 # Chunk rows: at least this many, so the GEMMs stay efficient on small D ...
@@ -24,9 +25,13 @@ def fused_linear_dual_head_loss(
     ce_bias: torch.Tensor | None,
     kd_weight: torch.Tensor,
     kd_bias: torch.Tensor | None,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
     *,
+    teacher_probs: torch.Tensor | None = None,
+    teacher_topk_indices: torch.Tensor | None = None,
+    teacher_topk_values: torch.Tensor | None = None,
+    teacher_tail: str = "renormalize",
     kd_cosine: bool = False,
     kd_logit_scale: float = 1.0,
     chunk_size: int | None = None,
@@ -51,8 +56,10 @@ def fused_linear_dual_head_loss(
         ce_weight, kd_weight: (C, D) head weights; ce_bias, kd_bias: (C,) or None. Same dtype and device as
             ``features``.
         teacher_logits: (N, C), same dtype and device; ``-inf`` masks a class. Detached: it gets no gradient on any
-            backend.
+            backend. None when the teacher comes as ``teacher_probs`` or top-k (exactly one form per call).
         labels: (N,) int64 in ``[0, C)``, ``ignore_index`` for unlabelled rows.
+        teacher_probs, teacher_topk_indices, teacher_topk_values, teacher_tail: the teacher's other forms, as in
+            :func:`dho_fast.fused_dual_head_loss` (a dense one of the features' dtype and device).
         kd_cosine: the KD head sees the L2-normalised features (METHOD.md's CLIP-student head); the gradient flows
             through the normalisation.
         kd_logit_scale: s > 0 multiplying the KD head's logits (100 in the CLIP-student recipe).
@@ -78,30 +85,39 @@ def fused_linear_dual_head_loss(
     Under ``torch.autocast`` every floating input is first cast to the autocast dtype, as autocast does for
     ``nn.Linear``; the gradients flow back through the casts to the parameters' own dtype.
     """
-    floating = (features, ce_weight, kd_weight, teacher_logits)
+    teacher_kwargs = dict(
+        teacher_probs=teacher_probs, teacher_topk_indices=teacher_topk_indices,
+        teacher_topk_values=teacher_topk_values, teacher_tail=teacher_tail,
+    )  # fmt: skip
+    floating = (features, ce_weight, kd_weight)
     if all(isinstance(t, torch.Tensor) for t in floating) and autocast_active(features.device):
         # As autocast treats nn.Linear: the GEMMs run in the autocast dtype (the loss still accumulates in float32).
         dtype = torch.get_autocast_dtype(features.device.type)
         cast = [t.to(dtype) if t is not None else None for t in (features, ce_weight, ce_bias, kd_weight, kd_bias)]
+        if isinstance(teacher_logits, torch.Tensor):
+            teacher_logits = teacher_logits.to(dtype)
+        if isinstance(teacher_probs, torch.Tensor):
+            teacher_kwargs["teacher_probs"] = teacher_probs.to(dtype)
         with torch.autocast(features.device.type, enabled=False):
             return fused_linear_dual_head_loss(
-                *cast, teacher_logits.to(dtype), labels, kd_cosine=kd_cosine, kd_logit_scale=kd_logit_scale,
+                *cast, teacher_logits, labels, **teacher_kwargs, kd_cosine=kd_cosine, kd_logit_scale=kd_logit_scale,
                 chunk_size=chunk_size, temperature=temperature, ce_loss_weight=ce_loss_weight,
                 kd_loss_weight=kd_loss_weight, kd_reduction=kd_reduction, ignore_index=ignore_index,
                 label_smoothing=label_smoothing, return_terms=return_terms, backend=backend,
             )  # fmt: skip
     check_linear_loss_args(
-        features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels, kd_logit_scale=kd_logit_scale,
+        features, ce_weight, ce_bias, kd_weight, kd_bias, labels, kd_logit_scale=kd_logit_scale,
         chunk_size=chunk_size, temperature=temperature, ce_loss_weight=ce_loss_weight, kd_loss_weight=kd_loss_weight,
         kd_reduction=kd_reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
     )  # fmt: skip
-    name = backends.resolve("fused_linear_dual_head_loss", backend, features.device)
     n, d = features.shape
+    teacher = op_teacher(teacher_logits, **teacher_kwargs, shape=(n, ce_weight.shape[0]), ref_name="features",
+                         ref=features)  # fmt: skip
+    name = backends.resolve("fused_linear_dual_head_loss", backend, features.device)
     loss, ce_term, kd_term = backends.run(
-        "fused_linear_dual_head_loss", name, features, ce_weight, ce_bias, kd_weight, kd_bias,
-        teacher_logits.detach(), labels,
+        "fused_linear_dual_head_loss", name, features, ce_weight, ce_bias, kd_weight, kd_bias, teacher.values, labels,
         bool(kd_cosine), float(kd_logit_scale), chunk_size or default_chunk_size(n, ce_weight.shape[0], d),
         float(temperature), float(ce_loss_weight), float(kd_loss_weight), kd_reduction == "split", int(ignore_index),
-        float(label_smoothing),
+        float(label_smoothing), *teacher.op_args(),
     )  # fmt: skip
     return (loss, ce_term, kd_term) if return_terms else loss

@@ -10,7 +10,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dho_fast.ops.validation import accumulate_dtype, check_teacher_values, count_labelled, kcenter_row_error
+from dho_fast.ops.validation import (
+    accumulate_dtype,
+    check_teacher_probs,
+    check_teacher_values,
+    count_labelled,
+    kcenter_row_error,
+)
 
 # Elements of the (alphas, betas, rows, C) blend tensor materialised at once by blend_search, and of the (rows, K, C)
 # differences of kcenter_update: bounds their memory.
@@ -29,6 +35,7 @@ def dual_head_loss(
     kd_reduction: str = "split",
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    teacher_is_probs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The DHO loss of METHOD.md as ``(loss, ce_term, kd_term)``, computed in float32 (float64 for float64 input).
 
@@ -36,12 +43,19 @@ def dual_head_loss(
     ``ce_term = mean_{labelled} CE(ce_logits, labels)`` (0 when no row is labelled) and
     ``kd_term = T^2 * (mean_{labelled} KL + mean_{unlabelled} KL)`` ("split", an empty group adds 0) or
     ``T^2 * mean_{all} KL`` ("mean"), ``KL_i = sum_c p_c (log p_c - log q_c)``, ``p = softmax(t / T)``,
-    ``q = softmax(kd / T)``. Arguments are validated by the public API (``dho_fast.fused_dual_head_loss``).
+    ``q = softmax(kd / T)``; with ``teacher_is_probs``, ``teacher_logits`` holds (N, C) probabilities instead (any
+    float dtype) and ``p = teacher / teacher.sum(1)``. Arguments are validated by the public API
+    (``dho_fast.fused_dual_head_loss``).
     """
     acc = accumulate_dtype(ce_logits.dtype)
     ce, kd, t = ce_logits.to(acc), kd_logits.to(acc), teacher_logits.to(acc)
     num_labelled = count_labelled(labels, ce.shape[1], ignore_index)
-    check_teacher_values(teacher_logits, temperature)
+    if teacher_is_probs:
+        check_teacher_probs(teacher_logits)
+        log_p = t.log() - t.sum(dim=1, keepdim=True).log()
+    else:
+        check_teacher_values(teacher_logits, temperature)
+        log_p = F.log_softmax(t / temperature, dim=1)
     labelled = labels != ignore_index
 
     if num_labelled > 0:
@@ -61,7 +75,6 @@ def dual_head_loss(
     else:
         ce_term = ce.sum() * 0.0  # keeps the graph connected so backward gives a zero gradient
 
-    log_p = F.log_softmax(t / temperature, dim=1)
     log_q = F.log_softmax(kd / temperature, dim=1)
     # p * (log p - log q) with the 0 * (-inf) of masked teacher classes taken as 0.
     kl = torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_q)).sum(dim=1)

@@ -28,20 +28,23 @@ from dho_fast.ops.validation import (
 LOSS_SCHEMA = (
     "(Tensor ce_logits, Tensor kd_logits, Tensor teacher_logits, Tensor labels, float temperature, "
     "float ce_loss_weight, float kd_loss_weight, bool kd_split, int ignore_index, float label_smoothing, "
-    "bool ce_grad, bool kd_grad, float ce_grad_scale=1.0, float kd_grad_scale=1.0) -> (Tensor loss, Tensor ce_term, "
-    "Tensor kd_term, Tensor ce_grad_out, Tensor kd_grad_out)"
+    "bool ce_grad, bool kd_grad, float ce_grad_scale=1.0, float kd_grad_scale=1.0, int teacher_form=0, "
+    "Tensor? teacher_indices=None, Tensor? teacher_row_terms=None) -> (Tensor loss, Tensor ce_term, Tensor kd_term, "
+    "Tensor ce_grad_out, Tensor kd_grad_out)"
 )
 CHUNK_SCHEMA = (
     "(Tensor(a!) ce_logits, Tensor(b!) kd_logits, Tensor teacher_logits, Tensor labels, int start, int num_labelled, "
     "float temperature, bool kd_split, int ignore_index, float label_smoothing, bool ce_grad, bool kd_grad, "
     "Tensor? ce_bias=None, Tensor? kd_bias=None, float ce_grad_scale=1.0, float kd_grad_scale=1.0, "
-    "Tensor(c!)? ce_grad_out=None, Tensor(d!)? kd_grad_out=None) -> (Tensor ce_term, Tensor kd_term)"
+    "Tensor(c!)? ce_grad_out=None, Tensor(d!)? kd_grad_out=None, int teacher_form=0, Tensor? teacher_indices=None, "
+    "Tensor? teacher_row_terms=None) -> (Tensor ce_term, Tensor kd_term)"
 )
 
 
 def dual_head_loss_fake(
     ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index,
-    label_smoothing, ce_grad, kd_grad, ce_grad_scale=1.0, kd_grad_scale=1.0,
+    label_smoothing, ce_grad, kd_grad, ce_grad_scale=1.0, kd_grad_scale=1.0, teacher_form=0, teacher_indices=None,
+    teacher_row_terms=None,
 ):  # fmt: skip
     acc = accumulate_dtype(ce_logits.dtype)
     scalar = ce_logits.new_empty((), dtype=acc)
@@ -53,7 +56,7 @@ def dual_head_loss_fake(
 def dual_head_loss_chunk_fake(
     ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, kd_split, ignore_index,
     label_smoothing, ce_grad, kd_grad, ce_bias=None, kd_bias=None, ce_grad_scale=1.0, kd_grad_scale=1.0,
-    ce_grad_out=None, kd_grad_out=None,
+    ce_grad_out=None, kd_grad_out=None, teacher_form=0, teacher_indices=None, teacher_row_terms=None,
 ):  # fmt: skip
     scalar = kd_logits.new_empty((), dtype=accumulate_dtype(kd_logits.dtype))
     return scalar, scalar.clone()
@@ -67,7 +70,7 @@ def fused_linear_dual_head_loss_fake(features, *_args):
 def fused_linear_dual_head_loss_with_grads_fake(
     features, ce_weight, ce_bias, kd_weight, kd_bias, teacher_logits, labels, kd_cosine, kd_logit_scale, chunk_size,
     temperature, ce_loss_weight, kd_loss_weight, kd_split, ignore_index, label_smoothing, grad_features,
-    grad_ce_head, grad_kd_head,
+    grad_ce_head, grad_kd_head, teacher_form=0, teacher_indices=None, teacher_row_terms=None,
 ):  # fmt: skip
     acc = accumulate_dtype(features.dtype)
     scalar = features.new_empty((), dtype=acc)
@@ -162,7 +165,7 @@ def _backward(ctx, grad_loss, grad_ce_term, grad_kd_term, _grad_ce_out, _grad_kd
         d_kd = _scaled(
             grad_kd, ctx.kd_loss_weight, ctx.kd_grad_scale, grad_loss, grad_kd_term, "kd_logits", ctx.kd_dtype
         )
-    return (d_ce, d_kd) + (None,) * 12
+    return (d_ce, d_kd) + (None,) * 15
 
 
 def _register_compiled_ops() -> None:
@@ -190,12 +193,15 @@ def _register_triton_ops() -> None:
         ce_logits: torch.Tensor, kd_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
         temperature: float, ce_loss_weight: float, kd_loss_weight: float, kd_split: bool, ignore_index: int,
         label_smoothing: float, ce_grad: bool, kd_grad: bool, ce_grad_scale: float = 1.0, kd_grad_scale: float = 1.0,
+        teacher_form: int = 0, teacher_indices: torch.Tensor | None = None,
+        teacher_row_terms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         *result, info = triton_loss.dual_head_loss(
             ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split,
-            ignore_index, label_smoothing, ce_grad, kd_grad, ce_grad_scale, kd_grad_scale,
+            ignore_index, label_smoothing, ce_grad, kd_grad, ce_grad_scale, kd_grad_scale, teacher_form,
+            teacher_indices, teacher_row_terms,
         )  # fmt: skip
-        raise_flagged_values(info, labels, ce_logits.shape[1], ignore_index)
+        raise_flagged_values(info, labels, ce_logits.shape[1], ignore_index, teacher_form=teacher_form)
         return tuple(result)
 
     torch.library.register_autograd("dho_fast::dual_head_loss_triton", _backward, setup_context=_setup_context)
@@ -210,18 +216,21 @@ def _register_triton_ops() -> None:
         start: int, num_labelled: int, temperature: float, kd_split: bool, ignore_index: int, label_smoothing: float,
         ce_grad: bool, kd_grad: bool, ce_bias: torch.Tensor | None = None, kd_bias: torch.Tensor | None = None,
         ce_grad_scale: float = 1.0, kd_grad_scale: float = 1.0, ce_grad_out: torch.Tensor | None = None,
-        kd_grad_out: torch.Tensor | None = None,
+        kd_grad_out: torch.Tensor | None = None, teacher_form: int = 0, teacher_indices: torch.Tensor | None = None,
+        teacher_row_terms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        check_chunk_layout(ce_logits, kd_logits, teacher_logits, labels, start, ce_bias, kd_bias)
+        check_chunk_layout(ce_logits, kd_logits, teacher_logits, labels, start, ce_bias, kd_bias, teacher_form)
         check_chunk_grad_out("ce_grad_out", ce_grad_out, "ce_logits", ce_logits, ce_grad)
         check_chunk_grad_out("kd_grad_out", kd_grad_out, "kd_logits", kd_logits, kd_grad)
         ce_term, kd_term, info = triton_loss.dual_head_loss_chunk(
             ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, kd_split, ignore_index,
             label_smoothing, ce_grad, kd_grad, ce_bias, kd_bias, ce_grad_scale, kd_grad_scale, ce_grad_out,
-            kd_grad_out,
+            kd_grad_out, teacher_form, teacher_indices, teacher_row_terms,
         )  # fmt: skip
         rows = labels[start : start + kd_logits.shape[0]]
-        chunk_labelled = raise_flagged_values(info, rows, kd_logits.shape[1], ignore_index, first_row=start)
+        chunk_labelled = raise_flagged_values(
+            info, rows, kd_logits.shape[1], ignore_index, first_row=start, teacher_form=teacher_form
+        )
         if chunk_labelled is not None:
             check_chunk_labelled(ce_logits.shape[0], chunk_labelled, num_labelled)
         return ce_term, kd_term

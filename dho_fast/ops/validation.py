@@ -60,7 +60,6 @@ def check_int(name: str, value: object, rule: str = "", holds: Callable[[int], b
 def check_loss_args(
     ce_logits: torch.Tensor,
     kd_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     *,
     temperature: float,
@@ -70,14 +69,14 @@ def check_loss_args(
     ignore_index: int,
     label_smoothing: float,
 ) -> None:
-    """Checks shapes, dtypes, devices and scalar arguments; values are checked by the kernels as they read them."""
+    """Checks shapes, dtypes, devices and scalar arguments (the teacher's: dho_fast.ops.teacher); values are checked by
+    the kernels as they read them."""
     if not isinstance(ce_logits, torch.Tensor):
         raise _not_a_tensor("ce_logits", ce_logits, "of shape (N, C)")
     if ce_logits.dim() != 2 or ce_logits.shape[1] < 1:
         raise ValueError(f"ce_logits must be a tensor of shape (N, C) with C >= 1, got {describe(ce_logits)}")
     _check_float_dtype("ce_logits", ce_logits)
-    for name, t in (("kd_logits", kd_logits), ("teacher_logits", teacher_logits)):
-        _check_like(name, t, "ce_logits", ce_logits, ce_logits.shape)
+    _check_like("kd_logits", kd_logits, "ce_logits", ce_logits, ce_logits.shape)
     _check_labels(labels, ce_logits.shape[0], ce_logits.device)
     _check_loss_scalars(temperature, ce_loss_weight, kd_loss_weight, kd_reduction, ignore_index, label_smoothing)
 
@@ -88,7 +87,6 @@ def check_linear_loss_args(
     ce_bias: torch.Tensor | None,
     kd_weight: torch.Tensor,
     kd_bias: torch.Tensor | None,
-    teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     *,
     kd_logit_scale: float,
@@ -117,7 +115,6 @@ def check_linear_loss_args(
     for name, bias in (("ce_bias", ce_bias), ("kd_bias", kd_bias)):
         if bias is not None:
             _check_like(name, bias, "features", features, (c,))
-    _check_like("teacher_logits", teacher_logits, "features", features, (n, c))
     _check_labels(labels, n, features.device)
     check_number("kd_logit_scale", kd_logit_scale, "> 0", lambda v: v > 0)
     if chunk_size is not None:
@@ -182,16 +179,31 @@ def check_teacher_values(teacher_logits: torch.Tensor, temperature: float | None
     """Teacher logits may be -inf (masked classes) but never NaN or +inf, and no row may be entirely -inf; with a
     temperature, ``teacher_logits / temperature`` in the accumulation dtype (float32, float64 for float64 input) must
     not overflow either. Raises for the first invalid row, as the kernels do."""
-    t = teacher_logits
+    _raise_first_bad_row(_logits_status(teacher_logits, temperature), TEACHER_FORM_LOGITS)
+
+
+def check_teacher_probs(teacher_probs: torch.Tensor) -> None:
+    """Teacher probabilities may be 0 (masked classes) but never negative, NaN or +inf, and no row may be 0
+    everywhere: the kernels read them as the logits ``T log(p)``, so that is :func:`check_teacher_values` of
+    ``log(p)``. Raises for the first invalid row, as the kernels do."""
+    log_p = teacher_probs.to(accumulate_dtype(teacher_probs.dtype)).log()
+    _raise_first_bad_row(_logits_status(log_p, None), TEACHER_FORM_PROBS)
+
+
+def _raise_first_bad_row(status: torch.Tensor, form: int) -> None:
+    bad = status.nonzero()
+    if len(bad):
+        row = int(bad[0, 0])
+        raise ValueError(teacher_row_error(row, int(status[row]), form))
+
+
+def _logits_status(t: torch.Tensor, temperature: float | None) -> torch.Tensor:
+    """Each row's TEACHER_* status as the kernels report it."""
     status = torch.where(t.isneginf().all(dim=1), TEACHER_ALL_MASKED, TEACHER_VALID)
     if temperature is not None:
         a = t.to(accumulate_dtype(t.dtype)) / temperature
         status = torch.where((a.isnan() | a.isposinf()).any(dim=1), TEACHER_OVERFLOW, status)
-    status = torch.where((t.isnan() | t.isposinf()).any(dim=1), TEACHER_NON_FINITE, status)
-    bad = status.nonzero()
-    if len(bad):
-        row = int(bad[0, 0])
-        raise ValueError(teacher_row_error(row, int(status[row])))
+    return torch.where((t.isnan() | t.isposinf()).any(dim=1), TEACHER_NON_FINITE, status)
 
 
 def label_error(row: int, label: int, num_classes: int, ignore_index: int) -> str:
@@ -202,8 +214,13 @@ def label_error(row: int, label: int, num_classes: int, ignore_index: int) -> st
     )
 
 
-def teacher_row_error(row: int, status: int) -> str:
-    """The message for a teacher row of an invalid ``status`` (a TEACHER_* value; the same as the compiled ops')."""
+def teacher_row_error(row: int, status: int, form: int = 0) -> str:
+    """The message for a teacher row of an invalid ``status`` (a TEACHER_* value) and teacher ``form``
+    (TEACHER_FORM_LOGITS or TEACHER_FORM_PROBS); the same as the compiled ops'."""
+    if form == TEACHER_FORM_PROBS:
+        if status == TEACHER_ALL_MASKED:
+            return f"teacher_probs row {row} is 0 in every class: the teacher distribution is undefined"
+        return f"teacher_probs row {row} contains a negative, NaN or +inf probability"
     if status == TEACHER_ALL_MASKED:
         return f"teacher_logits row {row} is -inf in every class: the teacher distribution is undefined"
     if status == TEACHER_OVERFLOW:
@@ -217,6 +234,8 @@ def teacher_row_error(row: int, status: int) -> str:
 #: row_math::TeacherRowStatus (csrc/row_math.h) of a teacher row, as the kernels report it. TEACHER_OVERFLOW: the row
 #: is finite (or -inf), but teacher_logits / temperature overflows.
 TEACHER_VALID, TEACHER_NON_FINITE, TEACHER_ALL_MASKED, TEACHER_OVERFLOW = 0, 1, 2, 3
+#: row_math::TeacherForm (csrc/row_math.h): how a loss op's teacher argument reads (dho_fast.ops.teacher).
+TEACHER_FORM_LOGITS, TEACHER_FORM_PROBS, TEACHER_FORM_SPARSE = 0, 1, 2
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -225,11 +244,17 @@ def _traced(t: torch.Tensor) -> bool:
 
 
 def raise_flagged_values(
-    info: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int, first_row: int = 0
+    info: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    ignore_index: int,
+    first_row: int = 0,
+    teacher_form: int = TEACHER_FORM_LOGITS,
 ) -> int | None:
     """Raises the value error a Triton launcher flagged in ``info`` (dho_fast.kernels.dual_head_loss): ``labels`` are
-    the rows the kernels saw, rows ``first_row, ...`` of the batch. Returns the number of labelled rows, None when
-    traced (then the checks become device asserts, which cannot say which row failed)."""
+    the rows the kernels saw, rows ``first_row, ...`` of the batch, and ``teacher_form`` the teacher's form. Returns
+    the number of labelled rows, None when traced (then the checks become device asserts, which cannot say which row
+    failed)."""
     n = labels.shape[0]
     if _traced(info):
         torch._assert_async(info[1] == n, "labels: a label is neither ignore_index nor in [0, num_classes)")
@@ -243,7 +268,7 @@ def raise_flagged_values(
     if bad_label < n:
         raise ValueError(label_error(first_row + bad_label, int(labels[bad_label]), num_classes, ignore_index))
     if bad_row < n:
-        raise ValueError(teacher_row_error(first_row + bad_row, status))
+        raise ValueError(teacher_row_error(first_row + bad_row, status, teacher_form))
     return num_labelled
 
 
@@ -279,9 +304,12 @@ def check_chunk_layout(
     start: int,
     ce_bias: torch.Tensor | None,
     kd_bias: torch.Tensor | None,
+    teacher_form: int = TEACHER_FORM_LOGITS,
 ) -> None:
-    """The layout dual_head_loss_chunk requires (csrc/dho_fast.cpp, checked for the compiled op by op_checks.h)."""
-    n, c = t.shape
+    """The layout dual_head_loss_chunk requires (csrc/dho_fast.cpp, checked for the compiled op by op_checks.h): the
+    teacher ``t`` covers the batch's N rows ((N, C), or (N, k) for a sparse one); everything else is of kd's dtype."""
+    n = t.shape[0]
+    c = kd.shape[1] if teacher_form == TEACHER_FORM_SPARSE and kd.dim() == 2 else t.shape[1]
     if kd.dim() != 2 or kd.shape[1] != c or not 0 <= start <= start + kd.shape[0] <= n:
         raise ValueError(
             f"kd_logits must be rows [start, start + R) of the batch's (N, C) = {(n, c)} logits, "
@@ -289,9 +317,11 @@ def check_chunk_layout(
         )
     if ce.dim() != 2 or ce.shape[1] != c:
         raise ValueError(f"ce_logits must have shape (L, {c}), got {tuple(ce.shape)}")
+    dense = () if teacher_form == TEACHER_FORM_SPARSE else (("teacher_logits", t),)
+    for name, x in (("ce_logits", ce), *dense):
+        if x.dtype != kd.dtype:
+            raise TypeError(f"{name} must be {kd.dtype} (as kd_logits), got {x.dtype}")
     for name, x in (("ce_logits", ce), ("kd_logits", kd)):
-        if x.dtype != t.dtype:
-            raise TypeError(f"{name} must be {t.dtype} (as teacher_logits), got {x.dtype}")
         if not x.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {x.stride()}")
     if labels.shape != (n,):
@@ -299,10 +329,10 @@ def check_chunk_layout(
     for name, bias in (("ce_bias", ce_bias), ("kd_bias", kd_bias)):
         if bias is None:
             continue
-        if bias.dtype != t.dtype:
-            raise TypeError(f"{name} must be {t.dtype} (as teacher_logits), got {bias.dtype}")
-        if bias.shape != (c,) or bias.device != t.device or not bias.is_contiguous():
-            raise ValueError(f"{name} must be contiguous of shape ({c},) on {t.device}, got {describe(bias)}")
+        if bias.dtype != kd.dtype:
+            raise TypeError(f"{name} must be {kd.dtype} (as kd_logits), got {bias.dtype}")
+        if bias.shape != (c,) or bias.device != kd.device or not bias.is_contiguous():
+            raise ValueError(f"{name} must be contiguous of shape ({c},) on {kd.device}, got {describe(bias)}")
 
 
 def check_chunk_labelled(ce_rows: int, chunk_labelled: int, num_labelled: int) -> None:
