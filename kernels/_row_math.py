@@ -9,6 +9,9 @@ log(sum_b)`` never subtracts two large logsumexps. Columns outside the row are -
 import triton
 import triton.language as tl
 
+#: row_math::TeacherForm: the teacher as (N, C) logits, as (N, C) probabilities, or sparse (k classes per row).
+TEACHER_LOGITS, TEACHER_PROBS, TEACHER_SPARSE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
 
 @triton.jit
 def exp_base(m):
@@ -48,6 +51,12 @@ def kl_update(ma, sa, mb, sb, cross, a, b):
 @triton.jit
 def kl_value(sa, sb, cross):
     return cross / sa - tl.log(sa) + tl.log(sb)
+
+
+@triton.jit
+def sparse_kl_value(sb, cross, neg_entropy):
+    """row_math::sparse_kl_value: KL of a sparse teacher, cross = sum_c p_c (b_c - max_b), sb = sum_c exp(b_c - max_b)."""
+    return neg_entropy - cross + tl.log(sb)
 
 
 @triton.jit

@@ -181,8 +181,10 @@ def test_topk_errors(backend_device, case):
     spoil, tail, message = TOPK_ERRORS[case]
     spoil(indices, values)
     with pytest.raises(ValueError, match=re.escape(message)):
-        dho_fast.fused_dual_head_loss(ce, kd, None, labels, teacher_topk_indices=indices.to(device),
-                                      teacher_topk_values=values.to(device), teacher_tail=tail, backend=backend)  # fmt: skip
+        dho_fast.fused_dual_head_loss(
+            ce, kd, None, labels, teacher_topk_indices=indices.to(device), teacher_topk_values=values.to(device),
+            teacher_tail=tail, backend=backend,
+        )  # fmt: skip
 
 
 PROBS_ERRORS = {

@@ -60,7 +60,7 @@ class DualHead(nn.Module):
     def loss(
         self,
         features: torch.Tensor,
-        teacher_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
         labels: torch.Tensor,
         *,
         ce_loss_weight: float = 0.5,
@@ -70,8 +70,10 @@ class DualHead(nn.Module):
         """The DHO loss of both heads on (N, D) features, fused with the heads' GEMMs.
 
         ``teacher_logits`` (N, C) and ``labels`` (N,) as in :func:`dho_fast.fused_dual_head_loss`, whose keyword
-        arguments ``loss_args`` takes (``ce_loss_weight`` and ``kd_loss_weight`` are the loss weights w_ce, w_kd),
-        plus ``chunk_size``; see :func:`dho_fast.fused_linear_dual_head_loss`.
+        arguments ``loss_args`` takes (``ce_loss_weight`` and ``kd_loss_weight`` are the loss weights w_ce, w_kd;
+        ``teacher_probs`` or ``teacher_topk_indices`` / ``teacher_topk_values`` / ``teacher_tail`` with
+        ``teacher_logits=None`` for the other teacher forms), plus ``chunk_size``; see
+        :func:`dho_fast.fused_linear_dual_head_loss`.
         """
         return fused_linear_dual_head_loss(
             features, self.ce_head.weight, self.ce_head.bias, self.kd_head.weight, self.kd_head.bias, teacher_logits,

@@ -133,17 +133,20 @@ def _sparse_teacher(
 
 
 def _check_sparse_values(v: torch.Tensor, idx: torch.Tensor, total: torch.Tensor, tail: str, c: int) -> None:
-    checks = (
-        (~(v.isfinite() & (v >= 0))).any(dim=1), "teacher_topk_values row {} has a negative, NaN or inf value",
-        ((idx < 0) | (idx >= c)).any(dim=1), f"teacher_topk_indices row {{}} has a class outside [0, {c})",
-        (idx.sort(dim=1).values.diff(dim=1) == 0).any(dim=1), "teacher_topk_indices row {} repeats a class",
-    )  # fmt: skip
+    """Raises ValueError for the first row of the first rule it breaks; a valid teacher costs one host sync."""
+    checks = [
+        ((~(v.isfinite() & (v >= 0))).any(dim=1), "teacher_topk_values row {} has a negative, NaN or inf value"),
+        (((idx < 0) | (idx >= c)).any(dim=1), f"teacher_topk_indices row {{}} has a class outside [0, {c})"),
+        ((idx.sort(dim=1).values.diff(dim=1) == 0).any(dim=1), "teacher_topk_indices row {} repeats a class"),
+    ]
     if tail == "renormalize" or idx.shape[1] == c:
-        checks += (total <= 0, "teacher_topk_values row {} sums to 0: the teacher distribution is undefined")
+        checks.append((total <= 0, "teacher_topk_values row {} sums to 0: the teacher distribution is undefined"))
     else:
-        checks += (total > 1 + TAIL_TOLERANCE, f'teacher_topk_values row {{}} sums to more than 1 (by over '
-                   f'{TAIL_TOLERANCE:g}): with teacher_tail="uniform" they are probabilities of one distribution')  # fmt: skip
-    for bad, message in zip(checks[::2], checks[1::2], strict=True):
+        over_one = f"teacher_topk_values row {{}} sums to more than 1 (by over {TAIL_TOLERANCE:g}): with "
+        checks.append((total > 1 + TAIL_TOLERANCE, over_one + 'teacher_tail="uniform" they are probabilities'))
+    if not bool(torch.stack([bad for bad, _ in checks]).any()):
+        return
+    for bad, message in checks:
         rows = bad.nonzero()
         if len(rows):
             raise ValueError(message.format(int(rows[0, 0])))
