@@ -55,7 +55,8 @@ def kl_value(sa, sb, cross):
 
 @triton.jit
 def sparse_kl_value(sb, cross, neg_entropy):
-    """row_math::sparse_kl_value: KL of a sparse teacher, cross = sum_c p_c (b_c - max_b), sb = sum_c exp(b_c - max_b)."""
+    """row_math::sparse_kl_value: KL of a sparse teacher; cross = sum_c p_c (b_c - max_b), sb = sum_c exp(b_c - max_b)
+    (the student statistic)."""
     return neg_entropy - cross + tl.log(sb)
 
 

@@ -3,7 +3,6 @@ global batch."""
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from trainer_fixtures import (
     assert_same_weights,
     count_train_images,
     digits_trees,
+    free_port,
     random_teacher_logits,
     run_settings,
     tiny_clip_config,
@@ -23,12 +23,6 @@ from dho_fast.train.config import TrainConfig
 from dho_fast.train.trainer import train
 
 pytestmark = pytest.mark.slow  # two gloo processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world_size: int, port: int, settings: dict) -> None:
@@ -61,8 +55,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path, changes):
     )
     settings = run_settings(trees, tmp_path / "run", **{**run, **changes})
     single = {**settings, "output_dir": str(tmp_path / "single")}
-    mp.spawn(_rank, args=(1, _free_port(), single), nprocs=1)
-    mp.spawn(_rank, args=(2, _free_port(), settings), nprocs=2)
+    mp.spawn(_rank, args=(1, free_port(), single), nprocs=1)
+    mp.spawn(_rank, args=(2, free_port(), settings), nprocs=2)
     one, two = (checkpoint.load(tmp_path / d / "last.pt") for d in ("single", "run"))
     assert one["step"] == two["step"] == (3 if not changes else 2 * one["steps_per_epoch"])
     assert_same_weights(one["model"], two["model"], rtol=1e-4, atol=1e-5)

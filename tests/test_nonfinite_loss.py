@@ -8,7 +8,6 @@ step), so ``lr = 1e30`` leaves weights near 1e30 whose products overflow in the 
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from trainer_fixtures import run_settings
+from trainer_fixtures import free_port, run_settings
 
 from dho_fast.train import checkpoint, cli
 from dho_fast.train.config import MAX_SKIPPED_STEPS, TrainConfig
@@ -80,18 +79,12 @@ def test_a_resumed_fp16_run_stops_where_the_uninterrupted_one_does(trees, logits
     assert f"steps 2 to {last}, which the loss scaler skipped" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two gloo processes
 def test_every_ddp_rank_stops_and_none_hangs(trees, logits_file, tmp_path):
     """Each rank a process of its own, as torchrun starts them, watched separately: torchrun or mp.spawn would kill
     a waiting rank once the other failed, and hide a hang."""
     path = blow_up_config(trees, logits_file, tmp_path, max_steps=4)
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     env["OMP_NUM_THREADS"] = "1"
     ranks = [
         subprocess.Popen(

@@ -198,7 +198,7 @@ def test_text_embedding_settings_reach_the_teacher_and_the_student_heads(tmp_pat
     )
     classnames, cpu = ["blue", "red"], torch.device("cpu")
     torch.manual_seed(0)
-    teacher = build_teacher(config, classnames, 4, cpu)
+    teacher = build_teacher(config, classnames, [], cpu)
     torch.manual_seed(0)
     student = build_run_student(config, classnames, cpu)
     torch.manual_seed(0)

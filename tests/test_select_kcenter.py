@@ -9,13 +9,13 @@ differently, so each of our picks must be a float64 maximum up to float32's roun
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from trainer_fixtures import free_port
 
 from dho_fast.select import coreset, greedy_kcenter, pcoreset
 from dho_fast.select.kcenter import KCenterStats, prune_slack
@@ -289,12 +289,6 @@ def test_progress_lines(capsys):
     assert capsys.readouterr().err == ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank: int, world_size: int, port: int, inputs: str, cuts: list[int], out: str) -> None:
     """One gloo rank: its contiguous shard of each case's pool, the whole labelled set, picks saved per rank."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -333,7 +327,7 @@ def test_two_gloo_ranks_pick_what_one_process_picks(tmp_path):
     torch.save(cases, tmp_path / "cases.pt")
     out = str(tmp_path / "picks")
     cuts = [0, 53, n]
-    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path / "cases.pt"), cuts, out), nprocs=2)
+    mp.spawn(_rank, args=(2, free_port(), str(tmp_path / "cases.pt"), cuts, out), nprocs=2)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     assert ranks[0][-1] == "ValueError: the arguments of ranks [1] of group are invalid (each of them raised why)"
     assert ranks[1][-1].startswith("TypeError: pool_probs must be a tensor")

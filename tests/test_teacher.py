@@ -94,7 +94,7 @@ def test_build_open_clip_teacher_from_config(tmp_path):
         open_clip_config=tiny_clip_config(tmp_path),
         teacher_templates="dho_imagenet",
     )
-    teacher = build_teacher(config, CLASSES, 10, torch.device("cpu"))
+    teacher = build_teacher(config, CLASSES, [], torch.device("cpu"))
     assert isinstance(teacher, ClipTeacher) and teacher.needs_images
     assert teacher(torch.randn(4, 3, 16, 16), None).shape == (4, 3)
 

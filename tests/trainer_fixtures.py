@@ -2,6 +2,7 @@
 architecture (random weights), precomputed teacher logits and the settings of a few-step run."""
 
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +100,10 @@ def assert_same_weights(a: dict, b: dict, **tolerances) -> None:
 
 def count_train_images(trees: dict[str, str]) -> int:
     return sum(1 for _ in Path(trees["train"]).rglob("*.png"))
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

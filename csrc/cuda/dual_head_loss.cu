@@ -13,6 +13,11 @@
 // thread). Statistics are float32 (float64 for float64 input); the per-row arithmetic is csrc/row_fold.h, which
 // tests/cpp/test_row_fold.cpp runs on the CPU. Value errors are flagged on the device and raised after one
 // device-to-host copy of four integers: each call synchronises its stream once.
+//
+// The teacher (row_math::TeacherForm): logits; probabilities p, read as the logits T log(p) and then folded as
+// logits; or sparse, k probabilities per row at listed classes and u on every other class, never made dense: the
+// fold then sees no teacher (its teacher logits are all -inf), the KL is row_math::sparse_kl_value of the student's
+// statistic, and the gradient is written as q - u everywhere, then corrected at the listed classes.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -24,6 +29,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -68,7 +74,7 @@ struct RowsArgs {
   const int64_t* ce_row;    // -1: row r has none (it is unlabelled)
   int64_t ce_rows;          // rows of ce, to keep a bad ce_row in bounds until it is reported
   const scalar_t* kd;       // (rows, C)
-  const scalar_t* teacher;  // (rows, C)
+  const scalar_t* teacher;  // (rows, C) logits or probabilities (teacher_form); nullptr for a sparse teacher
   const int64_t* labels;    // (rows,)
   // The gradients, in acc_t (float32 for half inputs: backward rounds them after scaling), laid out as ce and kd
   // (nullptr: not wanted); for float32 and float64 inputs they may be ce and kd themselves.
@@ -85,6 +91,13 @@ struct RowsArgs {
   const scalar_t* ce_bias = nullptr;  // (C,) added to every row of ce / kd (nullptr: none; chunk op only)
   const scalar_t* kd_bias = nullptr;
   acc_t ce_grad_scale = 1, kd_grad_scale = 1;  // factors of the gradients written
+  int teacher_form = rm::kTeacherLogits;
+  // A sparse teacher (sparse_probs != nullptr; teacher is then nullptr), row r of each for row r of kd: k
+  // probabilities and their classes per row, and the row terms [u, neg_entropy] (dho_fast/ops/teacher.py).
+  const acc_t* sparse_probs = nullptr;      // (rows, k)
+  const int64_t* sparse_indices = nullptr;  // (rows, k)
+  const acc_t* sparse_row_terms = nullptr;  // (rows, 2)
+  int64_t teacher_k = 0;
 };
 
 // One row's pointers (nullptr: absent), whether each starts 16-byte aligned, its label, the label's CE-head logit
@@ -97,6 +110,7 @@ struct Row {
   int64_t label;
   acc_type<scalar_t> target;
   rm::RowWeights<acc_type<scalar_t>> w, grad_w;  // weights of the row's loss values and of its gradients
+  acc_type<scalar_t> u;  // a sparse teacher's probability of each unlisted class (0 for a dense teacher)
 };
 
 __device__ __forceinline__ bool aligned16(const void* p) {
@@ -117,7 +131,7 @@ __device__ __forceinline__ Row<scalar_t> row_of(const RowsArgs<scalar_t>& p, int
   Row<scalar_t> row;
   row.ce = do_ce ? p.ce + ce_i * C : nullptr;
   row.kd = p.kd + r * C;
-  row.t = p.teacher + r * C;
+  row.t = p.teacher ? p.teacher + r * C : nullptr;
   row.g_ce = g_ce_row ? p.g_ce + ce_i * C : nullptr;
   row.g_kd = p.g_kd ? p.g_kd + r * C : nullptr;
   row.ce_vec = aligned16(row.ce);
@@ -133,6 +147,7 @@ __device__ __forceinline__ Row<scalar_t> row_of(const RowsArgs<scalar_t>& p, int
   row.grad_w = row.w;
   row.grad_w.ce *= p.ce_grad_scale;
   row.grad_w.kd *= p.kd_grad_scale;
+  row.u = p.sparse_probs ? p.sparse_row_terms[2 * r] : acc_t(0);
   return row;
 }
 
@@ -159,6 +174,21 @@ __device__ __forceinline__ void load_cols(const scalar_t* row, const scalar_t* b
       }
     }
   }
+}
+
+// Columns [col, col + E) of the row's teacher logits over T, as load_cols (all -inf for a sparse teacher, which has
+// none): probabilities p are read as the logits T log(p) (p = 0: -inf, a masked class; p < 0 or NaN: NaN).
+template <int E, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_teacher(const RowsArgs<scalar_t>& p, const Row<scalar_t>& row, int64_t col,
+                                             acc_t* out) {
+  if (p.teacher_form != rm::kTeacherProbs) {
+    load_cols<E>(row.t, static_cast<const scalar_t*>(nullptr), row.t_vec, col, p.cols, p.inv_t, out);
+    return;
+  }
+  load_cols<E>(row.t, static_cast<const scalar_t*>(nullptr), row.t_vec, col, p.cols, acc_t(1), out);
+#pragma unroll
+  for (int j = 0; j < E; ++j)
+    if (col + j < p.cols) out[j] = p.temperature * std::log(out[j]) * p.inv_t;  // past the row: stays -inf
 }
 
 // Columns [col, col + E) of an output row of type scalar_t (E a multiple of its vector width) from v.
@@ -213,21 +243,96 @@ __device__ rm::RowStat<T> block_merge(rm::RowStat<T> s, rm::RowStat<T>* partial)
   return partial[0];
 }
 
+// A reduction over one block in a fixed order: the same inputs give the same result on every run.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, Op op, T* scratch) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, mask));
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < int(blockDim.x / 32); ++w) v = op(v, scratch[w]);
+  __syncthreads();  // scratch may be reused
+  return v;
+}
+
+struct Sum {
+  template <typename T>
+  __device__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+
+// Butterfly: addition is commutative bit for bit, so every lane ends with the same sum.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) v += __shfl_xor_sync(0xffffffffu, v, mask);
+  return v;
+}
+
+// Row r's cross sum_j (p_j - u) (b_c - M) over its listed classes c = indices[j], j = first, first + stride, ... of
+// a sparse teacher (b: the KD logits plus bias, over T, as load_cols gives them; M: their row maximum), skipping a
+// weight p_j - u of exactly 0. Reads the KD logits: every thread calls it before any gradient is written over them.
+template <typename scalar_t, typename acc_t>
+__device__ acc_t sparse_listed_cross(const RowsArgs<scalar_t>& p, const Row<scalar_t>& row, int64_t r, int64_t first,
+                                     int64_t stride, acc_t M) {
+  const int64_t k = p.teacher_k;
+  acc_t cross = 0;
+  for (int64_t j = first; j < k; j += stride) {
+    const acc_t w = p.sparse_probs[r * k + j] - row.u;
+    if (w == acc_t(0)) continue;
+    const int64_t c = p.sparse_indices[r * k + j];
+    acc_t z = static_cast<acc_t>(row.kd[c]);
+    if (p.kd_bias) z += static_cast<acc_t>(p.kd_bias[c]);
+    cross += w * (z * p.inv_t - M);
+  }
+  return cross;
+}
+
+// Takes scale (p_j - u) off row r's KD gradient at the listed classes j = first, first + stride, ... of a sparse
+// teacher: the gradient there is first written as for every other class (store_grads), and the caller synchronises
+// in between.
+template <typename scalar_t, typename acc_t>
+__device__ void correct_sparse_grads(const RowsArgs<scalar_t>& p, const Row<scalar_t>& row, int64_t r, int64_t first,
+                                     int64_t stride, acc_t scale) {
+  const int64_t k = p.teacher_k;
+  for (int64_t j = first; j < k; j += stride)
+    row.g_kd[p.sparse_indices[r * k + j]] -= scale * (p.sparse_probs[r * k + j] - row.u);
+}
+
+// The gradient scales of a row: for a sparse teacher, p_scale is that of its probabilities, which sum to 1.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ rm::GradScales<acc_t> row_grad_scales(const RowsArgs<scalar_t>& p,
+                                                                 const Row<scalar_t>& row,
+                                                                 const rm::RowStat<acc_t>& s) {
+  rm::GradScales<acc_t> g = rm::grad_scales(s, row.grad_w, p.eps, p.cols, p.inv_t);
+  if (p.sparse_probs) g.p_scale = row.grad_w.kd * p.inv_t;
+  return g;
+}
+
+// sparse_cross: a sparse row's whole cross (row_math::sparse_kl_value); unused for a dense teacher.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void write_row_values(const RowsArgs<scalar_t>& p, int64_t r, const Row<scalar_t>& row,
-                                                 const rm::RowStat<acc_t>& s) {
+                                                 const rm::RowStat<acc_t>& s, acc_t sparse_cross) {
   const rm::RowValues<acc_t> v = rm::row_values(s, row.target, p.eps, p.cols, row.ce != nullptr);
   p.row_ce[r] = row.ce ? row.w.ce * v.ce : acc_t(0);
+  if (p.sparse_probs) {  // always a valid teacher (checked in dho_fast/ops/teacher.py)
+    p.row_kl[r] = row.w.kd * rm::sparse_kl_value(s.kl.student, sparse_cross, p.sparse_row_terms[2 * r + 1]);
+    p.status[r] = rm::kTeacherOk;
+    return;
+  }
   p.row_kl[r] = row.w.kd * v.kl;
   // One thread re-reads an invalid row to tell a NaN or +inf teacher from an overflowing t / T (error path only).
   p.status[r] = v.status == rm::kTeacherNonFinite ? rm::teacher_overflow_status<acc_t>(row.t, p.cols) : v.status;
 }
 
-// Gradients of E columns starting at col from their inputs (x, a, b as loaded), into the rows' gradient rows.
+// Gradients of E columns starting at col from their inputs (x, a, b as loaded), into the rows' gradient rows;
+// sparse: a sparse teacher's row (a is then all -inf, and g.p_scale row_grad_scales').
 template <int E, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_grads(const Row<scalar_t>& row, int64_t col, int64_t C, const acc_t* x,
                                             const acc_t* a, const acc_t* b, int target_slot,
-                                            const rm::GradScales<acc_t>& g) {
+                                            const rm::GradScales<acc_t>& g, bool sparse) {
   acc_t out[E];
   if (row.g_ce) {
 #pragma unroll
@@ -235,8 +340,10 @@ __device__ __forceinline__ void store_grads(const Row<scalar_t>& row, int64_t co
     store_cols<E>(row.g_ce, row.g_ce_vec, col, C, out);
   }
   if (row.g_kd) {
+    // A sparse teacher: (q - u) times p_scale everywhere, corrected at the listed classes afterwards.
 #pragma unroll
-    for (int j = 0; j < E; ++j) out[j] = rm::kd_grad(a[j], b[j], g);
+    for (int j = 0; j < E; ++j)
+      out[j] = sparse ? std::exp(b[j] - g.b_base) * g.q_scale - row.u * g.p_scale : rm::kd_grad(a[j], b[j], g);
     store_cols<E>(row.g_kd, row.g_kd_vec, col, C, out);
   }
 }
@@ -258,7 +365,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) warp_rows_kernel(const
   for (int k = 0; k < K; ++k) {
     const int64_t col = int64_t(lane + 32 * k) * V;
     load_cols<V>(row.ce, p.ce_bias, row.ce_vec, col, C, acc_t(1), x + k * V);
-    load_cols<V>(row.t, static_cast<const scalar_t*>(nullptr), row.t_vec, col, C, p.inv_t, a + k * V);
+    load_teacher<V>(p, row, col, a + k * V);
     load_cols<V>(row.kd, p.kd_bias, row.kd_vec, col, C, p.inv_t, b + k * V);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -269,13 +376,32 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) warp_rows_kernel(const
   const acc_t h = rm::smoothing_scale<acc_t>(C);
   rm::RowStat<acc_t> s = rm::row_fold(rm::row_empty<acc_t>(), x, a, b, valid, row.target, h, row.ce != nullptr);
   s = warp_merge(s);
-  if (lane == 0) write_row_values(p, r, row, s);
+  acc_t sparse_cross = 0;
+  if (p.sparse_probs) {
+    // u sum_c (b_c - M) from the registers, plus the listed classes' terms.
+    const acc_t M = s.kl.student.max;
+    if (row.u != acc_t(0)) {
+      acc_t sum = 0;
+#pragma unroll
+      for (int j = 0; j < E; ++j)
+        if (valid >> j & 1u) sum += b[j] - M;
+      sparse_cross = row.u * sum;
+    }
+    sparse_cross = warp_sum(sparse_cross + sparse_listed_cross(p, row, r, lane, 32, M));
+    __syncwarp();  // every lane's reads of the listed KD logits precede the gradients written over them
+  }
+  if (lane == 0) write_row_values(p, r, row, s, sparse_cross);
   if (!row.g_ce && !row.g_kd) return;
-  const rm::GradScales<acc_t> g = rm::grad_scales(s, row.grad_w, p.eps, C, p.inv_t);
+  const rm::GradScales<acc_t> g = row_grad_scales(p, row, s);
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int slot = target_slot - k * V;  // the label's slot within this vector, if it is here
-    store_grads<V>(row, int64_t(lane + 32 * k) * V, C, x + k * V, a + k * V, b + k * V, slot, g);
+    store_grads<V>(row, int64_t(lane + 32 * k) * V, C, x + k * V, a + k * V, b + k * V, slot, g,
+                   p.sparse_probs != nullptr);
+  }
+  if (p.sparse_probs && row.g_kd) {
+    __syncwarp();  // the whole row's gradient is written before the listed classes' are corrected
+    correct_sparse_grads(p, row, r, lane, 32, g.p_scale);
   }
 }
 
@@ -285,56 +411,60 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>) block_rows_kernel(co
   using acc_t = acc_type<scalar_t>;
   constexpr int E = kStepCols<scalar_t>;
   __shared__ rm::RowStat<acc_t> partial[32];
+  __shared__ acc_t sums[32];
   const int64_t r = blockIdx.x, C = p.cols;
   const int64_t first = int64_t(threadIdx.x) * E, step = int64_t(blockDim.x) * E;
   const Row<scalar_t> row = row_of(p, r);
   const acc_t h = rm::smoothing_scale<acc_t>(C);
   rm::RowStat<acc_t> s = rm::row_empty<acc_t>();
+  // A sparse teacher with u != 0: this thread's sum of b and its number of columns.
+  acc_t b_sum = 0;
+  int64_t b_count = 0;
   for (int64_t col = first; col < C; col += step) {
     acc_t x[E], a[E], b[E];
     load_cols<E>(row.ce, p.ce_bias, row.ce_vec, col, C, acc_t(1), x);
-    load_cols<E>(row.t, static_cast<const scalar_t*>(nullptr), row.t_vec, col, C, p.inv_t, a);
+    load_teacher<E>(p, row, col, a);
     load_cols<E>(row.kd, p.kd_bias, row.kd_vec, col, C, p.inv_t, b);
     uint32_t valid = 0;
 #pragma unroll
     for (int j = 0; j < E; ++j) valid |= (col + j < C ? 1u : 0u) << j;
     s = rm::row_fold(s, x, a, b, valid, row.target, h, row.ce != nullptr);
+    if (p.sparse_probs && row.u != acc_t(0)) {
+#pragma unroll
+      for (int j = 0; j < E; ++j)
+        if (valid >> j & 1u) b_sum += b[j];
+      b_count += __popc(valid);
+    }
   }
   s = block_merge(s, partial);
-  if (threadIdx.x == 0) write_row_values(p, r, row, s);
+  acc_t sparse_cross = 0;
+  if (p.sparse_probs) {
+    // u sum_c (b_c - M), each thread's columns relative to M, plus the listed classes' terms. block_reduce
+    // synchronises: every thread's reads of the listed KD logits precede the gradients written over them.
+    const acc_t M = s.kl.student.max;
+    const acc_t own = row.u != acc_t(0) ? row.u * (b_sum - acc_t(b_count) * M) : acc_t(0);
+    sparse_cross = block_reduce(own + sparse_listed_cross(p, row, r, threadIdx.x, blockDim.x, M), Sum{}, sums);
+  }
+  if (threadIdx.x == 0) write_row_values(p, r, row, s, sparse_cross);
   if (!row.g_ce && !row.g_kd) return;
-  const rm::GradScales<acc_t> g = rm::grad_scales(s, row.grad_w, p.eps, C, p.inv_t);
+  const rm::GradScales<acc_t> g = row_grad_scales(p, row, s);
   // Same columns per thread as above: with the gradients written over the logits (chunk op), every element is
   // read by the thread that overwrites it, before it does.
   for (int64_t col = first; col < C; col += step) {
     acc_t x[E], a[E], b[E];
     load_cols<E>(row.ce, p.ce_bias, row.ce_vec, col, C, acc_t(1), x);
-    load_cols<E>(row.t, static_cast<const scalar_t*>(nullptr), row.t_vec, col, C, p.inv_t, a);
+    load_teacher<E>(p, row, col, a);
     load_cols<E>(row.kd, p.kd_bias, row.kd_vec, col, C, p.inv_t, b);
     const int64_t target = row.label - col;
-    store_grads<E>(row, col, C, x, a, b, target >= 0 && target < E ? int(target) : -1, g);
+    store_grads<E>(row, col, C, x, a, b, target >= 0 && target < E ? int(target) : -1, g,
+                   p.sparse_probs != nullptr);
+  }
+  if (p.sparse_probs && row.g_kd) {
+    __syncthreads();  // the whole row's gradient is written before the listed classes' are corrected
+    correct_sparse_grads(p, row, r, threadIdx.x, blockDim.x, g.p_scale);
   }
 }
 
-// A reduction over one block in a fixed order: the same inputs give the same result on every run.
-template <typename T, typename Op>
-__device__ T block_reduce(T v, Op op, T* scratch) {
-#pragma unroll
-  for (int mask = 16; mask > 0; mask >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, mask));
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
-  __syncthreads();
-  v = scratch[0];
-  for (int w = 1; w < int(blockDim.x / 32); ++w) v = op(v, scratch[w]);
-  __syncthreads();  // scratch may be reused
-  return v;
-}
-
-struct Sum {
-  template <typename T>
-  __device__ T operator()(T a, T b) const {
-    return a + b;
-  }
-};
 struct Min {
   template <typename T>
   __device__ T operator()(T a, T b) const {
@@ -423,15 +553,15 @@ void launch_count(const at::Tensor& labels, int64_t num_classes, int64_t ignore_
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Raises the first error the kernels flagged in info for `labels`, rows first_row, ... of the batch; returns the
-// number of labelled rows. The copy to the host is the op's one synchronisation.
+// Raises the first error the kernels flagged in info for `labels`, rows first_row, ... of the batch, with a teacher
+// of form teacher_form; returns the number of labelled rows. The copy to the host is the op's one synchronisation.
 int64_t raise_flagged_errors(const at::Tensor& info, const at::Tensor& labels, int64_t first_row, int64_t num_classes,
-                             int64_t ignore_index) {
+                             int64_t ignore_index, int64_t teacher_form) {
   const at::Tensor host = info.to(at::kCPU);
   const int64_t* v = host.const_data_ptr<int64_t>();
   const int64_t n = labels.size(0);
   if (v[1] < n) check_label(first_row + v[1], labels[v[1]].item<int64_t>(), num_classes, ignore_index);
-  if (v[2] < n) check_teacher_row(first_row + v[2], int(v[3]));
+  if (v[2] < n) check_teacher_row(first_row + v[2], int(v[3]), teacher_form);
   return v[0];
 }
 
@@ -448,11 +578,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
     const at::Tensor& ce_logits, const at::Tensor& kd_logits, const at::Tensor& teacher_logits,
     const at::Tensor& labels, double temperature, double ce_loss_weight, double kd_loss_weight, bool kd_split,
     int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad, double ce_grad_scale,
-    double kd_grad_scale) {
+    double kd_grad_scale, int64_t teacher_form, const std::optional<at::Tensor>& teacher_indices,
+    const std::optional<at::Tensor>& teacher_row_terms) {
   check_loss_inputs(ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight,
-                    label_smoothing);
+                    label_smoothing, teacher_form, teacher_indices, teacher_row_terms);
   const c10::cuda::CUDAGuard guard(ce_logits.device());
   const at::Tensor ce = ce_logits.contiguous(), kd = kd_logits.contiguous(), t = teacher_logits.contiguous();
+  // A sparse teacher's indices and row terms are contiguous (check_teacher).
+  const bool sparse = teacher_form == rm::kTeacherSparse;
   const at::Tensor y = labels.contiguous();
   const int64_t N = ce.size(0), C = ce.size(1);
   const auto acc = ce.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -472,7 +605,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
                                .ce_row = nullptr,
                                .ce_rows = N,
                                .kd = kd.const_data_ptr<scalar_t>(),
-                               .teacher = t.const_data_ptr<scalar_t>(),
+                               .teacher = sparse ? nullptr : t.const_data_ptr<scalar_t>(),
                                .labels = y.const_data_ptr<int64_t>(),
                                .g_ce = ce_grad ? g_ce.mutable_data_ptr<acc_t>() : nullptr,
                                .g_kd = kd_grad ? g_kd.mutable_data_ptr<acc_t>() : nullptr,
@@ -490,12 +623,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
                                .eps = acc_t(label_smoothing),
                                .kd_split = kd_split,
                                .ce_grad_scale = acc_t(ce_grad_scale),
-                               .kd_grad_scale = acc_t(kd_grad_scale)};
+                               .kd_grad_scale = acc_t(kd_grad_scale),
+                               .teacher_form = int(teacher_form),
+                               .sparse_probs = sparse ? t.const_data_ptr<acc_t>() : nullptr,
+                               .sparse_indices = sparse ? teacher_indices->const_data_ptr<int64_t>() : nullptr,
+                               .sparse_row_terms = sparse ? teacher_row_terms->const_data_ptr<acc_t>() : nullptr,
+                               .teacher_k = sparse ? t.size(1) : 0};
     launch_rows(p, stream);
     launch_reduce<acc_t>(row_ce, row_kl, status, ce_loss_weight, kd_loss_weight, &loss, ce_term, kd_term, info,
                          stream);
   });
-  raise_flagged_errors(info, y, 0, C, ignore_index);
+  raise_flagged_errors(info, y, 0, C, ignore_index, teacher_form);
   return {loss, ce_term, kd_term, g_ce, g_kd};
 }
 
@@ -509,14 +647,22 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
                                                              const std::optional<at::Tensor>& kd_bias,
                                                              double ce_grad_scale, double kd_grad_scale,
                                                              const std::optional<at::Tensor>& ce_grad_out,
-                                                             const std::optional<at::Tensor>& kd_grad_out) {
+                                                             const std::optional<at::Tensor>& kd_grad_out,
+                                                             int64_t teacher_form,
+                                                             const std::optional<at::Tensor>& teacher_indices,
+                                                             const std::optional<at::Tensor>& teacher_row_terms) {
   check_chunk_inputs(ce_logits, kd_logits, teacher_logits, labels, start, num_labelled, temperature, label_smoothing,
-                     ce_bias, kd_bias);
+                     ce_bias, kd_bias, teacher_form, teacher_indices, teacher_row_terms);
   check_chunk_grad_out("ce_grad_out", ce_grad_out, "ce_logits", ce_logits, ce_grad);
   check_chunk_grad_out("kd_grad_out", kd_grad_out, "kd_logits", kd_logits, kd_grad);
   const c10::cuda::CUDAGuard guard(kd_logits.device());
-  const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1), R = kd_logits.size(0);
+  const int64_t N = labels.size(0), C = kd_logits.size(1), R = kd_logits.size(0);
+  // The teacher covers the whole batch, (N, C) or, sparse, (N, k) with indices (N, k) and row terms (N, 2): the
+  // chunk's rows of each.
+  const bool sparse = teacher_form == rm::kTeacherSparse;
   const at::Tensor y = labels.narrow(0, start, R), t = teacher_logits.narrow(0, start, R);
+  const at::Tensor t_indices = sparse ? teacher_indices->narrow(0, start, R) : at::Tensor();
+  const at::Tensor t_row_terms = sparse ? teacher_row_terms->narrow(0, start, R) : at::Tensor();
   // Row r's CE logits are row (number of labelled rows before r) of ce_logits.
   const at::Tensor labelled = y.ne(ignore_index);
   const at::Tensor ce_row = labelled.cumsum(0).sub_(1).masked_fill_(labelled.logical_not(), -1);
@@ -539,7 +685,7 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
                                .ce_row = ce_row.const_data_ptr<int64_t>(),
                                .ce_rows = ce_logits.size(0),
                                .kd = kd_logits.const_data_ptr<scalar_t>(),
-                               .teacher = t.const_data_ptr<scalar_t>(),
+                               .teacher = sparse ? nullptr : t.const_data_ptr<scalar_t>(),
                                .labels = y.const_data_ptr<int64_t>(),
                                .g_ce = grad_ptr(ce_grad, ce_grad_out, ce_logits),
                                .g_kd = grad_ptr(kd_grad, kd_grad_out, kd_logits),
@@ -559,11 +705,16 @@ std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logi
                                .ce_bias = ce_bias ? ce_bias->const_data_ptr<scalar_t>() : nullptr,
                                .kd_bias = kd_bias ? kd_bias->const_data_ptr<scalar_t>() : nullptr,
                                .ce_grad_scale = acc_t(ce_grad_scale),
-                               .kd_grad_scale = acc_t(kd_grad_scale)};
+                               .kd_grad_scale = acc_t(kd_grad_scale),
+                               .teacher_form = int(teacher_form),
+                               .sparse_probs = sparse ? t.const_data_ptr<acc_t>() : nullptr,
+                               .sparse_indices = sparse ? t_indices.const_data_ptr<int64_t>() : nullptr,
+                               .sparse_row_terms = sparse ? t_row_terms.const_data_ptr<acc_t>() : nullptr,
+                               .teacher_k = sparse ? t.size(1) : 0};
     launch_rows(p, stream);
     launch_reduce<acc_t>(row_ce, row_kl, status, 0, 0, nullptr, ce_term, kd_term, info, stream);
   });
-  const int64_t chunk_labelled = raise_flagged_errors(info, y, start, C, ignore_index);
+  const int64_t chunk_labelled = raise_flagged_errors(info, y, start, C, ignore_index, teacher_form);
   check_chunk_labelled(ce_logits, chunk_labelled, num_labelled);
   return {ce_term, kd_term};
 }

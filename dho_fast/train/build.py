@@ -37,6 +37,7 @@ from dho_fast.train.teacher import (
     create_open_clip,
     prompt_templates,
 )
+from dho_fast.train.teacher_cache import TeacherCache
 from dho_fast.train.transforms import PairedTransform
 
 
@@ -97,9 +98,18 @@ def teacher_precision(config: TrainConfig, device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
-def build_teacher(config: TrainConfig, classnames: Sequence[str], num_train: int, device: torch.device) -> nn.Module:
+def build_teacher(
+    config: TrainConfig, classnames: Sequence[str], train_samples: Sequence[Sample], device: torch.device
+) -> nn.Module | TeacherCache:
     """The teacher of ``config.teacher``: an open_clip zero-shot model with class text embeddings from the prompt
-    ensemble, a Tip-Adapter-F checkpoint on an open_clip image encoder, or a file of precomputed logits."""
+    ensemble, a Tip-Adapter-F checkpoint on an open_clip image encoder, a file of precomputed logits, or a store of
+    soft labels (checked against ``train_samples``, the train pool)."""
+    num_train = len(train_samples)
+    if config.teacher == "cache":
+        return TeacherCache(
+            config.teacher_cache, train_samples, len(classnames), temperature=config.temperature,
+            crop=(tuple(config.crop_scale), config.hflip),
+        )  # fmt: skip
     if config.teacher == "logits":
         return LogitsTeacher.from_file(config.teacher_logits, num_train, len(classnames)).to(device)
     model, tokenizer, preprocess, input_dtype = build_teacher_model(config, device)
@@ -187,7 +197,8 @@ def train_dataset(config: TrainConfig, samples: Sequence[Sample], student: Stude
         interpolation=config.interpolation,
         **teacher_args,
     )
-    return ImageDataset(samples, transform, config.image_mode, cache_images=config.cache_images)
+    views = teacher if isinstance(teacher, TeacherCache) else None
+    return ImageDataset(samples, transform, config.image_mode, cache_images=config.cache_images, views=views)
 
 
 def eval_dataset(config: TrainConfig, samples: Sequence[Sample], student: Student) -> ImageDataset:

@@ -5,6 +5,9 @@ Every setting of :class:`~dho_fast.train.config.TrainConfig` is a flag (``lr`` i
 it to layer files, as ``configs/fewshot/`` does: each file overrides the ones before). A boolean
 setting is a switch without a value (``--hflip`` / ``--no-hflip``): ``--hflip false`` is refused, as argparse
 refuses any stray word, so no string is ever read as a boolean.
+``teacher-cache --config FILE --output DIR`` runs the config's teacher once over its train pool and writes a store of
+soft labels per augmented view (``--views``, ``--topk``; dho_fast.train.teacher_cache) that ``teacher: cache`` then
+trains from; the config's dataset, teacher, crop settings, temperature and seed decide what is stored.
 ``active --config FILE`` takes a few flags of the loop's top-level settings (``--resume``, ``--output-dir``,
 ``--strategy``, ``--rounds``, ``--budget``, ``--seed``, ``--no-progress``); its train settings come from the file.
 Multi-GPU (``train``): ``torchrun --nproc_per_node 8 -m dho_fast.train.cli train --config ...``.
@@ -19,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dho_fast.train.config import InputTypeError, TrainConfig, field_types, load_config
+from dho_fast.train.teacher_cache import MODES, TAILS, VALUE_DTYPES
 
 
 def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -57,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("val", "test"), default="test")
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     _add_setting_flags(evaluate)
+    cache = commands.add_parser("teacher-cache", help="run the teacher once and store its soft labels per view")
+    cache.add_argument("--config", action="append", help="YAML file of settings, as for train (repeatable)")
+    cache.add_argument("--output", required=True, help="the store's folder (an unfinished one is resumed)")
+    cache.add_argument("--views", type=int, default=10, help="augmented views per image (mode random)")
+    cache.add_argument("--topk", type=_optional(int), default=5, help="classes kept per view; none: dense rows")
+    cache.add_argument("--tail", choices=TAILS, default="uniform", help="how training fills the other classes")
+    cache.add_argument("--value-dtype", choices=VALUE_DTYPES, default="float16")
+    cache.add_argument("--mode", choices=MODES, default="random", help="center: one centred view per image")
+    cache.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
+    cache.add_argument("--batch-size", type=int, default=256, help="views per teacher forward")
+    _add_setting_flags(cache)
     active = commands.add_parser("active", help="active learning (ActiveKD): rounds of selection and DHO training")
     active.add_argument("--config", required=True, help="YAML file of active settings and train: (configs/active_*)")
     active.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue a killed run")
@@ -99,6 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"checkpoint: {result.checkpoint}" + ("" if not best else f"; tested weights: {BEST_CHECKPOINT_NAME}")
             )
+        elif args.command == "teacher-cache":
+            from dho_fast.train.teacher_cache import CacheSettings
+            from dho_fast.train.write_teacher_cache import write_teacher_cache
+
+            views = 1 if args.mode == "center" else args.views
+            settings = CacheSettings(views, args.topk, args.tail, args.value_dtype, args.mode, args.shard_size)
+            path = write_teacher_cache(load_config(args.config, _settings(args)), args.output, settings,
+                                       batch_size=args.batch_size)  # fmt: skip
+            if reports:
+                print(f"teacher store: {path}")
         elif args.command == "active":
             from dho_fast.train.active import LOG_NAME, run_active
             from dho_fast.train.active_config import load_active_config

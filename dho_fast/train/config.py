@@ -165,7 +165,8 @@ class TrainConfig:
     open_clip_config: str | None = None
 
     # Teacher.
-    teacher: Literal["open_clip", "tip_adapter", "logits"] = "open_clip"
+    # "cache": a store of the teacher's soft labels per augmented view (dho-fast teacher-cache), at teacher_cache.
+    teacher: Literal["open_clip", "tip_adapter", "logits", "cache"] = "open_clip"
     teacher_arch: str = "RN50"
     teacher_pretrained: str | None = "openai"  # an open_clip pretrained tag or a local checkpoint file
     teacher_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -180,6 +181,7 @@ class TrainConfig:
     student_text_embeddings: TextMean = "normalized"
     teacher_logits: str | None = None  # teacher="logits": a (num_train, C) tensor file, one row per train index
     tip_adapter_checkpoint: str | None = None
+    teacher_cache: str | None = None  # teacher="cache": the store's folder (dho_fast.train.teacher_cache)
 
     # Optimisation.
     epochs: int | None = 1  # passes over the set epoch_length names; None: max_steps alone limits the run
@@ -266,6 +268,9 @@ class TrainConfig:
             raise ValueError("teacher_logits (a file of precomputed logits) is required when teacher is 'logits'")
         if self.teacher == "tip_adapter" and self.method != "ce" and not self.tip_adapter_checkpoint:
             raise ValueError("tip_adapter_checkpoint is required when teacher is 'tip_adapter'")
+        if self.teacher == "cache" and self.method != "ce" and not self.teacher_cache:
+            raise ValueError("teacher_cache (a store written by dho-fast teacher-cache) is required when teacher is "
+                             "'cache'")  # fmt: skip
         if self.log_gradient_conflict and self.method == "ce":
             raise ValueError("log_gradient_conflict needs a CE and a KD term: method 'dho' or 'kd', not 'ce'")
         if (self.alpha is None) != (self.beta is None):

@@ -216,14 +216,24 @@ class ImageDataset(torch.utils.data.Dataset):
     ``cache_images=True`` decodes every image once, here, and keeps it in memory (about width x height x channels
     bytes each; data-loader workers forked from this process share them): for datasets that fit in RAM, whose small
     images cost more to open and decode than to train on. Augmentation still runs per draw.
+
+    ``views``: a :class:`~dho_fast.train.teacher_cache.TeacherCache` whose stored views replace the transform's own
+    crop and flip: a training draw picks one of the image's views (from the draw's seed) and the item's ``"view"``
+    says which, so the loss gets the teacher's distribution of that very crop.
     """
 
     def __init__(
-        self, samples: Sequence[Sample], transform: Callable, image_mode: str = "RGB", cache_images: bool = False
+        self,
+        samples: Sequence[Sample],
+        transform: Callable,
+        image_mode: str = "RGB",
+        cache_images: bool = False,
+        views=None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.image_mode = image_mode
+        self.views = views
         self.decoded = [pil_loader(s.path, image_mode) for s in self.samples] if cache_images else None
 
     def __len__(self) -> int:
@@ -233,7 +243,19 @@ class ImageDataset(torch.utils.data.Dataset):
         index, draw_seed, labelled = key if isinstance(key, tuple) else (key, None, True)
         sample = self.samples[index]
         image = pil_loader(sample.path, self.image_mode) if self.decoded is None else self.decoded[index]
-        student, teacher = self.transform(image, None if draw_seed is None else random.Random(draw_seed))
+        rng = None if draw_seed is None else random.Random(draw_seed)
+        view = None
+        if self.views is not None:
+            view, box = self.views.draw(index, rng or random.Random())
+            top, left, h, w, _ = box
+            if top < 0 or left < 0 or top + h > image.height or left + w > image.width:
+                raise ValueError(
+                    f"teacher_cache view {view} of image {sample.path} ({box}) does not fit its {image.size} pixels: "
+                    "the store was written from other images"
+                )
+            student, teacher = self.transform.views(image, box)
+        else:
+            student, teacher = self.transform(image, rng)
         item: dict[str, torch.Tensor | int] = {
             "student": student,
             "label": sample.label if labelled else IGNORE_INDEX,
@@ -241,4 +263,6 @@ class ImageDataset(torch.utils.data.Dataset):
         }
         if teacher is not None:
             item["teacher"] = teacher
+        if view is not None:
+            item["view"] = view
         return item

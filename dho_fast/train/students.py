@@ -1,5 +1,6 @@
 """Student networks: a feature backbone and its heads (DHO's two heads, or one head for the KD/CE baselines)."""
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -126,7 +127,7 @@ class Student(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-        teacher_logits: torch.Tensor | None,
+        teacher: torch.Tensor | Mapping[str, object] | None,
         labels: torch.Tensor,
         *,
         return_features: bool = False,
@@ -137,7 +138,9 @@ class Student(nn.Module):
         :func:`~dho_fast.train.gradient_conflict.term_gradient_cosines`).
 
         images: (N, ...) labelled and unlabelled rows in one batch (one forward: shared BN statistics);
-        teacher_logits: (N, C) float32 (None for "ce"); labels: (N,) int64, ``ignore_index`` for unlabelled rows;
+        teacher: (N, C) float32 logits, or the fused loss's teacher keyword arguments of another form (a store's
+        ``teacher_probs`` or top-k: dho_fast.train.teacher_cache); None for "ce"; labels: (N,) int64,
+        ``ignore_index`` for unlabelled rows;
         loss_args: ``temperature, ce_loss_weight, kd_loss_weight, label_smoothing, ignore_index``.
         "dho": both heads through the fused linear op. "kd": one head takes CE and KD, as a single-head student
         does (the same logits as both heads of the fused loss, so their gradients add up). "ce": cross-entropy
@@ -148,17 +151,25 @@ class Student(nn.Module):
         # precision keeps the two heads' logits comparable for the inference blend.
         with torch.autocast(features.device.type, enabled=False):
             features = features.float()
-            terms = self._head_loss(features, teacher_logits, labels, loss_args)
+            terms = self._head_loss(features, teacher, labels, loss_args)
         return (*terms, features) if return_features else terms
 
     def _head_loss(
-        self, features: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, loss_args: dict
+        self,
+        features: torch.Tensor,
+        teacher: torch.Tensor | Mapping[str, object] | None,
+        labels: torch.Tensor,
+        loss_args: dict,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.method != "ce":
+            forms = {"teacher_logits": teacher.float()} if isinstance(teacher, torch.Tensor) else dict(teacher)
+            logits = forms.pop("teacher_logits", None)
+            loss_args = {**loss_args, **forms, "return_terms": True}
         if self.method == "dho":
-            return self.head.loss(features, teacher_logits.float(), labels, return_terms=True, **loss_args)
+            return self.head.loss(features, logits, labels, **loss_args)
         z = self.head(features)
         if self.method == "kd":
-            return fused_dual_head_loss(z, z, teacher_logits.float(), labels, return_terms=True, **loss_args)
+            return fused_dual_head_loss(z, z, logits, labels, **loss_args)
         ignore_index = loss_args.get("ignore_index", -100)
         ce = F.cross_entropy(
             z, labels, ignore_index=ignore_index, label_smoothing=loss_args.get("label_smoothing", 0.0)

@@ -23,6 +23,7 @@ from dho_fast.train.metrics_log import MetricsLog
 from dho_fast.train.sampling import PairedBatchSampler, steps_per_epoch
 from dho_fast.train.schedule import build_scheduler
 from dho_fast.train.teacher import LogitsTeacher
+from dho_fast.train.teacher_cache import TeacherCache
 
 CHECKPOINT_NAME = "last.pt"
 BEST_CHECKPOINT_NAME = "best.pt"  # test_weights "best_val": the epoch with the best validation accuracy
@@ -100,7 +101,7 @@ class _Trainer:
         device = info.device
         self.teacher = None
         if config.method != "ce":
-            self.teacher = build_teacher(config, self.data.classnames, len(splits.train), device)
+            self.teacher = build_teacher(config, self.data.classnames, splits.train, device)
         self.student = build_run_student(config, self.data.classnames, device)
         self.train_set = train_dataset(config, splits.train, self.student, self.teacher)
         self.eval_sets = {k: eval_dataset(config, getattr(splits, k), self.student) for k in ("val", "test")}
@@ -140,10 +141,12 @@ class _Trainer:
     def _load_checkpoint(self) -> None:
         state = checkpoint.load(self.ckpt_path)
         _check_resumable(state["config"], self.config)
-        if state["teacher_logits_sha256"] != self._teacher_logits_sha256():
+        if state["teacher_logits_sha256"] != self._teacher_file_sha256():
+            source = f"teacher_cache {self.config.teacher_cache}" if isinstance(self.teacher, TeacherCache) else (
+                f"teacher_logits {self.config.teacher_logits}")  # fmt: skip
             raise ValueError(
-                f"cannot resume: teacher_logits {self.config.teacher_logits} changed since {self.ckpt_path} was "
-                f"written (SHA-256 {self._teacher_logits_sha256()}, the checkpoint's {state['teacher_logits_sha256']})"
+                f"cannot resume: {source} changed since {self.ckpt_path} was written (SHA-256 "
+                f"{self._teacher_file_sha256()}, the checkpoint's {state['teacher_logits_sha256']})"
             )
         # Equal settings can still name a labelled_indices file whose contents changed.
         if not torch.equal(state["labelled"], torch.from_numpy(self.data.labelled)):
@@ -169,8 +172,9 @@ class _Trainer:
             )
         checkpoint.set_rng_state(rng[self.info.rank % len(rng)])
 
-    def _teacher_logits_sha256(self) -> str | None:
-        return self.teacher.sha256 if isinstance(self.teacher, LogitsTeacher) else None
+    def _teacher_file_sha256(self) -> str | None:
+        """The SHA-256 of the teacher read from files (a logits file, a store), None for a teacher model."""
+        return self.teacher.sha256 if isinstance(self.teacher, LogitsTeacher | TeacherCache) else None
 
     def _save_checkpoint(self, test: dict | None = None, path: Path | None = None) -> None:
         """Writes this run's state atomically to ``path`` (``last.pt`` by default); called on every rank."""
@@ -196,7 +200,7 @@ class _Trainer:
                 "val": self.val_metrics,
                 "test": test,
                 "best_val": self.best_val,
-                "teacher_logits_sha256": self._teacher_logits_sha256(),
+                "teacher_logits_sha256": self._teacher_file_sha256(),  # (a store's too; the key predates stores)
             }
             checkpoint.save_atomic(state, path)
             self.log.log("checkpoint", self.step, {"path": str(path)})
@@ -288,18 +292,18 @@ class _Trainer:
             last_micro = micro % accum == accum - 1
             images = batch["student"].to(info.device, non_blocking=True)
             labels = batch["label"].to(info.device, non_blocking=True)
-            teacher_logits = None
-            if self.teacher is not None:
+            teacher = None
+            if isinstance(self.teacher, TeacherCache):
+                teacher = self.teacher.targets(batch["index"], batch["view"], info.device)
+            elif self.teacher is not None:
                 teacher_images = batch.get("teacher")
                 if teacher_images is not None:
                     teacher_images = teacher_images.to(info.device, non_blocking=True)
-                teacher_logits = self.teacher(teacher_images, batch["index"].to(info.device))
+                teacher = self.teacher(teacher_images, batch["index"].to(info.device))
             sync = contextlib.nullcontext() if (last_micro or not info.distributed) else model.no_sync()
             with sync:
                 with autocast(info.device, cfg.precision):
-                    outputs = model(
-                        images, teacher_logits, labels, return_features=cfg.log_gradient_conflict, **loss_args
-                    )
+                    outputs = model(images, teacher, labels, return_features=cfg.log_gradient_conflict, **loss_args)
                 loss, ce_term, kd_term = outputs[:3]
                 if cfg.log_gradient_conflict:
                     sums[5:] += self._gradient_conflict(*outputs[1:])

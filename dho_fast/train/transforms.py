@@ -110,21 +110,30 @@ class PairedTransform:
             raise ValueError(f"the image has {pixels.shape[0]} channels, the normalisation {scale.shape[0]} values")
         return torch.from_numpy(pixels * scale + shift)
 
-    def __call__(
-        self, image: Image.Image, rng: random.Random | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        width, height = image.size
+    def draw_view(self, width: int, height: int, rng: random.Random | None = None) -> tuple[int, int, int, int, bool]:
+        """``(top, left, h, w, flip)`` of one view of a ``width`` x ``height`` image: in training a RandomResizedCrop
+        box and a flip decision drawn from ``rng``; in evaluation the centred square crop, unflipped."""
         if self.train:
             rng = _generator(rng)
             top, left, h, w = random_resized_crop_box(width, height, self.scale, rng=rng)
-            flip = self.hflip and rng.random() < 0.5
-        else:
-            side = min(width, height)
-            top, left, h, w = (height - side) // 2, (width - side) // 2, side, side
-            flip = False
+            return top, left, h, w, self.hflip and rng.random() < 0.5
+        side = min(width, height)
+        return (height - side) // 2, (width - side) // 2, side, side, False
+
+    def views(
+        self, image: Image.Image, view: tuple[int, int, int, int, bool]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The student's and the teacher's tensors of ``view`` (``draw_view``'s box and flip) of ``image``."""
+        top, left, h, w, flip = view
+        width, height = image.size
         crop = image if (top, left, h, w) == (0, 0, height, width) else image.crop((left, top, left + w, top + h))
         if flip:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         student = self._view(crop, self.student_size, self.student_norm)
         teacher = None if self.teacher_size is None else self._view(crop, self.teacher_size, self.teacher_norm)
         return student, teacher
+
+    def __call__(
+        self, image: Image.Image, rng: random.Random | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.views(image, self.draw_view(*image.size, rng))
