@@ -25,15 +25,16 @@ TORCH_LIBRARY(dho_fast, m) {
   // One row chunk of the batch's loss: the per-chunk step of fused_linear_dual_head_loss (below).
   //   kd_logits (R, C): the KD logits of rows [start, start + R) of the batch;
   //   ce_logits (L, C): the CE logits of the labelled rows among them, in row order;
-  //   teacher_logits (N, C), labels (N,): the whole batch; num_labelled: its labelled rows.
+  //   teacher_logits (N, C), labels (N,): the whole batch (a sparse teacher's (N, k) values in the accumulation
+  //   dtype, with its indices and row terms, also cover the whole batch); num_labelled: its labelled rows.
   //   ce_bias, kd_bias (C,) or None: added to every row of ce_logits / kd_logits (the heads' biases, so that the
   //   GEMMs producing the logits need not add them).
   // Returns this chunk's contributions to ce_term and kd_term (the batch's terms are their sums over the chunks)
   // and, when ce_grad / kd_grad, writes ce_grad_scale * d ce_term / d ce_logits and kd_grad_scale * d kd_term /
   // d kd_logits in the accumulation dtype: into ce_grad_out / kd_grad_out (the logits' shape) when given, else over
   // ce_logits / kd_logits, which must then be float32 or float64 (half logits need float32 buffers: a loss scale
-  // applied later must come before the rounding to half). All tensors contiguous, logits, biases and teacher of one
-  // dtype.
+  // applied later must come before the rounding to half). All tensors contiguous, logits, biases and a dense teacher
+  // of one dtype.
   m.def(
       "dual_head_loss_chunk(Tensor(a!) ce_logits, Tensor(b!) kd_logits, Tensor teacher_logits, Tensor labels, "
       "int start, int num_labelled, float temperature, bool kd_split, int ignore_index, float label_smoothing, "

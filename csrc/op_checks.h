@@ -65,7 +65,7 @@ inline const char* teacher_name(int64_t form) {
 // A loss op's teacher (the schemas' teacher_form, teacher, teacher_indices, teacher_row_terms) for `rows` rows of C
 // classes, against `logits`, the student logits: logits or probabilities (rows, C) of the logits' dtype; or sparse:
 // probabilities (rows, k) with 1 <= k <= C and row terms (rows, 2) in the accumulation dtype, and int64 class
-// indices (rows, k) in [0, C), none repeated in a row (the kernels index with them, so this is checked here too).
+// indices (rows, k); their values are check_sparse_indices's, for the rows a kernel reads.
 inline void check_teacher(int64_t form, const at::Tensor& t, const std::optional<at::Tensor>& indices,
                           const std::optional<at::Tensor>& row_terms, int64_t rows, int64_t C,
                           const char* logits_name, const at::Tensor& logits) {
@@ -98,12 +98,22 @@ inline void check_teacher(int64_t form, const at::Tensor& t, const std::optional
                       "), got ", x.device());
     TORCH_CHECK_VALUE(x.is_contiguous(), what, " must be contiguous");
   }
-  if (indices->numel() == 0) return;
-  TORCH_CHECK_VALUE(indices->min().item<int64_t>() >= 0 && indices->max().item<int64_t>() < C,
-                    "teacher_topk_indices must lie in [0, ", C, ")");
-  const at::Tensor sorted = std::get<0>(indices->sort(1));
-  TORCH_CHECK_VALUE(!(sorted.narrow(1, 1, t.size(1) - 1) == sorted.narrow(1, 0, t.size(1) - 1)).any().item<bool>(),
-                    "teacher_topk_indices repeats a class within a row");
+}
+
+// A sparse teacher's class indices of the rows [first_row, first_row + indices.size(0)) a kernel is about to read:
+// in [0, C) and none repeated within a row, as dho_fast.ops.teacher checks them (the kernels index with them, so a
+// direct caller of an op is checked too). One device-to-host copy when they are valid.
+inline void check_sparse_indices(const at::Tensor& indices, int64_t C, int64_t first_row) {
+  if (indices.numel() == 0) return;
+  const at::Tensor outside = ((indices < 0) | (indices >= C)).any(1);
+  const at::Tensor sorted = std::get<0>(indices.sort(1));
+  const int64_t k = indices.size(1);
+  const at::Tensor repeated = (sorted.narrow(1, 1, k - 1) == sorted.narrow(1, 0, k - 1)).any(1);
+  if (!(outside | repeated).any().item<bool>()) return;
+  const bool out_of_range = outside.any().item<bool>();
+  const int64_t row = (out_of_range ? outside : repeated).nonzero()[0][0].item<int64_t>();
+  TORCH_CHECK_VALUE(!out_of_range, "teacher_indices row ", first_row + row, " has a class outside [0, ", C, ")");
+  TORCH_CHECK_VALUE(false, "teacher_indices row ", first_row + row, " repeats a class");
 }
 
 inline void check_loss_inputs(const at::Tensor& ce, const at::Tensor& kd, const at::Tensor& t,
@@ -118,6 +128,7 @@ inline void check_loss_inputs(const at::Tensor& ce, const at::Tensor& kd, const 
                     kd.sizes());
   check_like("kd_logits", kd, "ce_logits", ce);
   check_teacher(teacher_form, t, teacher_indices, teacher_row_terms, ce.size(0), ce.size(1), "ce_logits", ce);
+  if (teacher_indices) check_sparse_indices(*teacher_indices, ce.size(1), 0);
   check_labels(labels, ce.size(0), "ce_logits", ce);
   check_temperature(temperature);
   check_loss_weight("ce_loss_weight", ce_loss_weight);
@@ -187,6 +198,7 @@ inline void check_chunk_inputs(const at::Tensor& ce, const at::Tensor& kd, const
                     start + kd.size(0), ") must lie in the batch's ", N, " rows");
   TORCH_CHECK_VALUE(num_labelled >= 0 && num_labelled <= N, "num_labelled must be in [0, ", N, "], got ",
                     num_labelled);
+  if (teacher_indices) check_sparse_indices(teacher_indices->narrow(0, start, kd.size(0)), C, start);
   check_like("ce_logits", ce, "kd_logits", kd);
   for (const auto& [name, x] : {std::pair<const char*, const at::Tensor&>{"ce_logits", ce},
                                 {"kd_logits", kd},

@@ -161,6 +161,7 @@ def _loss_rows_kernel(
             cross += tl.sum(tl.where(listed & (w != 0), w * (z * inv_t - mb), 0.0), 0)
         kl = rm.sparse_kl_value(sb, cross, tl.load(t_terms_ptr + 2 * row + 1))
         status = tl.zeros((), tl.int32)  # a sparse teacher was checked before the launch
+        tl.debug_barrier()  # every thread's gather above precedes the gradients written over the logits below
     else:
         kl = rm.kl_value(sa, sb, cross)
         status = rm.teacher_row_status(bad, ma)

@@ -50,7 +50,8 @@ def logits_config(digits, out: Path, **changes) -> TrainConfig:
 
 def open_store(config: TrainConfig, path: Path) -> TeacherCache:
     samples = build_data(config).splits.train
-    return TeacherCache(path, samples, 4, temperature=config.temperature, crop=(config.crop_scale, config.hflip))
+    return TeacherCache(path, samples, 4, temperature=config.temperature, crop=(config.crop_scale, config.hflip),
+                        image_mode=config.image_mode, interpolation=config.interpolation)  # fmt: skip
 
 
 def rgb_trees(root: Path) -> dict[str, str]:
@@ -84,7 +85,8 @@ def test_store_holds_each_views_box_and_the_teachers_distribution_of_it(tmp_path
     torch.manual_seed(config.seed)
     teacher = build_teacher(config, ["c0", "c1", "c2"], samples, torch.device("cpu"))
     transform = PairedTransform(16, teacher.mean, teacher.std, scale=(0.3, 1.0), interpolation="bicubic")
-    store = TeacherCache(tmp_path / "store", samples, 3, temperature=3.0, crop=((0.3, 1.0), True))
+    store = TeacherCache(tmp_path / "store", samples, 3, temperature=3.0, crop=((0.3, 1.0), True), image_mode="RGB",
+                         interpolation="bicubic")  # fmt: skip
     for index in (0, 5, 11):  # first, a second shard's first, the last (short) shard
         image = Image.open(samples[index].path).convert("RGB")
         for view in range(3):
@@ -174,6 +176,14 @@ def test_damaged_or_mismatched_stores_are_refused_by_name(digits, tmp_path):
         open_store(logits_config(digits, tmp_path / "run", temperature=4.0), store)
     with pytest.raises(ValueError, match=r"crop_scale: store \[0\.5, 1\.0\], run \[0\.8, 1\.0\]"):
         open_store(logits_config(digits, tmp_path / "run", crop_scale=(0.8, 1.0)), store)
+    with pytest.raises(ValueError, match="hflip: store True, run False"):
+        open_store(logits_config(digits, tmp_path / "run", hflip=False), store)
+    with pytest.raises(ValueError, match="interpolation: store 'bicubic', run 'bilinear'"):
+        open_store(logits_config(digits, tmp_path / "run", interpolation="bilinear"), store)
+    # A checksum file whose shard is gone: the writer rewrites the shard.
+    data.unlink()
+    write_teacher_cache(config, store, CacheSettings(views=2, topk=2, shard_size=20))
+    assert data.read_bytes() == original
     other = digits_trees(tmp_path / "other", num_classes=4)
     other_config = TrainConfig(**run_settings(other, tmp_path / "o", teacher="logits", teacher_logits=digits[1]))
     first_class = Path(other["train"]) / "digit_0"

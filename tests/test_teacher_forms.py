@@ -122,13 +122,15 @@ def test_forms_agree_on_one_distribution(backend_device):
 LINEAR_BACKENDS = backend_params("cpu", "reference", "cuda", "triton-cuda")
 
 
+@pytest.mark.parametrize("c", [50, 1100])
 @pytest.mark.parametrize("form", ["probs", "topk-renormalize", "topk-uniform"])
 @pytest.mark.parametrize("backend_device", LINEAR_BACKENDS)
-def test_linear_loss_teacher_forms(backend_device, form):
-    """The fused linear op in chunks (chunk_size 3 of 10 rows) against the eager loss of the materialised logits,
-    for the loss and every gradient."""
+def test_linear_loss_teacher_forms(backend_device, form, c):
+    """The fused linear op in chunks (chunk_size 3 of 10 rows, each chunk's gradients written over its logits)
+    against the eager loss of the materialised logits, for the loss and every gradient; C = 1100 spans several of
+    the CPU kernel's column blocks."""
     backend, device = backend_device
-    n, d, c = 10, 6, 50
+    n, d = 10, 6
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, dtype=torch.float64, generator=gen).to(device)
     w_ce, w_kd = (torch.randn(c, d, dtype=torch.float64, generator=gen).to(device) for _ in range(2))
@@ -207,6 +209,22 @@ def test_probs_errors(backend_device, case):
         dho_fast.fused_dual_head_loss(ce, kd, None, labels, teacher_probs=p, backend=backend)
 
 
+@pytest.mark.parametrize("backend_device", LOSS_BACKENDS)
+def test_uniform_tail_over_one_by_rounding_is_scaled_to_one(backend_device):
+    """float16 values of a distribution may sum to a little over 1: "uniform" then has no mass left to spread and is
+    the "renormalize" teacher."""
+    backend, device = backend_device
+    ce, kd, _, labels = make_inputs(6, 20, device=device)
+    indices, values = topk_teacher(6, 20, 4, "renormalize", device)
+    values = values * 1.004
+    losses = [
+        dho_fast.fused_dual_head_loss(ce, kd, None, labels, teacher_topk_indices=indices, teacher_topk_values=values,
+                                      teacher_tail=tail, backend=backend)
+        for tail in ("uniform", "renormalize")
+    ]  # fmt: skip
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
+
+
 def test_exactly_one_form_and_argument_types():
     ce, kd, t, labels = make_inputs(4, 6)
     p = torch.softmax(t, dim=1)
@@ -232,16 +250,26 @@ def test_exactly_one_form_and_argument_types():
         dho_fast.fused_dual_head_loss(ce, kd, None, labels, teacher_probs=p.double())
 
 
-def test_compiled_op_checks_sparse_indices():
-    """A direct caller of the compiled op gets the index checks too: the kernel indexes rows with them."""
-    ce, kd, _, labels = make_inputs(4, 6)
-    indices, values = _topk()
-    indices[0, 1] = 0
-    terms = torch.zeros(4, 2)
-    with pytest.raises(ValueError, match="repeats a class within a row"):
-        torch.ops.dho_fast.dual_head_loss(ce, kd, values, labels, 2.0, 0.5, 0.5, True, -100, 0.0, False, False, 1.0,
-                                          1.0, 2, indices, terms)  # fmt: skip
-    indices[0, 1] = 9
-    with pytest.raises(ValueError, match=r"must lie in \[0, 6\)"):
-        torch.ops.dho_fast.dual_head_loss(ce, kd, values, labels, 2.0, 0.5, 0.5, True, -100, 0.0, False, False, 1.0,
-                                          1.0, 2, indices, terms)  # fmt: skip
+@pytest.mark.parametrize("backend_device", backend_params("cpu", "triton", "cuda", "triton-cuda"))
+def test_ops_check_sparse_indices(backend_device):
+    """A direct caller of the ops gets the index checks too (the kernels index rows with them): the whole-batch op
+    and the chunk op, which checks the rows it reads."""
+    backend, device = backend_device
+    suffix = "_triton" if backend == "triton" else ""
+    loss_op = getattr(torch.ops.dho_fast, "dual_head_loss" + suffix)
+    chunk_op = getattr(torch.ops.dho_fast, "dual_head_loss_chunk" + suffix)
+    ce, kd, _, labels = make_inputs(4, 6, device=device)
+    labels[:] = -100
+    indices, values = (t.to(device) for t in _topk())
+    terms = torch.zeros(4, 2, device=device)
+    indices[2, 1] = indices[2, 0]
+    with pytest.raises(ValueError, match="teacher_indices row 2 repeats a class"):
+        loss_op(ce, kd, values, labels, 2.0, 0.5, 0.5, True, -100, 0.0, False, False, 1.0, 1.0, 2, indices, terms)
+    with pytest.raises(ValueError, match="teacher_indices row 2 repeats a class"):
+        chunk_op(ce[:0], kd[2:].clone(), values, labels, 2, 0, 2.0, True, -100, 0.0, False, False, None, None, 1.0,
+                 1.0, None, None, 2, indices, terms)  # fmt: skip
+    chunk_op(ce[:0], kd[:2].clone(), values, labels, 0, 0, 2.0, True, -100, 0.0, False, False, None, None, 1.0, 1.0,
+             None, None, 2, indices, terms)  # rows 0-1 are valid  # fmt: skip
+    indices[2, 1] = 9
+    with pytest.raises(ValueError, match=r"teacher_indices row 2 has a class outside \[0, 6\)"):
+        loss_op(ce, kd, values, labels, 2.0, 0.5, 0.5, True, -100, 0.0, False, False, 1.0, 1.0, 2, indices, terms)

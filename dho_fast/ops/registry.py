@@ -17,10 +17,12 @@ from torch._subclasses.fake_tensor import is_fake
 from dho_fast import kernels
 from dho_fast.ops.extension import has_cuda_kernels, has_extension
 from dho_fast.ops.validation import (
+    TEACHER_FORM_SPARSE,
     accumulate_dtype,
     check_chunk_grad_out,
     check_chunk_labelled,
     check_chunk_layout,
+    check_sparse_op_teacher,
     raise_flagged_kcenter_row,
     raise_flagged_values,
 )
@@ -196,6 +198,9 @@ def _register_triton_ops() -> None:
         teacher_form: int = 0, teacher_indices: torch.Tensor | None = None,
         teacher_row_terms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        if teacher_form == TEACHER_FORM_SPARSE:
+            check_sparse_op_teacher(teacher_logits, teacher_indices, teacher_row_terms, ce_logits.shape[1], ce_logits,
+                                    slice(None))  # fmt: skip
         *result, info = triton_loss.dual_head_loss(
             ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split,
             ignore_index, label_smoothing, ce_grad, kd_grad, ce_grad_scale, kd_grad_scale, teacher_form,
@@ -220,6 +225,9 @@ def _register_triton_ops() -> None:
         teacher_row_terms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         check_chunk_layout(ce_logits, kd_logits, teacher_logits, labels, start, ce_bias, kd_bias, teacher_form)
+        if teacher_form == TEACHER_FORM_SPARSE:
+            check_sparse_op_teacher(teacher_logits, teacher_indices, teacher_row_terms, kd_logits.shape[1], kd_logits,
+                                    slice(start, start + kd_logits.shape[0]))  # fmt: skip
         check_chunk_grad_out("ce_grad_out", ce_grad_out, "ce_logits", ce_logits, ce_grad)
         check_chunk_grad_out("kd_grad_out", kd_grad_out, "kd_logits", kd_logits, kd_grad)
         ce_term, kd_term, info = triton_loss.dual_head_loss_chunk(

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: row_math::TeacherForm (csrc/row_math.h): how a loss op's teacher argument reads (dho_fast.ops.teacher).
+TEACHER_FORM_LOGITS, TEACHER_FORM_PROBS, TEACHER_FORM_SPARSE = 0, 1, 2
 KD_REDUCTIONS = ("split", "mean")
 
 
@@ -214,7 +216,7 @@ def label_error(row: int, label: int, num_classes: int, ignore_index: int) -> st
     )
 
 
-def teacher_row_error(row: int, status: int, form: int = 0) -> str:
+def teacher_row_error(row: int, status: int, form: int = TEACHER_FORM_LOGITS) -> str:
     """The message for a teacher row of an invalid ``status`` (a TEACHER_* value) and teacher ``form``
     (TEACHER_FORM_LOGITS or TEACHER_FORM_PROBS); the same as the compiled ops'."""
     if form == TEACHER_FORM_PROBS:
@@ -234,8 +236,6 @@ def teacher_row_error(row: int, status: int, form: int = 0) -> str:
 #: row_math::TeacherRowStatus (csrc/row_math.h) of a teacher row, as the kernels report it. TEACHER_OVERFLOW: the row
 #: is finite (or -inf), but teacher_logits / temperature overflows.
 TEACHER_VALID, TEACHER_NON_FINITE, TEACHER_ALL_MASKED, TEACHER_OVERFLOW = 0, 1, 2, 3
-#: row_math::TeacherForm (csrc/row_math.h): how a loss op's teacher argument reads (dho_fast.ops.teacher).
-TEACHER_FORM_LOGITS, TEACHER_FORM_PROBS, TEACHER_FORM_SPARSE = 0, 1, 2
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -398,3 +398,48 @@ def raise_flagged_kcenter_row(bad_row: torch.Tensor) -> None:
     row = int(bad_row)  # the one host sync of the op
     if row >= 0:
         raise ValueError(kcenter_row_error(row))
+
+
+def check_sparse_op_teacher(
+    teacher: torch.Tensor,
+    indices: torch.Tensor | None,
+    row_terms: torch.Tensor | None,
+    num_classes: int,
+    ref: torch.Tensor,
+    rows: slice,
+) -> None:
+    """A Triton loss op's sparse teacher (the compiled ops check the same in op_checks.h, check_teacher and
+    check_sparse_indices): (N, k) probabilities and (N, 2) row terms in the accumulation dtype of ``ref`` (the
+    student logits), int64 indices (N, k), all contiguous on ``ref``'s device; the indices of the ``rows`` the
+    kernel reads in [0, C) and none repeated within a row (the kernels index with them). Traced, the value check
+    becomes a device assert."""
+    if indices is None or row_terms is None:
+        raise ValueError("a sparse teacher needs teacher_indices and teacher_row_terms")
+    n, acc = teacher.shape[0], accumulate_dtype(ref.dtype)
+    if teacher.dim() != 2 or not 1 <= teacher.shape[1] <= num_classes:
+        raise ValueError(
+            f"teacher_topk_values must have shape (N, k) with 1 <= k <= {num_classes}, got {describe(teacher)}"
+        )
+    if teacher.dtype != acc or row_terms.dtype != acc or indices.dtype != torch.int64:
+        raise TypeError(
+            f"a sparse teacher's values and teacher_row_terms must be {acc} and teacher_indices int64, got "
+            f"{teacher.dtype}, {row_terms.dtype} and {indices.dtype}"
+        )
+    if indices.shape != teacher.shape or row_terms.shape != (n, 2):
+        raise ValueError(f"teacher_indices must be {tuple(teacher.shape)} and teacher_row_terms ({n}, 2), got "
+                         f"{tuple(indices.shape)} and {tuple(row_terms.shape)}")  # fmt: skip
+    for name, t in (("teacher_topk_values", teacher), ("teacher_indices", indices), ("teacher_row_terms", row_terms)):
+        if t.device != ref.device or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous on {ref.device}, got {describe(t)}")
+    read = indices[rows]
+    sorted_ids = read.sort(dim=1).values
+    outside = ((read < 0) | (read >= num_classes)).any(dim=1)
+    repeated = (sorted_ids.diff(dim=1) == 0).any(dim=1)
+    if _traced(read):
+        torch._assert_async(~(outside | repeated).any(), "teacher_indices: a class outside [0, C) or repeated in a row")
+        return
+    first = rows.start or 0
+    for bad, what in ((outside, f"has a class outside [0, {num_classes})"), (repeated, "repeats a class")):
+        found = bad.nonzero()
+        if len(found):
+            raise ValueError(f"teacher_indices row {first + int(found[0, 0])} {what}")

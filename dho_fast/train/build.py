@@ -108,7 +108,8 @@ def build_teacher(
     if config.teacher == "cache":
         return TeacherCache(
             config.teacher_cache, train_samples, len(classnames), temperature=config.temperature,
-            crop=(tuple(config.crop_scale), config.hflip),
+            crop=(tuple(config.crop_scale), config.hflip), image_mode=config.image_mode,
+            interpolation=config.interpolation,
         )  # fmt: skip
     if config.teacher == "logits":
         return LogitsTeacher.from_file(config.teacher_logits, num_train, len(classnames)).to(device)

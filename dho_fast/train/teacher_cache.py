@@ -150,10 +150,10 @@ class TeacherCache:
     stored distributions of a batch as the loss's teacher arguments.
 
     Opening checks the store against the run: its dataset (image count, paths and labels), class count and
-    temperature must be the run's, and so must the crop settings (``crop``: crop_scale, hflip) of a store of random
-    views; every shard is verified (size,
-    SHA-256, layout) before any step. ``sha256``: of the header and the shards' checksums (a resumed run compares
-    it with its checkpoint's).
+    temperature must be the run's, and so must its image mode and interpolation (the teacher saw the view as the
+    student will) and the crop settings (``crop``: crop_scale, hflip) of a store of random views; every shard is
+    verified (size, SHA-256, layout) before any step. ``sha256``: of the header and the shards' checksums (a resumed
+    run compares it with its checkpoint's).
     """
 
     needs_images = False
@@ -166,6 +166,8 @@ class TeacherCache:
         *,
         temperature: float,
         crop: tuple[tuple[float, float], bool],
+        image_mode: str,
+        interpolation: str,
     ) -> None:
         self.root = Path(path)
         header_path = self.root / HEADER_NAME
@@ -180,6 +182,8 @@ class TeacherCache:
             "dataset_sha256": dataset_sha256(samples),
             "num_classes": num_classes,
             "temperature": temperature,
+            "image_mode": image_mode,
+            "interpolation": interpolation,
         }
         if header["mode"] == "random":
             expected.update(crop_scale=list(crop[0]), hflip=crop[1])
@@ -233,6 +237,7 @@ def log_line(root: Path, rank: int, message: str) -> None:
 def write_shard(root: Path, shard: int, records: np.ndarray) -> None:
     """Writes a shard atomically, then its checksum file: a reader never sees a partial one as finished."""
     data, meta = shard_paths(root, shard)
+    meta.unlink(missing_ok=True)  # a shard being rewritten is unfinished until its new checksum is in place
     tmp = data.with_name(f".{data.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

@@ -72,7 +72,9 @@ class PairedTransform:
     ``(pixel / 255 - mean) / std``.
 
     ``__call__(image, rng) -> (student, teacher)``: (C, S, S) float32 tensors; ``teacher`` is None when
-    ``teacher_size`` is None (e.g. a teacher of precomputed logits needs no images).
+    ``teacher_size`` is None (e.g. a teacher of precomputed logits needs no images). It is ``views(image,
+    draw_view(*image.size, rng))``: a teacher store (dho_fast.train.teacher_cache) keeps the drawn view and
+    re-creates the student's tensor from it with ``views``.
     """
 
     def __init__(

@@ -83,7 +83,7 @@ def write_teacher_cache(
                 try:
                     verify_shard(root, shard, count, dtype)
                     continue
-                except ValueError as error:
+                except (ValueError, FileNotFoundError) as error:
                     log_line(root, info.rank, f"rewriting {data_path.name}: {error}")
             records = build_records(
                 teacher, samples, first, count, transform, settings, image_mode=config.image_mode,

@@ -72,7 +72,8 @@ int main() {
   const auto op = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("dho_fast::dual_head_loss", "")
                       .typed<Result(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, double, double,
-                                    bool, int64_t, double, bool, bool, double, double)>();
+                                    bool, int64_t, double, bool, bool, double, double, int64_t,
+                                    const std::optional<Tensor>&, const std::optional<Tensor>&)>();
   at::manual_seed(0);
   const int64_t N = 24, C = 1001;
   const double T = 2.0, w_ce = 0.3, w_kd = 0.7;
@@ -82,7 +83,7 @@ int main() {
 
   const auto [loss, ce_term, kd_term, g_ce, g_kd] =
       op.call(ce, kd, t, labels, T, w_ce, w_kd, /*kd_split=*/true, kIgnore, 0.0, true, true,
-              /*ce_grad_scale=*/w_ce, /*kd_grad_scale=*/w_kd);
+              /*ce_grad_scale=*/w_ce, /*kd_grad_scale=*/w_kd, /*teacher_form=*/0, std::nullopt, std::nullopt);
 
   // float64 reference: ce_term = mean over the labelled rows of CE,
   // kd_term = T^2 (mean over labelled rows of KL(p || q) + mean over unlabelled rows of KL(p || q)),
@@ -112,8 +113,24 @@ int main() {
   const Tensor kd_row_weight = (w_kd * T * at::where(lab, 1.0 / n_lab, 1.0 / n_unl)).unsqueeze(1);
   expect_close(g_kd, (q - p) * kd_row_weight, (q + p) * kd_row_weight, "kd gradient");
 
+  // A sparse teacher (teacher_form 2): p_j on k = 5 classes per row, u on the others, [u, sum p log p] per row;
+  // the same kd_term and KD gradient as the dense distribution it stands for.
+  const int64_t top_k = 5;
+  const Tensor top = std::get<1>(at::rand({N, C}).topk(top_k, 1));
+  const Tensor p_top = at::softmax(at::randn({N, top_k}), 1) * 0.9;  // the listed mass; 0.1 spread over the rest
+  const Tensor u = at::full({N}, 0.1 / double(C - top_k));
+  const Tensor dense = u.unsqueeze(1).expand({N, C}).clone().scatter_(1, top, p_top).to(at::kDouble);
+  const Tensor neg_entropy = (dense * dense.log()).sum(1).to(at::kFloat);
+  const auto sparse = op.call(ce, kd, p_top, labels, T, w_ce, w_kd, true, kIgnore, 0.0, false, true, 1.0, w_kd, 2,
+                              top, at::stack({u, neg_entropy}, 1));
+  const Tensor sparse_kl = (dense * (dense.log() - log_q)).sum(1);
+  expect_near(std::get<2>(sparse).item<double>(),
+              T * T * (sparse_kl.index({lab}).mean() + sparse_kl.index({~lab}).mean()).item<double>(),
+              "sparse kd_term");
+  expect_close(std::get<4>(sparse), (q - dense) * kd_row_weight, (q + dense) * kd_row_weight, "sparse kd gradient");
+
   auto call = [&](const Tensor& c, const Tensor& k, const Tensor& y) {
-    op.call(c, k, t, y, T, w_ce, w_kd, true, kIgnore, 0.0, false, false, 1.0, 1.0);
+    op.call(c, k, t, y, T, w_ce, w_kd, true, kIgnore, 0.0, false, false, 1.0, 1.0, 0, std::nullopt, std::nullopt);
   };
   Tensor bad_labels = labels.clone();
   bad_labels[1] = C;
@@ -132,11 +149,12 @@ int main() {
                           .typed<std::tuple<Tensor, Tensor, Tensor>(
                               const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
                               const std::optional<Tensor>&, const Tensor&, const Tensor&, bool, double, int64_t,
-                              double, double, double, bool, int64_t, double)>();
+                              double, double, double, bool, int64_t, double, int64_t, const std::optional<Tensor>&,
+                              const std::optional<Tensor>&)>();
   const Tensor features = at::randn({N, 8}), weight = at::randn({C, 8});
   auto call_linear = [&](const Tensor& kd_weight) {
     linear.call(features, weight, std::nullopt, kd_weight, std::nullopt, t, labels, false, 1.0, 8, T, w_ce, w_kd,
-                true, kIgnore, 0.0);
+                true, kIgnore, 0.0, 0, std::nullopt, std::nullopt);
   };
   expect_throws<c10::ValueError>("kd_weight of the wrong shape",
                                  "kd_weight must have shape (C, D) = (1001, 8) as ce_weight, got [1001, 7]",
