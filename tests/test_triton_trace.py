@@ -87,13 +87,17 @@ def t(dtype, *shape):
     return torch.zeros(*shape or (4,), dtype=dtype)
 
 
-def loss_rows_args(dtype, num_classes: int, chunk: bool):
+def loss_rows_args(dtype, num_classes: int, chunk: bool, teacher_form: int = 0):
     """The whole-batch op's launch, or (chunk) the chunk op's as the fused linear op makes it, with both biases; the
-    gradients in the accumulation dtype, as both write them."""
+    gradients in the accumulation dtype, as both write them; the teacher of ``teacher_form`` (a sparse one's k = 5
+    values in the accumulation dtype, its indices and row terms)."""
     block, single, warps = triton_loss.tile_config(num_classes)
     x, i64, acc = t(dtype, 2, 8), t(torch.int64), t(torch.promote_types(dtype, torch.float32))
+    sparse = teacher_form == 2
     args = dict(
-        ce_ptr=x, ce_row_ptr=i64, kd_ptr=x, t_ptr=x, labels_ptr=i64, info_ptr=i64, g_ce_ptr=acc, g_kd_ptr=acc,
+        ce_ptr=x, ce_row_ptr=i64, kd_ptr=x, t_ptr=acc if sparse else x, t_idx_ptr=i64,
+        t_terms_ptr=acc if sparse else i64, teacher_width=5 if sparse else num_classes, TEACHER_FORM=teacher_form,
+        labels_ptr=i64, info_ptr=i64, g_ce_ptr=acc, g_kd_ptr=acc,
         row_ce_ptr=acc, row_kl_ptr=acc, status_ptr=t(torch.int32), ce_bias_ptr=x if chunk else i64,
         kd_bias_ptr=x if chunk else i64, num_classes=num_classes, num_rows=512, num_labelled=256, ce_rows=256,
         ignore_index=-100, temperature=2.0, label_smoothing=0.1, smoothing_scale=smoothing_scale(num_classes),
@@ -117,6 +121,12 @@ def kernel_cases():
             cases.append((f"loss_rows {dtype} C={c}", triton_loss._loss_rows_kernel, args, warps, archs))
     args, warps = loss_rows_args(torch.bfloat16, 21843, chunk=True)
     cases.append(("loss_rows chunk", triton_loss._loss_rows_kernel, args, warps, (90,)))
+    for form, name in ((1, "probabilities"), (2, "top-5")):
+        for c in (1000, 21843):
+            args, warps = loss_rows_args(torch.float32, c, chunk=False, teacher_form=form)
+            cases.append((f"loss_rows {name} teacher C={c}", triton_loss._loss_rows_kernel, args, warps, (80, 90)))
+    args, warps = loss_rows_args(torch.bfloat16, 21843, chunk=True, teacher_form=2)
+    cases.append(("loss_rows chunk top-5 teacher", triton_loss._loss_rows_kernel, args, warps, (90,)))
     for acc in (torch.float32, torch.float64):
         f = t(acc)
         args = dict(row_ce_ptr=f, row_kl_ptr=f, status_ptr=t(torch.int32), info_ptr=i64, loss_ptr=f,
