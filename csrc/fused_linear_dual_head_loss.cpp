@@ -35,14 +35,14 @@ constexpr double kNormEps = 1e-12;
 // kd_term) stays available.
 double gradient_scale(double loss_weight) { return loss_weight != 0.0 ? loss_weight : 1.0; }
 
-// dual_head_loss_chunk through the dispatcher: the kernel of the logits' device.
-std::tuple<Tensor, Tensor> loss_chunk(Tensor& ce_logits, Tensor& kd_logits, const Tensor& teacher, const Tensor& labels,
-                                      int64_t start, int64_t num_labelled, double temperature, bool kd_split,
-                                      int64_t ignore_index, double label_smoothing, bool ce_grad, bool kd_grad,
-                                      const std::optional<Tensor>& ce_bias, const std::optional<Tensor>& kd_bias,
-                                      double ce_grad_scale, double kd_grad_scale,
+// dual_head_loss_chunk through the dispatcher (the kernel of the logits' device) on one chunk's logits, with the op's
+// loss settings and teacher from `a` (the teacher and labels contiguous).
+std::tuple<Tensor, Tensor> loss_chunk(const LinearLossArgs& a, Tensor& ce_logits, Tensor& kd_logits,
+                                      const Tensor& teacher, const Tensor& labels, int64_t start, int64_t num_labelled,
+                                      bool ce_grad, bool kd_grad, const std::optional<Tensor>& ce_bias,
+                                      const std::optional<Tensor>& kd_bias, double ce_grad_scale, double kd_grad_scale,
                                       const std::optional<Tensor>& ce_grad_out,
-                                      const std::optional<Tensor>& kd_grad_out, const LinearLossArgs& a) {
+                                      const std::optional<Tensor>& kd_grad_out) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("dho_fast::dual_head_loss_chunk", "")
@@ -51,9 +51,9 @@ std::tuple<Tensor, Tensor> loss_chunk(Tensor& ce_logits, Tensor& kd_logits, cons
                                             const std::optional<Tensor>&, double, double,
                                             const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t,
                                             const std::optional<Tensor>&, const std::optional<Tensor>&)>();
-  return op.call(ce_logits, kd_logits, teacher, labels, start, num_labelled, temperature, kd_split, ignore_index,
-                 label_smoothing, ce_grad, kd_grad, ce_bias, kd_bias, ce_grad_scale, kd_grad_scale, ce_grad_out,
-                 kd_grad_out, a.teacher_form, a.teacher_indices, a.teacher_row_terms);
+  return op.call(ce_logits, kd_logits, teacher, labels, start, num_labelled, a.temperature, a.kd_split,
+                 a.ignore_index, a.label_smoothing, ce_grad, kd_grad, ce_bias, kd_bias, ce_grad_scale, kd_grad_scale,
+                 ce_grad_out, kd_grad_out, a.teacher_form, a.teacher_indices, a.teacher_row_terms);
 }
 
 // One chunk of rows [start, stop) and its labelled rows: entries [first, last) of the batch's labelled-row list.
@@ -207,9 +207,8 @@ Outputs fused_linear_forward(const LinearLossArgs& a) {
       kd_grad_out = g_kd;
     }
     const auto [ce_sum, kd_sum] =
-        loss_chunk(z_ce, z_kd, teacher, y, c.start, num_labelled, a.temperature, a.kd_split, a.ignore_index,
-                   a.label_smoothing, ce_grad, kd_grad, ce_bias_c, kd_bias_c, ce_scale, kd_scale, ce_grad_out,
-                   kd_grad_out, a);
+        loss_chunk(a, z_ce, z_kd, teacher, y, c.start, num_labelled, ce_grad, kd_grad, ce_bias_c, kd_bias_c, ce_scale,
+                   kd_scale, ce_grad_out, kd_grad_out);
     ce_term.add_(ce_sum);
     kd_term.add_(kd_sum);
     // g_ce and g_kd now hold ce_scale * d ce_term / d z_ce and kd_scale * d kd_term / d z_kd.

@@ -28,6 +28,8 @@ from dho_fast.ops.validation import (
     _traced,
     accumulate_dtype,
     describe,
+    raise_first_broken,
+    sparse_index_rules,
 )
 
 TEACHER_TAILS = ("renormalize", "uniform")
@@ -136,17 +138,11 @@ def _check_sparse_values(v: torch.Tensor, idx: torch.Tensor, total: torch.Tensor
     """Raises ValueError for the first row of the first rule it breaks; a valid teacher costs one host sync."""
     checks = [
         ((~(v.isfinite() & (v >= 0))).any(dim=1), "teacher_topk_values row {} has a negative, NaN or inf value"),
-        (((idx < 0) | (idx >= c)).any(dim=1), f"teacher_topk_indices row {{}} has a class outside [0, {c})"),
-        ((idx.sort(dim=1).values.diff(dim=1) == 0).any(dim=1), "teacher_topk_indices row {} repeats a class"),
+        *sparse_index_rules(idx, c, "teacher_topk_indices"),
     ]
     if tail == "renormalize" or idx.shape[1] == c:
         checks.append((total <= 0, "teacher_topk_values row {} sums to 0: the teacher distribution is undefined"))
     else:
         over_one = f"teacher_topk_values row {{}} sums to more than 1 (by over {TAIL_TOLERANCE:g}): with "
         checks.append((total > 1 + TAIL_TOLERANCE, over_one + 'teacher_tail="uniform" they are probabilities'))
-    if not bool(torch.stack([bad for bad, _ in checks]).any()):
-        return
-    for bad, message in checks:
-        rows = bad.nonzero()
-        if len(rows):
-            raise ValueError(message.format(int(rows[0, 0])))
+    raise_first_broken(checks)

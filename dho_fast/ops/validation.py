@@ -432,14 +432,32 @@ def check_sparse_op_teacher(
         if t.device != ref.device or not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous on {ref.device}, got {describe(t)}")
     read = indices[rows]
-    sorted_ids = read.sort(dim=1).values
-    outside = ((read < 0) | (read >= num_classes)).any(dim=1)
-    repeated = (sorted_ids.diff(dim=1) == 0).any(dim=1)
+    rules = sparse_index_rules(read, num_classes, "teacher_indices")
     if _traced(read):
-        torch._assert_async(~(outside | repeated).any(), "teacher_indices: a class outside [0, C) or repeated in a row")
+        broken = torch.stack([bad for bad, _ in rules]).any()
+        torch._assert_async(~broken, "teacher_indices: a class outside [0, C) or repeated in a row")
         return
-    first = rows.start or 0
-    for bad, what in ((outside, f"has a class outside [0, {num_classes})"), (repeated, "repeats a class")):
-        found = bad.nonzero()
-        if len(found):
-            raise ValueError(f"teacher_indices row {first + int(found[0, 0])} {what}")
+    raise_first_broken(rules, first_row=rows.start or 0)
+
+
+def sparse_index_rules(indices: torch.Tensor, num_classes: int, name: str) -> list[tuple[torch.Tensor, str]]:
+    """The rules a sparse teacher's (N, k) class indices keep, as (N,) masks of the rows that break them, each with
+    its message (``{}`` for the row): in [0, C), and none repeated within a row."""
+    return [
+        (
+            ((indices < 0) | (indices >= num_classes)).any(dim=1),
+            f"{name} row {{}} has a class outside [0, {num_classes})",
+        ),
+        ((indices.sort(dim=1).values.diff(dim=1) == 0).any(dim=1), f"{name} row {{}} repeats a class"),
+    ]
+
+
+def raise_first_broken(rules: list[tuple[torch.Tensor, str]], first_row: int = 0) -> None:
+    """ValueError for the first row (numbered from ``first_row``) of the first of ``rules`` (masks of the rows that
+    break each, with its message) broken; one host sync when none is."""
+    if not bool(torch.stack([bad for bad, _ in rules]).any()):
+        return
+    for bad, message in rules:
+        rows = bad.nonzero()
+        if len(rows):
+            raise ValueError(message.format(first_row + int(rows[0, 0])))

@@ -162,8 +162,8 @@ class Student(nn.Module):
         loss_args: dict,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.method != "ce":
-            forms = {"teacher_logits": teacher.float()} if isinstance(teacher, torch.Tensor) else dict(teacher)
-            logits = forms.pop("teacher_logits", None)
+            # Logits go positionally; a store's other forms are the loss's keyword arguments.
+            logits, forms = (teacher.float(), {}) if isinstance(teacher, torch.Tensor) else (None, teacher)
             loss_args = {**loss_args, **forms, "return_terms": True}
         if self.method == "dho":
             return self.head.loss(features, logits, labels, **loss_args)

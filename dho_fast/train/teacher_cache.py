@@ -23,6 +23,7 @@ Writing resumes: finished shards are kept, and a rerun with the same settings wr
 rank writes the shards ``s`` with ``s % world_size == rank``.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -90,6 +91,10 @@ class CacheSettings:
     value_dtype: str = "float16"
     mode: str = "random"
     shard_size: int = 1024
+
+    def record_dtype(self, num_classes: int) -> np.dtype:
+        """One image's record in a store of these settings over ``num_classes`` classes."""
+        return record_dtype(self.views, self.topk or num_classes, self.topk is not None, self.value_dtype)
 
     def check(self, num_classes: int) -> None:
         if self.mode not in MODES:
@@ -193,7 +198,8 @@ class TeacherCache:
             raise ValueError(f"teacher_cache {self.root} was written for another dataset or settings ({details})")
         self.header = header
         self.views, self.topk, self.tail = header["views"], header["topk"], header["tail"]
-        dtype = record_dtype(self.views, self.topk or num_classes, self.topk is not None, header["value_dtype"])
+        settings = CacheSettings(**{f.name: header[f.name] for f in dataclasses.fields(CacheSettings)})
+        dtype = settings.record_dtype(num_classes)
         size = header["shard_size"]
         self.shard_size = size
         self.shards = [
@@ -279,8 +285,7 @@ def build_records(
 ) -> np.ndarray:
     """The records of images ``[first, first + count)``: each view's box and flip drawn by ``transform``
     (``view_seed``), the teacher's views of a batch of them run at once."""
-    width = settings.topk or num_classes
-    records = np.zeros(count, record_dtype(settings.views, width, settings.topk is not None, settings.value_dtype))
+    records = np.zeros(count, settings.record_dtype(num_classes))
     keys = [(i, v) for i in range(count) for v in range(settings.views)]
     for start in range(0, len(keys), batch_size):
         chunk = keys[start : start + batch_size]

@@ -22,7 +22,6 @@ from dho_fast.train.teacher_cache import (
     dataset_sha256,
     log_line,
     module_sha256,
-    record_dtype,
     shard_paths,
     verify_shard,
     write_shard,
@@ -71,8 +70,7 @@ def write_teacher_cache(
         }  # fmt: skip
         _write_or_check_header(root, header, info.is_main)
         barrier(info)  # the other ranks write into the folder rank 0 has just made
-        dtype = record_dtype(settings.views, settings.topk or len(classnames), settings.topk is not None,
-                             settings.value_dtype)  # fmt: skip
+        dtype = settings.record_dtype(len(classnames))
         mine = [s for s in range(num_shards) if s % info.world_size == info.rank]
         for shard in mine:
             first = shard * settings.shard_size
