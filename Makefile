@@ -19,6 +19,8 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 DEMO_STEPS ?=
 # STUDY_QUICK=1: CI's few-step study (one seed), the same code path, written to build/study-quick.
 STUDY_QUICK ?=
+# STUDY_RESUME=1: keep the runs a killed study finished (--resume).
+STUDY_RESUME ?=
 # The active-learning demo: selection rounds after the 1-shot start and steps of each round's student; CI runs a
 # short one (DEMO_ACTIVE_ROUNDS=1 DEMO_ACTIVE_STEPS=5), the same code path.
 DEMO_ACTIVE_ROUNDS ?= 5
@@ -67,7 +69,7 @@ demo-active: install
 		--json build/active-results.json --plot build/active-accuracy.png
 
 study: install
-	$(PY) demo/run_study.py $(if $(STUDY_QUICK),--quick)
+	$(PY) demo/run_study.py $(if $(STUDY_QUICK),--quick) $(if $(STUDY_RESUME),--resume)
 
 # The benchmark suite (bench/bench_*.py): its JSON, the speed-up plot and the README's generated section, from one run.
 bench: install

@@ -1,8 +1,10 @@
 """Where a step of the demo's students goes, and what ``cache_images`` and channels-last buy, in interleaved rounds.
 
-Per round, in a shuffled order, each case runs once: ``files`` and ``cached`` fetch one training batch of the study
-(64 labelled + 64 unlabelled 28x28 Fashion-MNIST images through the trainer's ``ImageDataset``, augmentation and
-collation; from the PNG files, or from images ``cache_images`` decoded once), and ``channels_first`` and
+Per round, in a shuffled order, each case runs once: ``files``, ``cached`` and ``batched`` fetch one training batch
+of the study (64 labelled + 64 unlabelled 28x28 Fashion-MNIST images through the trainer's ``ImageDataset``,
+augmentation and collation): image by image from the PNG files, image by image from the images ``cache_images``
+decoded once, and as the trainer's DataLoader fetches cached images, the whole batch at once (``__getitems__``,
+``PairedTransform.batch_views``); and ``channels_first`` and
 ``channels_last`` run the demo's CNN student (width 8) forward + backward on such a batch in either memory order.
 Prints each case's median time and the median over rounds of the per-round ratios. The images come from the demo's
 data (``demo/prepare_data.py``, built on first use); the files are read through the page cache, warm after the
@@ -67,6 +69,9 @@ def main() -> None:
     def fetch(name: str, keys) -> None:
         default_collate([datasets[name][k] for k in keys])
 
+    def fetch_batch(keys) -> None:
+        default_collate(datasets["cached"].__getitems__(keys))
+
     def step(name: str) -> None:
         net = nets[name]
         # channels_first calls the layers directly: SmallConvNet.forward always converts to channels-last.
@@ -77,6 +82,7 @@ def main() -> None:
     cases = {
         "files": lambda keys: fetch("files", keys),
         "cached": lambda keys: fetch("cached", keys),
+        "batched": fetch_batch,
         "channels_first": lambda keys: step("channels_first"),
         "channels_last": lambda keys: step("channels_last"),
     }
@@ -91,7 +97,7 @@ def main() -> None:
     print(f"CPU threads {args.threads}, ISA {torch.backends.cpu.get_cpu_capability()}, rounds {args.rounds}")
     for name, values in times.items():
         print(f"  {name:>14}: median {1e3 * statistics.median(values):.2f} ms")
-    for slow, fast in (("files", "cached"), ("channels_first", "channels_last")):
+    for slow, fast in (("files", "cached"), ("cached", "batched"), ("channels_first", "channels_last")):
         ratio = statistics.median(a / b for a, b in zip(times[slow], times[fast], strict=True))
         print(f"{slow} / {fast} (median of per-round ratios): {ratio:.2f}x")
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the demo's modules b
 from prepare_data import SOURCES, PreparedData, prepare  # noqa: E402
 from teachers import TEACHERS, fit_teacher  # noqa: E402
 
+from dho_fast.train.checkpoint import write_text_atomic  # noqa: E402
 from dho_fast.train.config import TrainConfig  # noqa: E402
 from dho_fast.train.trainer import train  # noqa: E402
 
@@ -72,8 +73,21 @@ DEMO_EPOCHS = 4
 TEACHER_EPOCHS = 12
 
 
+ROW_FILE = "row.json"  # a finished run's job and row, beside its metrics
+
+
+def finished_row(job: dict) -> dict | None:
+    """The row of ``job``'s run when a run of exactly these settings finished in its folder, else None."""
+    path = Path(job["output_dir"]) / ROW_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["row"] if saved["job"] == json.loads(json.dumps(job)) else None
+
+
 def _run_one(job: dict) -> dict:
-    """Trains one student from scratch (a worker process's task); returns its row."""
+    """Trains one student from scratch (a worker process's task); returns its row, also written (atomically, last)
+    to the run folder's ``row.json`` with the job, so that a rerun with ``reuse`` can keep it."""
     torch.set_num_threads(1)
     run_dir = Path(job["output_dir"])
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -85,7 +99,7 @@ def _run_one(job: dict) -> dict:
     train_records = [
         r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"
     ]
-    return {
+    row = {
         "teacher": job["teacher_kind"],
         "seed": job["seed"],
         "fraction": job["fraction"],
@@ -110,6 +124,8 @@ def _run_one(job: dict) -> dict:
         ],
         "seconds": time.perf_counter() - start,
     }
+    write_text_atomic(json.dumps({"job": job, "row": row}), run_dir / ROW_FILE)
+    return row
 
 
 def student_job(data: PreparedData, run_dir: Path, logits: Path, teacher_kind: str, **settings) -> dict:
@@ -132,15 +148,21 @@ def student_job(data: PreparedData, run_dir: Path, logits: Path, teacher_kind: s
     }
 
 
-def run_students(jobs: list[dict], workers: int) -> list[dict]:
+def run_students(jobs: list[dict], workers: int, reuse: bool = False) -> list[dict]:
     """Runs every job (:func:`student_job`) in ``workers`` processes of one torch thread each; rows in job order.
-    Prints a line as each run ends."""
-    rows: list[dict] = []
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=get_context("spawn")) as pool:
-        for row in pool.map(_run_one, jobs):
+    Prints a line as each run ends. ``reuse``: a job whose run already finished with the same settings
+    (:func:`finished_row`) keeps its row instead of training again, so a killed study resumes."""
+    kept = {i: row for i, job in enumerate(jobs) if reuse and (row := finished_row(job)) is not None}
+    todo = [job for i, job in enumerate(jobs) if i not in kept]
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo) or 1)), mp_context=get_context("spawn")) as pool:
+        trained = pool.map(_run_one, todo)
+        rows = []
+        for i in range(len(jobs)):
+            row = kept[i] if i in kept else next(trained)
             print(
                 f"  {row['teacher']:>7} seed {row['seed']} {row['fraction']:.0%} {row['method']:>3}: test "
-                f"{100 * row['test_acc']:.2f}% ({row['steps']} steps, {row['seconds']:.0f} s)",
+                f"{100 * row['test_acc']:.2f}% ({row['steps']} steps, {row['seconds']:.0f} s"
+                f"{', kept from an earlier run' if i in kept else ''})",
                 flush=True,
             )
             rows.append(row)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from trainer_fixtures import digits_trees
 
 from dho_fast.train.data import (
@@ -191,6 +192,42 @@ def test_cached_images_are_the_same_draws_without_the_files(tmp_path):
         assert (got["label"], got["index"]) == (want["label"], want["index"])
     with pytest.raises(ValueError, match="cannot be read"):
         from_files[3]
+
+
+def test_a_cached_batch_is_the_files_batch_bit_for_bit(tmp_path):
+    """The DataLoader's batched fetch of cached images (one tensor, __getitems__) gives the per-image path's batch."""
+    trees = digits_trees(tmp_path)
+    samples = load_image_folder_splits(trees["train"]).train
+    transform = PairedTransform(
+        10, (0.5,), (0.5,), teacher_size=20, teacher_mean=(0.4,), teacher_std=(0.3,), scale=(0.3, 0.9)
+    )
+    from_files = ImageDataset(samples, transform, "L")
+    cached = ImageDataset(samples, transform, "L", cache_images=True)
+    assert cached.pixels is not None and cached.pixels.shape == (len(samples), 1, 8, 8)
+    sampler = PairedBatchSampler(np.arange(0, len(samples), 5), np.arange(len(samples)), labelled_batch=4,
+                                 unlabelled_batch=12, total_steps=3, seed=0)  # fmt: skip
+    loaders = (DataLoader(from_files, batch_sampler=sampler), DataLoader(cached, batch_sampler=sampler))
+    for want, got in zip(*loaders, strict=True):
+        assert want.keys() == got.keys() == {"student", "teacher", "label", "index"}
+        for name in want:
+            assert torch.equal(want[name], got[name]), name
+        assert (got["label"] == IGNORE_INDEX).sum() == 12
+    # A single item goes through PIL from the cached pixels: the same tensors again.
+    key = next(iter(sampler))[0]
+    assert torch.equal(cached[key]["student"], from_files[key]["student"])
+
+
+def test_cached_images_of_several_sizes_keep_the_per_image_path(tmp_path):
+    trees = digits_trees(tmp_path)
+    samples = load_image_folder_splits(trees["train"]).train[:6]
+    Image.fromarray(np.full((12, 9), 200, dtype=np.uint8)).save(samples[0].path)
+    transform = PairedTransform(8, (0.5,), (0.5,))
+    cached = ImageDataset(samples, transform, "L", cache_images=True)
+    assert cached.pixels is None
+    keys = [(i, i + 3, True) for i in range(6)]
+    from_files = ImageDataset(samples, transform, "L")
+    for want, got in zip([from_files[k] for k in keys], cached.__getitems__(keys), strict=True):
+        assert torch.equal(want["student"], got["student"])
 
 
 def test_empty_class_folder_is_an_error_a_missing_one_is_not(tmp_path):

@@ -215,7 +215,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     ``cache_images=True`` decodes every image once, here, and keeps it in memory (about width x height x channels
     bytes each; data-loader workers forked from this process share them): for datasets that fit in RAM, whose small
-    images cost more to open and decode than to train on. Augmentation still runs per draw.
+    images cost more to open and decode than to train on. Augmentation still runs per draw. When the cached images
+    all have one size, they are held as one (N, C, H, W) uint8 tensor and a batch (``__getitems__``, which a
+    DataLoader calls with a batch's keys) is cropped, flipped, resized and normalised at once by
+    :meth:`~dho_fast.train.transforms.PairedTransform.batch_views`, bit for bit what the per-image path gives.
 
     ``views``: a :class:`~dho_fast.train.teacher_cache.TeacherCache` whose stored views replace the transform's own
     crop and flip: a training draw picks one of the image's views (from the draw's seed) and the item's ``"view"``
@@ -235,30 +238,42 @@ class ImageDataset(torch.utils.data.Dataset):
         self.image_mode = image_mode
         self.views = views
         self.decoded = [pil_loader(s.path, image_mode) for s in self.samples] if cache_images else None
+        # (N, C, H, W) uint8 when every cached image has one size: the batched path's input.
+        self.pixels = None
+        if self.decoded and len({image.size for image in self.decoded}) == 1:
+            arrays = np.stack([np.asarray(image) for image in self.decoded])
+            self.pixels = torch.from_numpy(arrays[:, None] if arrays.ndim == 3 else arrays.transpose(0, 3, 1, 2))
+            self.decoded = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int, bool]) -> dict[str, torch.Tensor | int]:
-        index, draw_seed, labelled = key if isinstance(key, tuple) else (key, None, True)
-        sample = self.samples[index]
-        image = pil_loader(sample.path, self.image_mode) if self.decoded is None else self.decoded[index]
+    def _image(self, index: int) -> Image.Image:
+        if self.pixels is not None:
+            pixels = self.pixels[index].numpy()
+            return Image.fromarray(pixels[0] if self.image_mode == "L" else pixels.transpose(1, 2, 0), self.image_mode)
+        if self.decoded is not None:
+            return self.decoded[index]
+        return pil_loader(self.samples[index].path, self.image_mode)
+
+    def _draw(self, index: int, draw_seed: int | None, width: int, height: int) -> tuple[int | None, tuple]:
+        """The stored view's number (None without a store) and ``(top, left, h, w, flip)`` of this draw."""
         rng = None if draw_seed is None else random.Random(draw_seed)
-        view = None
-        if self.views is not None:
-            view, box = self.views.draw(index, rng or random.Random())
-            top, left, h, w, _ = box
-            if top < 0 or left < 0 or top + h > image.height or left + w > image.width:
-                raise ValueError(
-                    f"teacher_cache view {view} of image {sample.path} ({box}) does not fit its {image.size} pixels: "
-                    "the store was written from other images"
-                )
-            student, teacher = self.transform.views(image, box)
-        else:
-            student, teacher = self.transform(image, rng)
+        if self.views is None:
+            return None, self.transform.draw_view(width, height, rng)
+        view, box = self.views.draw(index, rng or random.Random())
+        top, left, h, w, _ = box
+        if top < 0 or left < 0 or top + h > height or left + w > width:
+            raise ValueError(
+                f"teacher_cache view {view} of image {self.samples[index].path} ({box}) does not fit its "
+                f"{(width, height)} pixels: the store was written from other images"
+            )
+        return view, box
+
+    def _item(self, index: int, labelled: bool, student, teacher, view) -> dict[str, torch.Tensor | int]:
         item: dict[str, torch.Tensor | int] = {
             "student": student,
-            "label": sample.label if labelled else IGNORE_INDEX,
+            "label": self.samples[index].label if labelled else IGNORE_INDEX,
             "index": index,
         }
         if teacher is not None:
@@ -266,3 +281,23 @@ class ImageDataset(torch.utils.data.Dataset):
         if view is not None:
             item["view"] = view
         return item
+
+    def __getitem__(self, key: int | tuple[int, int, bool]) -> dict[str, torch.Tensor | int]:
+        index, draw_seed, labelled = key if isinstance(key, tuple) else (key, None, True)
+        image = self._image(index)
+        view, box = self._draw(index, draw_seed, *image.size)
+        return self._item(index, labelled, *self.transform.views(image, box), view)
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int, bool]]) -> list[dict[str, torch.Tensor | int]]:
+        """``[self[key] for key in keys]``, in one batch when the images are cached as one tensor."""
+        if self.pixels is None:
+            return [self[key] for key in keys]
+        parsed = [key if isinstance(key, tuple) else (key, None, True) for key in keys]
+        height, width = self.pixels.shape[2:]
+        drawn = [self._draw(index, draw_seed, width, height) for index, draw_seed, _ in parsed]
+        indices = torch.tensor([index for index, _, _ in parsed], dtype=torch.int64)
+        student, teacher = self.transform.batch_views(self.pixels[indices], [box for _, box in drawn])
+        return [
+            self._item(index, labelled, student[row], None if teacher is None else teacher[row], view)
+            for row, ((index, _, labelled), (view, _)) in enumerate(zip(parsed, drawn, strict=True))
+        ]
