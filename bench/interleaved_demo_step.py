@@ -3,9 +3,10 @@
 Per round, in a shuffled order, each case runs once: ``files``, ``cached`` and ``batched`` fetch one training batch
 of the study (64 labelled + 64 unlabelled 28x28 Fashion-MNIST images through the trainer's ``ImageDataset``,
 augmentation and collation): image by image from the PNG files, image by image from the images ``cache_images``
-decoded once, and as the trainer's DataLoader fetches cached images, the whole batch at once (``__getitems__``,
-``PairedTransform.batch_views``); and ``channels_first`` and
-``channels_last`` run the demo's CNN student (width 8) forward + backward on such a batch in either memory order.
+decoded once (``dataset[key]``, a PIL image rebuilt from the cached tensor per item), and as the trainer's
+DataLoader fetches cached images, the whole batch at once (``__getitems__``, ``PairedTransform.batch_views``); and
+``channels_first`` and ``channels_last`` run the demo's CNN student (width 8) forward + backward on such a batch in
+either memory order.
 Prints each case's median time and the median over rounds of the per-round ratios. The images come from the demo's
 data (``demo/prepare_data.py``, built on first use); the files are read through the page cache, warm after the
 first round.

@@ -99,14 +99,15 @@ def _fit_mlp(images: torch.Tensor, labels: torch.Tensor, num_classes: int, epoch
 
 def fit_teacher(kind: str, data: PreparedData, out: Path, seed: int, epochs: int) -> tuple[Path, float]:
     """Fits the ``kind`` teacher (module docs) once per seed and caches its logits on the students' pool in
-    ``out/teacher_<kind>.pt``; returns that file and the teacher's test accuracy.
+    ``out/teacher_<kind>_e<epochs>.pt``; returns that file and the teacher's test accuracy.
 
     ``epochs`` passes over the pool for ``oracle``; ``caption`` makes as many optimizer steps over its smaller
     held-out set (``epochs`` times the pool-to-held-out size ratio, rounded).
     """
     if kind not in TEACHERS:
         raise ValueError(f"kind must be one of {TEACHERS}, got {kind!r}")
-    logits_path = out / f"teacher_{kind}.pt"
+    # The name carries the epochs, so that a student job (run_demo.student_job) names the teacher it was trained with.
+    logits_path = out / f"teacher_{kind}_e{epochs}.pt"
     if logits_path.is_file():
         return logits_path, float(torch.load(logits_path, weights_only=True)["test_acc"])
     torch.manual_seed(seed)

@@ -194,16 +194,17 @@ def test_cached_images_are_the_same_draws_without_the_files(tmp_path):
         from_files[3]
 
 
-def test_a_cached_batch_is_the_files_batch_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_cached_batch_is_the_files_batch_bit_for_bit(tmp_path, mode):
     """The DataLoader's batched fetch of cached images (one tensor, __getitems__) gives the per-image path's batch."""
     trees = digits_trees(tmp_path)
     samples = load_image_folder_splits(trees["train"]).train
-    transform = PairedTransform(
-        10, (0.5,), (0.5,), teacher_size=20, teacher_mean=(0.4,), teacher_std=(0.3,), scale=(0.3, 0.9)
-    )
-    from_files = ImageDataset(samples, transform, "L")
-    cached = ImageDataset(samples, transform, "L", cache_images=True)
-    assert cached.pixels is not None and cached.pixels.shape == (len(samples), 1, 8, 8)
+    channels = len(mode)
+    grey, light, dark = (0.5,) * channels, (0.4,) * channels, (0.3,) * channels
+    transform = PairedTransform(10, grey, grey, teacher_size=20, teacher_mean=light, teacher_std=dark, scale=(0.3, 0.9))
+    from_files = ImageDataset(samples, transform, mode)
+    cached = ImageDataset(samples, transform, mode, cache_images=True)
+    assert cached.pixels is not None and cached.pixels.shape == (len(samples), channels, 8, 8)
     sampler = PairedBatchSampler(np.arange(0, len(samples), 5), np.arange(len(samples)), labelled_batch=4,
                                  unlabelled_batch=12, total_steps=3, seed=0)  # fmt: skip
     loaders = (DataLoader(from_files, batch_sampler=sampler), DataLoader(cached, batch_sampler=sampler))
@@ -224,6 +225,7 @@ def test_cached_images_of_several_sizes_keep_the_per_image_path(tmp_path):
     transform = PairedTransform(8, (0.5,), (0.5,))
     cached = ImageDataset(samples, transform, "L", cache_images=True)
     assert cached.pixels is None
+    assert ImageDataset(samples[1:], PairedTransform(8, (0.5,) * 2, (0.5,) * 2), "LA", cache_images=True).pixels is None
     keys = [(i, i + 3, True) for i in range(6)]
     from_files = ImageDataset(samples, transform, "L")
     for want, got in zip([from_files[k] for k in keys], cached.__getitems__(keys), strict=True):

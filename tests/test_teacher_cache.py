@@ -30,6 +30,7 @@ from trainer_fixtures import (
 from dho_fast.train import cli
 from dho_fast.train.build import build_data, build_teacher, train_dataset
 from dho_fast.train.config import TrainConfig
+from dho_fast.train.data import ImageDataset
 from dho_fast.train.teacher_cache import CacheSettings, TeacherCache, shard_paths, view_seed
 from dho_fast.train.trainer import train
 from dho_fast.train.transforms import PairedTransform
@@ -141,6 +142,13 @@ def test_training_reads_the_views_it_draws(digits, tmp_path):
         assert item["view"] == view
         image = Image.open(data.splits.train[index].path).convert("L")
         torch.testing.assert_close(item["student"], dataset.transform.views(image, box)[0])
+    # With cache_images the DataLoader's batched fetch draws the same stored views and gives the same pixels.
+    in_memory = ImageDataset(data.splits.train, dataset.transform, "L", cache_images=True, views=store)
+    assert in_memory.pixels is not None
+    keys = [(index, 100 + index, index % 2 == 0) for index in range(0, 48, 3)]
+    for want, got in zip([dataset[k] for k in keys], in_memory.__getitems__(keys), strict=True):
+        assert want.keys() == got.keys() and want["view"] == got["view"] and want["label"] == got["label"]
+        assert torch.equal(want["student"], got["student"])
     first = train(cached)
     second = train(TrainConfig(**{**settings, "output_dir": str(tmp_path / "b")}))
     assert first.steps == second.steps == 4

@@ -44,6 +44,22 @@ def test_resize_crops_is_pils_resize_bit_for_bit(interpolation, channels):
             np.testing.assert_array_equal(out.numpy(), _pil_view(image, view, size, interpolation), err_msg=str(view))
 
 
+def test_tall_crops_of_large_images_take_pils_vertical_pass_first():
+    # Crops whose height shrinks by more than twice what the width does: PIL (13+) resizes them vertically first,
+    # and the two orders round differently, so taking the other order would fail here.
+    rng = random.Random(7)
+    images = np.random.default_rng(7).integers(0, 256, (8, 240, 160, 3), dtype=np.uint8)
+    views = []
+    for _ in images:
+        h, w = rng.randint(150, 240), rng.randint(20, 90)
+        views.append((rng.randint(0, 240 - h), rng.randint(0, 160 - w), h, w, rng.random() < 0.5))
+    for size, interpolation in ((40, "bicubic"), (56, "bilinear"), (112, "bicubic")):
+        assert any(h > size and h - size > (w - size) * 2 for _, _, h, w, _ in views)
+        got = resize_crops(torch.from_numpy(images).permute(0, 3, 1, 2), views, size, interpolation)
+        for image, view, out in zip(images, views, got, strict=True):
+            np.testing.assert_array_equal(out.numpy(), _pil_view(image, view, size, interpolation), err_msg=str(view))
+
+
 def test_batch_views_are_views_bit_for_bit():
     images = np.random.default_rng(0).integers(0, 256, (6, 30, 26, 3), dtype=np.uint8)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -75,15 +91,19 @@ def test_resize_crops_errors_name_the_argument():
         resize_crops(pixels[0], [view], 8)
     with pytest.raises(ValueError, match="views must hold one view per image"):
         resize_crops(pixels, [view], 8)
-    with pytest.raises(ValueError, match="views must lie inside"):
+    with pytest.raises(ValueError, match=r"views\[1\] = \(1, 0, 10, 10, False\) does not lie inside the 10 x 10"):
         resize_crops(pixels, [view, (1, 0, 10, 10, False)], 8)
-    with pytest.raises(ValueError, match="views must lie inside"):
-        resize_crops(pixels, [view, (0, 0, 0, 10, False)], 8)
+    with pytest.raises(ValueError, match=r"views\[0\] .* does not lie inside"):
+        resize_crops(pixels, [(0, 0, 0, 10, False), view], 8)
     with pytest.raises(ValueError, match="interpolation must be one of"):
         resize_crops(pixels, [view, view], 8, "lanczos")
     with pytest.raises(ValueError, match="size must be >= 1"):
         resize_crops(pixels, [view, view], 0)
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        resize_crops(pixels[:0], [], 8, "lanczos")
+    with pytest.raises(ValueError, match="in_size and out_size must be >= 1"):
+        pil_resize_weights(10, 0, "bicubic")
     assert resize_crops(pixels[:0], [], 8).shape == (0, 1, 8, 8)
     transform = PairedTransform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    with pytest.raises(ValueError, match="the images have 1 channels, the normalisation 3"):
+    with pytest.raises(ValueError, match="pixels have 1 channels, the transform's mean and std 3 values"):
         transform.batch_views(pixels, [view, view])

@@ -3,7 +3,7 @@
 import json
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from dho_fast.train.config import InputTypeError
+from dho_fast.train.transforms import PairedTransform
 
 IGNORE_INDEX = -100
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -228,7 +229,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         samples: Sequence[Sample],
-        transform: Callable,
+        transform: PairedTransform,
         image_mode: str = "RGB",
         cache_images: bool = False,
         views=None,
@@ -238,9 +239,10 @@ class ImageDataset(torch.utils.data.Dataset):
         self.image_mode = image_mode
         self.views = views
         self.decoded = [pil_loader(s.path, image_mode) for s in self.samples] if cache_images else None
-        # (N, C, H, W) uint8 when every cached image has one size: the batched path's input.
+        # (N, C, H, W) uint8 when every cached image has one size and 8-bit grey or RGB pixels (the modes
+        # resize_crops resizes as PIL does): the batched path's input.
         self.pixels = None
-        if self.decoded and len({image.size for image in self.decoded}) == 1:
+        if self.decoded and image_mode in ("L", "RGB") and len({image.size for image in self.decoded}) == 1:
             arrays = np.stack([np.asarray(image) for image in self.decoded])
             self.pixels = torch.from_numpy(arrays[:, None] if arrays.ndim == 3 else arrays.transpose(0, 3, 1, 2))
             self.decoded = None
@@ -282,8 +284,13 @@ class ImageDataset(torch.utils.data.Dataset):
             item["view"] = view
         return item
 
+    @staticmethod
+    def _parse_key(key: int | tuple[int, int, bool]) -> tuple[int, int | None, bool]:
+        """``(index, draw_seed, labelled)`` of a key: an index alone is a labelled, unseeded draw."""
+        return key if isinstance(key, tuple) else (key, None, True)
+
     def __getitem__(self, key: int | tuple[int, int, bool]) -> dict[str, torch.Tensor | int]:
-        index, draw_seed, labelled = key if isinstance(key, tuple) else (key, None, True)
+        index, draw_seed, labelled = self._parse_key(key)
         image = self._image(index)
         view, box = self._draw(index, draw_seed, *image.size)
         return self._item(index, labelled, *self.transform.views(image, box), view)
@@ -292,7 +299,7 @@ class ImageDataset(torch.utils.data.Dataset):
         """``[self[key] for key in keys]``, in one batch when the images are cached as one tensor."""
         if self.pixels is None:
             return [self[key] for key in keys]
-        parsed = [key if isinstance(key, tuple) else (key, None, True) for key in keys]
+        parsed = [self._parse_key(key) for key in keys]
         height, width = self.pixels.shape[2:]
         drawn = [self._draw(index, draw_seed, width, height) for index, draw_seed, _ in parsed]
         indices = torch.tensor([index for index, _, _ in parsed], dtype=torch.int64)

@@ -54,6 +54,11 @@ def _pil_bicubic(x: float) -> float:
 _PIL_KERNELS = {"bilinear": (_pil_bilinear, 1.0), "bicubic": (_pil_bicubic, 2.0)}
 
 
+def _check_interpolation(interpolation: str) -> None:
+    if interpolation not in PIL_FILTERS:
+        raise ValueError(f"interpolation must be one of {tuple(PIL_FILTERS)}, got {interpolation!r}")
+
+
 @functools.lru_cache(maxsize=4096)
 def pil_resize_weights(in_size: int, out_size: int, interpolation: str) -> torch.Tensor:
     """(out_size, in_size) float64 matrix of PIL's integer coefficients for resizing a row of ``in_size`` pixels to
@@ -64,8 +69,9 @@ def pil_resize_weights(in_size: int, out_size: int, interpolation: str) -> torch
     scaling, which takes pixel ``floor(x)`` with ``x`` stepping from ``scale / 2`` by ``scale``. Cached and shared:
     do not modify the result.
     """
-    if interpolation not in PIL_FILTERS:
-        raise ValueError(f"interpolation must be one of {tuple(PIL_FILTERS)}, got {interpolation!r}")
+    _check_interpolation(interpolation)
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"in_size and out_size must be >= 1, got {in_size} and {out_size}")
     one = 1 << PIL_PRECISION_BITS
     weights = torch.zeros(out_size, in_size, dtype=torch.float64)
     scale = in_size / out_size
@@ -85,7 +91,9 @@ def pil_resize_weights(in_size: int, out_size: int, interpolation: str) -> torch
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), in_size)
         taps = [kernel((j - center + 0.5) * inv_filter_scale) for j in range(lo, hi)]
-        total = sum(taps)  # in order, as PIL sums
+        total = 0.0
+        for tap in taps:  # one by one, as PIL sums (Python 3.12's sum() compensates, so it could round otherwise)
+            total += tap
         for j, tap in zip(range(lo, hi), taps, strict=True):
             tap = tap / total if total != 0.0 else tap
             weights[i, j] = int(tap * one - 0.5) if tap < 0 else int(tap * one + 0.5)
@@ -127,6 +135,8 @@ def resize_crops(
     (horizontal first, unless the height shrinks by more than twice what the width does), each ``clip8(W @
     pixels)`` with the integer coefficients of :func:`pil_resize_weights`; here each pass is one batched float64
     matmul, whose sums of products of 8-bit pixels and 22-bit coefficients are exact, so the rounding is PIL's.
+    The matrices are dense, (B, size, H) and (B, W, size) float64: fine for small images such as the demo's 28x28
+    (what ``ImageDataset``'s batched path is for), far more memory than PIL's banded passes for large ones.
     """
     if pixels.dtype != torch.uint8 or pixels.dim() != 4:
         raise ValueError(f"pixels must be a (B, C, H, W) uint8 tensor, got {tuple(pixels.shape)} {pixels.dtype}")
@@ -134,21 +144,25 @@ def resize_crops(
         raise ValueError(f"views must hold one view per image: got {len(views)} for {len(pixels)} images")
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
+    _check_interpolation(interpolation)
     height, width = pixels.shape[2:]
     if not views:
         return pixels.new_empty(0, pixels.shape[1], size, size)
     top, left, h, w, flip = (torch.tensor(column) for column in zip(*views, strict=True))
-    if bool(((top < 0) | (left < 0) | (h < 1) | (w < 1) | (top + h > height) | (left + w > width)).any()):
-        raise ValueError(f"views must lie inside the {width} x {height} images, got {list(views)}")
+    outside = (top < 0) | (left < 0) | (h < 1) | (w < 1) | (top + h > height) | (left + w > width)
+    if bool(outside.any()):
+        row = int(outside.nonzero()[0, 0])
+        raise ValueError(f"views[{row}] = {views[row]} does not lie inside the {width} x {height} images")
     across = _axis_weights(left, w, flip.bool(), width, size, interpolation)[:, None].transpose(2, 3)  # (B,1,W,S)
     down = _axis_weights(top, h, torch.zeros_like(flip, dtype=torch.bool), height, size, interpolation)[:, None]
     image = pixels.double()
-    out = _clip8(down @ _clip8(image @ across))
-    # PIL runs the vertical pass first when the height shrinks by more than twice what the width does.
+    out = torch.empty(len(views), pixels.shape[1], size, size, dtype=torch.float64)
+    # PIL (13 and later) runs the vertical pass first when the height shrinks by more than twice what the width does.
     vertical_first = (h > size) & (h - size > (w - size) * 2)
-    if bool(vertical_first.any()):
-        rows = vertical_first.nonzero()[:, 0]
-        out[rows] = _clip8(_clip8(down[rows] @ image[rows]) @ across[rows])
+    rows = (~vertical_first).nonzero()[:, 0]
+    out[rows] = _clip8(down[rows] @ _clip8(image[rows] @ across[rows]))
+    rows = vertical_first.nonzero()[:, 0]
+    out[rows] = _clip8(_clip8(down[rows] @ image[rows]) @ across[rows])
     return out.to(torch.uint8)
 
 
@@ -213,8 +227,7 @@ class PairedTransform:
     ) -> None:
         if student_size < 1 or (teacher_size is not None and teacher_size < 1):
             raise ValueError(f"student_size and teacher_size must be >= 1, got {student_size} and {teacher_size}")
-        if interpolation not in PIL_FILTERS:
-            raise ValueError(f"interpolation must be one of {tuple(PIL_FILTERS)}, got {interpolation!r}")
+        _check_interpolation(interpolation)
         self.student_size, self.teacher_size = student_size, teacher_size
         self.student_norm = _affine_norm(student_mean, student_std)
         self.teacher_norm = _affine_norm(teacher_mean, teacher_std)
@@ -265,7 +278,9 @@ class PairedTransform:
         def normalised(size: int, norm: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
             scale, shift = (torch.from_numpy(a) for a in norm)
             if pixels.shape[1] != scale.shape[0]:
-                raise ValueError(f"the images have {pixels.shape[1]} channels, the normalisation {scale.shape[0]}")
+                raise ValueError(
+                    f"pixels have {pixels.shape[1]} channels, the transform's mean and std {scale.shape[0]} values"
+                )
             return resize_crops(pixels, views, size, self.interpolation).to(torch.float32) * scale + shift
 
         student = normalised(self.student_size, self.student_norm)
