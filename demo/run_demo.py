@@ -154,7 +154,7 @@ def run_students(jobs: list[dict], workers: int, reuse: bool = False) -> list[di
     (:func:`finished_row`) keeps its row instead of training again, so a killed study resumes."""
     kept = {i: row for i, job in enumerate(jobs) if reuse and (row := finished_row(job)) is not None}
     todo = [job for i, job in enumerate(jobs) if i not in kept]
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo) or 1)), mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo))), mp_context=get_context("spawn")) as pool:
         trained = pool.map(_run_one, todo)
         rows = []
         for i in range(len(jobs)):

@@ -219,11 +219,9 @@ def test_a_nan_minimum_names_its_row(backend_device):
     torch.testing.assert_close(min_sq_dist, before, rtol=0, atol=0, equal_nan=True)  # checked before any write
 
 
-@pytest.mark.parametrize("backend_device", KCENTER_BACKENDS)
+@pytest.mark.parametrize("backend_device", backend_params("cpu", "reference", "triton"))  # a memmap is host memory
 def test_memory_mapped_points(backend_device, tmp_path):
-    backend, device = backend_device
-    if device != "cpu":
-        pytest.skip("a memory-mapped file is host memory")
+    backend, _ = backend_device
     data = torch.rand(300, 37)
     array = np.memmap(tmp_path / "points.f32", dtype=np.float32, mode="w+", shape=data.shape)
     array[:] = data.numpy()

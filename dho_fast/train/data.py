@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dho_fast.train.config import InputTypeError
-from dho_fast.train.transforms import PairedTransform
+from dho_fast.train.transforms import PairedTransform, channels_first
 
 IGNORE_INDEX = -100
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -243,8 +243,7 @@ class ImageDataset(torch.utils.data.Dataset):
         # resize_crops resizes as PIL does): the batched path's input.
         self.pixels = None
         if self.decoded and image_mode in ("L", "RGB") and len({image.size for image in self.decoded}) == 1:
-            arrays = np.stack([np.asarray(image) for image in self.decoded])
-            self.pixels = torch.from_numpy(arrays[:, None] if arrays.ndim == 3 else arrays.transpose(0, 3, 1, 2))
+            self.pixels = torch.from_numpy(np.stack([channels_first(np.asarray(image)) for image in self.decoded]))
             self.decoded = None
 
     def __len__(self) -> int:

@@ -36,6 +36,16 @@ def _affine_norm(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarra
     return 1.0 / (255.0 * std_), -mean_ / std_
 
 
+def channels_first(pixels: np.ndarray) -> np.ndarray:
+    """(C, H, W) view of one image's (H, W) (grey) or (H, W, C) pixels, as ``np.asarray`` gives a PIL image's."""
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _check_channels(channels: int, scale: np.ndarray | torch.Tensor) -> None:
+    if channels != scale.shape[0]:
+        raise ValueError(f"pixels have {channels} channels, the transform's mean and std {scale.shape[0]} values")
+
+
 def _pil_bilinear(x: float) -> float:
     x = abs(x)
     return 1.0 - x if x < 1.0 else 0.0
@@ -238,11 +248,9 @@ class PairedTransform:
         if crop.size != (size, size):
             crop = crop.resize((size, size), self.filter)
         # Straight from the uint8 pixels in numpy: a handful of torch calls per image cost more than its decode.
-        pixels = np.asarray(crop)
-        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        pixels = channels_first(np.asarray(crop))
         scale, shift = norm
-        if pixels.shape[0] != scale.shape[0]:
-            raise ValueError(f"the image has {pixels.shape[0]} channels, the normalisation {scale.shape[0]} values")
+        _check_channels(pixels.shape[0], scale)
         return torch.from_numpy(pixels * scale + shift)
 
     def draw_view(self, width: int, height: int, rng: random.Random | None = None) -> tuple[int, int, int, int, bool]:
@@ -277,10 +285,7 @@ class PairedTransform:
 
         def normalised(size: int, norm: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
             scale, shift = (torch.from_numpy(a) for a in norm)
-            if pixels.shape[1] != scale.shape[0]:
-                raise ValueError(
-                    f"pixels have {pixels.shape[1]} channels, the transform's mean and std {scale.shape[0]} values"
-                )
+            _check_channels(pixels.shape[1], scale)
             return resize_crops(pixels, views, size, self.interpolation).to(torch.float32) * scale + shift
 
         student = normalised(self.student_size, self.student_norm)
