@@ -10,6 +10,7 @@ its ``extra_info``: per-provider times of every round (``times_s``), so that a r
 ratios (bench/report.py), and peak memory (``peak_bytes``).
 """
 
+import os
 import platform
 import random
 from collections.abc import Callable
@@ -55,12 +56,14 @@ def device(pytestconfig: pytest.Config) -> torch.device:
 
 
 def machine(device: torch.device) -> dict[str, object]:
-    """What a figure depends on: CPU model, the instruction set dho_fast's CPU kernels chose (and ATen's), threads,
-    torch, and the GPU when the device is one."""
+    """What a figure depends on: CPU model, the instruction set dho_fast's CPU kernels chose (and ATen's), whether
+    ``$ATEN_CPU_CAPABILITY`` capped both (e.g. the AVX2 kernels timed on an AVX-512 CPU), threads, torch, and the GPU
+    when the device is one."""
     info: dict[str, object] = {
         "cpu": _cpu_model(),
         "cpu_kernel_isa": extension.cpu_kernel_isa(),
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_cap": os.environ.get("ATEN_CPU_CAPABILITY"),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": device.type,

@@ -133,7 +133,8 @@ def machine_line(records: list[dict]) -> str:
     described = []
     for m in map(json.loads, sorted(machines)):
         where = m.get("gpu", m["cpu"])
-        described.append(f"{where}, dho_fast CPU kernels {m['cpu_kernel_isa']} (ATen {m['aten_cpu_capability']}), "
+        cap = f" capped by ATEN_CPU_CAPABILITY={m['isa_cap']}" if m.get("isa_cap") else ""
+        described.append(f"{where}, dho_fast CPU kernels {m['cpu_kernel_isa']} (ATen {m['aten_cpu_capability']}){cap}, "
                          f"{m['threads']} threads, torch {m['torch']}, device {m['device']}")  # fmt: skip
     return "; ".join(described)
 

@@ -1,5 +1,5 @@
-// Every op schema of dho_fast. Backends only implement them (csrc/cpu, csrc/cuda); Python adds the fake and
-// autograd implementations (dho_fast/ops/registry.py).
+// Every op schema of dho_fast. Backends only implement them (csrc/cpu, csrc/cuda); Python adds the fake
+// implementations and the Triton ops' autograd (dho_fast/ops/registry.py), C++ the compiled ops' autograd.
 #include <torch/library.h>
 
 #include "cpu/kernel_isa.h"
@@ -10,7 +10,7 @@ TORCH_LIBRARY(dho_fast, m) {
   //   ce_grad_out = ce_grad_scale * d ce_term / d ce_logits, kd_grad_out = kd_grad_scale * d kd_term / d kd_logits
   //   (empty when not asked), in the accumulation dtype (float32 for half logits, so that backward scales them
   //   before rounding to half). Autograd passes the loss weights as the factors (dho_fast/ops/registry.py), so
-  //   that a plain loss.backward() can hand the gradients on as they are.
+  //   that a plain loss.backward() can hand the gradients on as they are (csrc/saved_gradients.h).
   // The teacher, in every loss op (csrc/row_math.h TeacherForm): teacher_form 0, teacher_logits (N, C) logits;
   //   1, teacher_logits holds (N, C) probabilities; 2 (sparse), teacher_logits holds (N, k) probabilities in the
   //   accumulation dtype at the int64 classes teacher_indices (N, k), with teacher_row_terms (N, 2) = [u, sum_c p_c log

@@ -8,7 +8,6 @@
 // Python because the op's fixed cost is part of every training step.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -19,6 +18,7 @@
 
 #include "fused_linear_dual_head_loss.h"
 #include "op_checks.h"
+#include "saved_gradients.h"
 
 namespace dho_fast {
 namespace {
@@ -28,12 +28,6 @@ using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
 // eps of F.normalize: the cosine KD head sees x / max(|x|, eps).
 constexpr double kNormEps = 1e-12;
-
-// The forward returns the gradients of gradient_scale(w) * term rather than of the term, for each head's loss weight
-// w: the chunk kernel applies the scale as it writes the logits' gradients, and the usual loss.backward() then has
-// nothing left to multiply. A zero weight keeps scale 1, so that the term's own gradient (backward through ce_term or
-// kd_term) stays available.
-double gradient_scale(double loss_weight) { return loss_weight != 0.0 ? loss_weight : 1.0; }
 
 // dual_head_loss_chunk through the dispatcher (the kernel of the logits' device) on one chunk's logits, with the op's
 // loss settings and teacher from `a` (the teacher and labels contiguous).
@@ -266,24 +260,6 @@ Outputs with_grads_below_autograd(const LinearLossArgs& a) {
                  a.teacher_indices, a.teacher_row_terms);
 }
 
-// A gradient saved by the forward, times the factor backward must apply to it (d loss / d term over the scale the
-// forward applied). Backward never overwrites a saved gradient: that would be safe only if the graph were freed after
-// this backward and no transform traced it, and no public API tells whether the graph is retained (retain_graph=True)
-// or a transform is running. So:
-//  - a factor of exactly 1 (the usual loss.backward()) returns the saved gradient itself. Autograd never writes into
-//    a gradient it receives, and AccumulateGrad stores a copy in .grad while the saved variable still refers to the
-//    buffer (a retained graph), so in-place updates of .grad (optimizer steps, zero_grad, clipping) cannot change
-//    what a later backward returns; once the graph is freed, .grad may take the buffer itself. torch.autograd.grad
-//    returns the buffer itself, but a write into it bumps its version and a later backward then raises.
-//  - any other factor multiplies out of place, into a new tensor.
-// The factor's value is read only eagerly from a CPU tensor (no device synchronisation) that is no tracer's: a fake,
-// functional or Python-subclass tensor, or any tensor under a dispatch mode (at::isTensorSubclassLike), has no value
-// to read, or one that a traced graph must not bake in. Such a factor is always multiplied.
-Tensor times_factor(const Tensor& grad, const Tensor& factor) {
-  const bool one = factor.is_cpu() && !at::isTensorSubclassLike(factor) && factor.item<double>() == 1.0;
-  return one ? grad : grad * factor;
-}
-
 // The gradients come from the forward; backward scales them by d loss / d term = grad_loss * loss weight + grad_term.
 class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
  public:
@@ -319,18 +295,10 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     // no-op for float32 and float64 inputs).
     const auto dtype = ctx->saved_data["dtype"].toScalarType();
     const Tensor& grad_loss = grad_outputs[0];
-    // The factor for the saved gradients of gradient_scale(w) * term: d loss / d term / gradient_scale(w) with
-    // d loss / d term = grad_loss * w + grad_term. It is grad_loss itself in the usual backward of the loss alone.
-    // Undefined: no gradient reaches that term.
-    auto term_factor = [&](double loss_weight, const Tensor& grad_term) {
-      const double scale = gradient_scale(loss_weight);
-      Tensor factor;
-      if (grad_loss.defined()) factor = loss_weight == scale ? grad_loss : grad_loss * (loss_weight / scale);
-      if (grad_term.defined()) factor = factor.defined() ? factor + grad_term / scale : grad_term / scale;
-      return factor;
-    };
-    const Tensor f_ce = term_factor(ctx->saved_data["ce_loss_weight"].toDouble(), grad_outputs[1]);
-    const Tensor f_kd = term_factor(ctx->saved_data["kd_loss_weight"].toDouble(), grad_outputs[2]);
+    const double ce_weight = ctx->saved_data["ce_loss_weight"].toDouble();
+    const double kd_weight = ctx->saved_data["kd_loss_weight"].toDouble();
+    const Tensor f_ce = term_factor(grad_loss, grad_outputs[1], ce_weight, gradient_scale(ce_weight));
+    const Tensor f_kd = term_factor(grad_loss, grad_outputs[2], kd_weight, gradient_scale(kd_weight));
     // needs_input_grad counts the tensor inputs only: an absent bias has no entry.
     const bool present[5] = {true, true, ctx->saved_data["has_ce_bias"].toBool(), true,
                              ctx->saved_data["has_kd_bias"].toBool()};

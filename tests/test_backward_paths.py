@@ -1,7 +1,8 @@
 """The loss op's backward in each way autograd can call it: a plain ``loss.backward()`` hands on the gradients the
 forward computed, without a copy; every other case (a scaled loss, a term's own gradient, a zero loss weight,
 ``retain_graph``, a reused graph, torch.compile, half logits) scales them, and each gives PyTorch's own gradients.
-(torch.func's transforms refuse the op: torch.library's autograd registration does not support them.)"""
+(torch.func's transforms refuse the op: neither its C++ autograd Function nor the Triton op's torch.library
+registration supports them.)"""
 
 import pytest
 import torch
@@ -55,6 +56,61 @@ def test_plain_backward_hands_on_the_forward_gradients(backend_device):
     # The forward's buffers themselves: no pass over them, no copy.
     assert sorted(g.data_ptr() for g in passed_on) == sorted((saved_ce.data_ptr(), saved_kd.data_ptr()))
     _close([x.grad for x in leaves], _reference_grads(inputs, **WEIGHTS))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_leaf_gradients_are_the_forward_buffers(backend_device):
+    # Logits that are leaves (no layer between them and the loss): once the op's own handles are gone, AccumulateGrad
+    # takes the forward's buffers as .grad, so the whole backward allocates and writes no (N, C) tensor.
+    backend, device = backend_device
+    inputs = make_inputs(16, 9, device=device)
+    ce, kd = _leaves(*inputs[:2])
+    weights = (WEIGHTS["ce_loss_weight"], WEIGHTS["kd_loss_weight"])
+    op = torch.ops.dho_fast.dual_head_loss if backend != "triton" else torch.ops.dho_fast.dual_head_loss_triton
+    loss, _, _, saved_ce, saved_kd = op(ce, kd, *inputs[2:], 2.0, *weights, True, -100, 0.0, True, True, *weights)
+    buffers = (saved_ce.data_ptr(), saved_kd.data_ptr())
+    del saved_ce, saved_kd
+    loss.backward()
+    assert (ce.grad.data_ptr(), kd.grad.data_ptr()) == buffers
+    _close((ce.grad, kd.grad), _reference_grads(inputs, **WEIGHTS))
+
+
+@pytest.mark.parametrize("backend_device", [*BACKENDS, *backend_params("reference")])
+@pytest.mark.parametrize("term", [1, 2], ids=["ce-term", "kd-term"])
+def test_one_term_leaves_the_other_head_without_gradient(backend_device, term):
+    # As in PyTorch's own graph: the CE term does not depend on the KD logits, nor the KD term on the CE logits.
+    backend, device = backend_device
+    inputs = make_inputs(16, 9, device=device)
+    ce, kd = _leaves(*inputs[:2])
+    _loss(backend, ce, kd, *inputs[2:], **WEIGHTS)[term].backward()
+    got, other = (ce, kd) if term == 1 else (kd, ce)
+    assert other.grad is None
+    want = _reference_grads(inputs, lambda loss, ce_term, kd_term: (loss, ce_term, kd_term)[term], **WEIGHTS)
+    _close((got.grad,), want[term - 1 : term])
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_a_gradient_the_forward_did_not_compute_is_refused(backend_device):
+    # The op called directly with ce_grad=False on logits that require grad: backward must raise, not return zeros.
+    backend, device = backend_device
+    inputs = make_inputs(16, 9, device=device)
+    ce, kd = _leaves(*inputs[:2])
+    op = torch.ops.dho_fast.dual_head_loss if backend != "triton" else torch.ops.dho_fast.dual_head_loss_triton
+    loss = op(ce, kd, *inputs[2:], 2.0, 0.5, 0.5, True, -100, 0.0, False, True, 0.5, 0.5)[0]
+    with pytest.raises(RuntimeError, match="the gradient of ce_logits was not computed in the forward pass"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend_device", backend_params("cpu"))
+def test_torch_func_transforms_are_refused(backend_device):
+    backend, device = backend_device
+    ce, kd, teacher, labels = make_inputs(16, 9, device=device)
+
+    def loss_of(ce_logits):
+        return _loss(backend, ce_logits, kd, teacher, labels, **WEIGHTS)[0]
+
+    with pytest.raises(RuntimeError, match="cannot use C\\+\\+ torch::autograd::Function with functorch transforms"):
+        torch.func.grad(loss_of)(ce)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

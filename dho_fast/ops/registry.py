@@ -6,9 +6,10 @@ scales them by the incoming gradients. The gradients are in the accumulation dty
 backward scales them there and rounds to the logits' dtype once, so that a loss scale (GradScaler's 65536) keeps
 small gradient entries from underflowing. That backward is not itself differentiable: asked for a graph of it
 (``create_graph=True``, the only time autograd runs a backward in grad mode) it raises rather than return a gradient
-whose own gradient misses the loss's second-order term. fused_linear_dual_head_loss's autograd kernel is C++
-(csrc/fused_linear_dual_head_loss.cpp): its fixed cost is paid every training step. Importing this module registers
-everything; dho_fast.ops.backends, which every op goes through, imports it.
+whose own gradient misses the loss's second-order term. The compiled ops' autograd kernels are C++
+(csrc/dual_head_loss_autograd.cpp, csrc/fused_linear_dual_head_loss.cpp): their fixed cost is paid every training
+step; the Triton op's is here. Importing this module registers everything; dho_fast.ops.backends, which every op
+goes through, imports it.
 """
 
 import torch
@@ -129,9 +130,11 @@ def _is_one(grad: torch.Tensor | None) -> bool:
 
 def _scaled(
     saved: torch.Tensor, weight: float, saved_scale: float, grad_loss, grad_of_term, name: str, dtype: torch.dtype
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """The gradient of the logits, ``(grad_loss * weight + grad_of_term) * d term / d logits``, from ``saved`` =
-    ``saved_scale * d term / d logits`` (accumulation dtype), rounded once to ``dtype``.
+    ``saved_scale * d term / d logits`` (accumulation dtype), rounded once to ``dtype``; None when no gradient
+    reaches the term (only the other term is backpropagated), as PyTorch's own graph leaves such logits.
+    The compiled ops' C++ backward (csrc/saved_gradients.h) follows the same rules.
 
     When the factor is exactly 1 (``grad_loss`` is 1, no gradient of the term itself, ``saved_scale`` the weight),
     ``saved`` itself is returned when no rounding is due (no pass over it and no allocation), else only rounded.
@@ -140,14 +143,14 @@ def _scaled(
     it; an in-place change of it by other code is caught by autograd's version check, never read silently. Every
     other case scales out of place: a backward cannot see ``retain_graph``, so it never writes ``saved`` in place.
     """
+    if grad_loss is None and grad_of_term is None:
+        return None
     if saved.dim() != 2:  # the (0,) placeholder of a gradient the forward was told not to compute
         raise RuntimeError(f"the gradient of {name} was not computed in the forward pass (its grad flag was False)")
     if grad_of_term is None and weight == saved_scale and _is_one(grad_loss):
         # A factor of exactly 1: float32/64 logits take ``saved`` itself, half ones its one rounding, in one pass.
         return saved if saved.dtype == dtype else saved.to(dtype)
-    scale = 0.0
-    if grad_loss is not None:
-        scale = grad_loss * (weight / saved_scale)
+    scale = 0.0 if grad_loss is None else grad_loss * (weight / saved_scale)
     if grad_of_term is not None:
         scale = scale + grad_of_term * (1.0 / saved_scale)
     # A no-op for float32 and float64 logits; for half ones, the one rounding, after the scale.
@@ -171,8 +174,8 @@ def _backward(ctx, grad_loss, grad_ce_term, grad_kd_term, _grad_ce_out, _grad_kd
 
 
 def _register_compiled_ops() -> None:
+    # dual_head_loss's autograd kernel is C++ (csrc/dual_head_loss_autograd.cpp), like the fused linear op's.
     torch.library.register_fake("dho_fast::dual_head_loss")(dual_head_loss_fake)
-    torch.library.register_autograd("dho_fast::dual_head_loss", _backward, setup_context=_setup_context)
     # The chunk op is a building block of fused_linear_dual_head_loss, which has the autograd formula; it has none.
     torch.library.register_fake("dho_fast::dual_head_loss_chunk")(dual_head_loss_chunk_fake)
     torch.library.register_fake("dho_fast::fused_linear_dual_head_loss")(fused_linear_dual_head_loss_fake)
