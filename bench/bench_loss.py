@@ -11,7 +11,9 @@ Providers: ``fused-<backend>`` for each compiled backend of the device, ``eager`
   forward+backward write the two (N, C) gradients: 3 or 5 N C elements of the dtype), timed in the same rounds;
   copy / fused is the share of the machine's copy bandwidth the op reaches, had it moved only those bytes;
 - ``forward-only`` (forward+backward mode): the fused forward on logits that require grad, which computes the
-  gradients, without the backward; fused / forward-only is what ``loss.backward()`` adds.
+  gradients, without the backward; fused / forward-only is what ``loss.backward()`` adds;
+- ``float32`` (bf16 cases): the fused op on the same batch in float32, in the same rounds; fused / float32 is how
+  the bf16 call compares with the float32 one.
 """
 
 from functools import partial
@@ -86,7 +88,11 @@ def test_dual_head_loss(interleaved, device, shape, dtype, mode):
     batch = make_batch(n, c, DTYPES[dtype], device)
     steps = {name: timed_step(loss, batch, backward) for name, loss in loss_providers(device).items()}
     steps["copy"] = copy_step((5 if backward else 3) * n * c, DTYPES[dtype], device)
-    if backward and fused_backends(device):
-        steps["forward-only"] = forward_only_step(fused_backends(device)[0], batch)
+    fused = fused_backends(device)
+    if backward and fused:
+        steps["forward-only"] = forward_only_step(fused[0], batch)
+    if DTYPES[dtype] != torch.float32 and fused:
+        float32_batch = [t.float() if t.is_floating_point() else t for t in batch]
+        steps["float32"] = timed_step(partial(dho_fast.fused_dual_head_loss, backend=fused[0]), float32_batch, backward)
     case = {"mode": mode, "N": n, "C": c, "dtype": dtype}
     interleaved("dual_head_loss", case, steps, rounds=rounds_for(n * c))

@@ -6,7 +6,8 @@ Per op, ratios first, then absolute figures. Every ratio is the median over a ca
 ratio (bench/interleaved.py): ``eager / fused-cpu`` is how many times faster the fused op was than eager in a typical
 round. Yardsticks: ``copy / fused`` is the share of copy bandwidth the fused loss reaches (bench/bench_loss.py),
 ``read / fused`` the same for the k-center step's one read of the pool, ``fused / gemms`` what the fused linear op
-costs beyond its unavoidable matmuls, ``fused / forward-only`` what the loss's backward adds to its forward. Peak
+costs beyond its unavoidable matmuls, ``fused / forward-only`` what the loss's backward adds to its forward,
+``fused / float32`` a bf16 case's time against the same fused call on float32 copies of its inputs. Peak
 memory is bench/memory.py's (bytes of tensors a call holds at once beyond its inputs). ``--readme`` replaces the text
 between the README's ``<!-- bench-report:begin -->`` and ``<!-- bench-report:end -->`` lines.
 """
@@ -23,7 +24,7 @@ BEGIN, END = "<!-- bench-report:begin -->", "<!-- bench-report:end -->"
 BASELINES = ("eager", "compile", "liger")
 #: yardstick -> (column, whether the fused time is the numerator)
 YARDSTICKS = {"copy": ("share of copy", False), "read": ("share of read", False), "gemms": ("/ gemms", True),
-              "forward-only": ("/ forward-only", True)}  # fmt: skip
+              "forward-only": ("/ forward-only", True), "float32": ("/ float32", True)}  # fmt: skip
 CASE_KEYS = ("mode", "N", "D", "C", "dtype")
 
 

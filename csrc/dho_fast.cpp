@@ -8,8 +8,9 @@ TORCH_LIBRARY(dho_fast, m) {
   // Loss terms of both heads and, when asked, their gradients times a factor (grad-in-forward):
   //   loss = ce_loss_weight * ce_term + kd_loss_weight * kd_term
   //   ce_grad_out = ce_grad_scale * d ce_term / d ce_logits, kd_grad_out = kd_grad_scale * d kd_term / d kd_logits
-  //   (empty when not asked), in the accumulation dtype (float32 for half logits, so that backward scales them
-  //   before rounding to half). Autograd passes the loss weights as the factors (dho_fast/ops/registry.py), so
+  //   (empty when not asked), computed in the accumulation dtype and returned in loss_gradient_dtype
+  //   (csrc/saved_gradients.h): bfloat16 for bfloat16 logits, float32 for float16 ones (backward scales them before
+  //   rounding to float16). Autograd passes the loss weights as the factors (dho_fast/ops/registry.py), so
   //   that a plain loss.backward() can hand the gradients on as they are (csrc/saved_gradients.h).
   // The teacher, in every loss op (csrc/row_math.h TeacherForm): teacher_form 0, teacher_logits (N, C) logits;
   //   1, teacher_logits holds (N, C) probabilities; 2 (sparse), teacher_logits holds (N, k) probabilities in the

@@ -47,8 +47,8 @@ LossOutputs below_autograd(const LossArgs& a) {
                  a.ce_grad_scale, a.kd_grad_scale, a.teacher_form, a.teacher_indices, a.teacher_row_terms);
 }
 
-// The gradient of one head's logits from its saved gradient (scale * d term / d logits, accumulation dtype): times
-// its factor, rounded to the logits' dtype once (a no-op for float32 and float64 logits, so that the usual backward
+// The gradient of one head's logits from its saved gradient (scale * d term / d logits, in loss_gradient_dtype):
+// times its factor, then rounded to the logits' dtype (a no-op but for float16 logits, so that the usual backward
 // returns the saved buffer itself). Undefined when no gradient reaches the term.
 Tensor logits_gradient(const Tensor& saved, const Tensor& factor, const char* name, at::ScalarType dtype) {
   if (!factor.defined()) return Tensor();

@@ -8,6 +8,16 @@
 
 namespace dho_fast {
 
+// The dtype dual_head_loss's forward writes the logits' gradients in (dho_fast/ops/validation.py's
+// loss_gradient_dtype is the same rule): bfloat16 for bfloat16 logits, float32 for float16 and float32 ones, float64
+// for float64. bfloat16 has float32's exponent range, so a loss scale applied by backward after the rounding cannot
+// underflow an entry (and a power-of-two scale such as GradScaler's gives the same bits as scaling first), while
+// the usual backward then has no rounding pass left; float16's range is too narrow for that: its gradients stay float32
+// until backward has scaled them, and are rounded then.
+inline at::ScalarType loss_gradient_dtype(at::ScalarType logits) {
+  return logits == at::kBFloat16 || logits == at::kDouble ? logits : at::kFloat;
+}
+
 // The scale a forward writes a term's gradient with: the term's loss weight, so that the saved gradient is the loss's
 // own and the usual loss.backward() has nothing left to multiply; 1 for a weight of 0, where it would lose the term's
 // own gradient (backward through ce_term or kd_term). dho_fast/ops/registry.py's saved_gradient_scale is the same rule.

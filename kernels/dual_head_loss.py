@@ -287,17 +287,21 @@ def dual_head_loss(
     temperature: float, ce_loss_weight: float, kd_loss_weight: float, kd_split: bool, ignore_index: int,
     label_smoothing: float, ce_grad: bool, kd_grad: bool, ce_grad_scale: float = 1.0, kd_grad_scale: float = 1.0,
     teacher_form: int = 0, teacher_indices: torch.Tensor | None = None, teacher_row_terms: torch.Tensor | None = None,
+    *, grad_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """(loss, ce_term, kd_term, ce_grad_scale * d ce_term / d ce_logits, kd_grad_scale * d kd_term / d kd_logits,
-    info) of (N, C) logits; the arguments as dho_fast::dual_head_loss takes them (validated by the caller).
+    info) of (N, C) logits; the arguments as dho_fast::dual_head_loss takes them (validated by the caller), and the
+    dtype to return the two gradients in.
     teacher_form (row_math::TeacherForm): teacher_logits holds (N, C) logits (0) or probabilities p, read as the
     logits T log(p) (1), or (2, sparse) (N, k) probabilities in the accumulation dtype at the classes
     teacher_indices (N, k) int64, with teacher_row_terms (N, 2) = [u, sum_c p_c log p_c]: u is the probability of
     each unlisted class (no dense teacher is built). info (4,) int64: the number of labelled rows, the first row with
     a bad label (N if none), the first bad teacher row (N if none; a sparse teacher's rows are never bad) and its
     row_math::TeacherRowStatus; the caller raises the errors. Scalars are float32 in the kernels (exact for the usual
-    temperatures); statistics accumulate in float32, float64 for float64 input, and the gradients are in that
-    accumulation dtype (float32 for half logits)."""
+    temperatures); statistics and gradients accumulate in float32, float64 for float64 input. The kernel stores the
+    gradients in that accumulation dtype, and they are rounded to ``grad_dtype`` afterwards, one pass: the Triton
+    interpreter's float32-to-bfloat16 store truncates instead of rounding to nearest, and the interpreter is where
+    these kernels are tested."""
     ce, kd, t, y = ce_logits.contiguous(), kd_logits.contiguous(), teacher_logits.contiguous(), labels.contiguous()
     t_idx, t_terms = (None if x is None else x.contiguous() for x in (teacher_indices, teacher_row_terms))
     n, c = ce.shape
@@ -319,6 +323,7 @@ def dual_head_loss(
         row_ce, row_kl, status, info, loss, ce_term, kd_term, n, ce_loss_weight, kd_loss_weight, HAS_LOSS=True,
         BLOCK=_SCAN_BLOCK,
     )  # fmt: skip
+    g_ce, g_kd = (g.to(grad_dtype) if wanted else g for g, wanted in ((g_ce, ce_grad), (g_kd, kd_grad)))
     return loss, ce_term, kd_term, g_ce, g_kd, info
 
 

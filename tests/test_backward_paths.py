@@ -1,6 +1,7 @@
 """The loss op's backward in each way autograd can call it: a plain ``loss.backward()`` hands on the gradients the
-forward computed, without a copy; every other case (a scaled loss, a term's own gradient, a zero loss weight,
-``retain_graph``, a reused graph, torch.compile, half logits) scales them, and each gives PyTorch's own gradients.
+forward computed, without a copy (for bfloat16 logits too, whose gradients the forward rounds); every other case (a
+scaled loss, a term's own gradient, a zero loss weight, ``retain_graph``, a reused graph, torch.compile, float16
+logits, rounded after the scale) scales them, and each gives PyTorch's own gradients.
 (torch.func's transforms refuse the op: neither its C++ autograd Function nor the Triton op's torch.library
 registration supports them.)"""
 
@@ -40,10 +41,17 @@ def _loss(backend, ce, kd, teacher, labels, **weights):
     return dho_fast.fused_dual_head_loss(ce, kd, teacher, labels, return_terms=True, backend=backend, **weights)
 
 
+def _as_float32(inputs):
+    return [t.float() if t.is_floating_point() else t for t in inputs]
+
+
 @pytest.mark.parametrize("backend_device", BACKENDS)
-def test_plain_backward_hands_on_the_forward_gradients(backend_device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_plain_backward_hands_on_the_forward_gradients(backend_device, dtype):
+    # bfloat16 logits too: the forward returns their gradients in bfloat16 (loss_gradient_dtype), so nothing is left
+    # to round either.
     backend, device = backend_device
-    inputs = make_inputs(16, 9, device=device)
+    inputs = make_inputs(16, 9, dtype, device=device)
     leaves = _leaves(*inputs[:2])
     ce, kd = (x * 1 for x in leaves)  # logits inside a graph, as a layer's output would be
     passed_on = []
@@ -52,18 +60,20 @@ def test_plain_backward_hands_on_the_forward_gradients(backend_device):
     weights = (WEIGHTS["ce_loss_weight"], WEIGHTS["kd_loss_weight"])
     op = torch.ops.dho_fast.dual_head_loss if backend != "triton" else torch.ops.dho_fast.dual_head_loss_triton
     loss, _, _, saved_ce, saved_kd = op(ce, kd, *inputs[2:], 2.0, *weights, True, -100, 0.0, True, True, *weights)
+    assert saved_ce.dtype == saved_kd.dtype == dtype
     loss.backward()
     # The forward's buffers themselves: no pass over them, no copy.
     assert sorted(g.data_ptr() for g in passed_on) == sorted((saved_ce.data_ptr(), saved_kd.data_ptr()))
-    _close([x.grad for x in leaves], _reference_grads(inputs, **WEIGHTS))
+    _close([x.grad.float() for x in leaves], _reference_grads(_as_float32(inputs), **WEIGHTS), dtype)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
-def test_leaf_gradients_are_the_forward_buffers(backend_device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_leaf_gradients_are_the_forward_buffers(backend_device, dtype):
     # Logits that are leaves (no layer between them and the loss): once the op's own handles are gone, AccumulateGrad
     # takes the forward's buffers as .grad, so the whole backward allocates and writes no (N, C) tensor.
     backend, device = backend_device
-    inputs = make_inputs(16, 9, device=device)
+    inputs = make_inputs(16, 9, dtype, device=device)
     ce, kd = _leaves(*inputs[:2])
     weights = (WEIGHTS["ce_loss_weight"], WEIGHTS["kd_loss_weight"])
     op = torch.ops.dho_fast.dual_head_loss if backend != "triton" else torch.ops.dho_fast.dual_head_loss_triton
@@ -72,7 +82,7 @@ def test_leaf_gradients_are_the_forward_buffers(backend_device):
     del saved_ce, saved_kd
     loss.backward()
     assert (ce.grad.data_ptr(), kd.grad.data_ptr()) == buffers
-    _close((ce.grad, kd.grad), _reference_grads(inputs, **WEIGHTS))
+    _close((ce.grad.float(), kd.grad.float()), _reference_grads(_as_float32(inputs), **WEIGHTS), dtype)
 
 
 @pytest.mark.parametrize("backend_device", [*BACKENDS, *backend_params("reference")])
@@ -197,21 +207,23 @@ def test_half_logits_get_half_gradients(backend_device, dtype):
     ce, kd = _leaves(*inputs[:2])
     _loss(backend, ce, kd, *inputs[2:], **WEIGHTS)[0].backward()
     assert ce.grad.dtype == kd.grad.dtype == dtype
-    want = _reference_grads([t.float() if t.is_floating_point() else t for t in inputs], **WEIGHTS)
+    want = _reference_grads(_as_float32(inputs), **WEIGHTS)
     _close((ce.grad.float(), kd.grad.float()), want, dtype)
 
 
 @pytest.mark.parametrize("backend_device", backend_params("cpu", "cuda"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_logits_plain_backward_is_the_float32_gradient_rounded_once(backend_device, dtype):
-    # A plain loss.backward() on half logits only rounds the saved float32 gradient (no scaling pass): it must equal
-    # the gradient of the same values given as float32, rounded to the logits' dtype once.
+@pytest.mark.parametrize("loss_scale", [1.0, 65536.0], ids=["plain", "loss-scale"])
+def test_half_logits_gradient_is_the_float32_gradient_rounded_once(backend_device, dtype, loss_scale):
+    # Half logits' gradient must equal that of the same values given as float32, rounded to the logits' dtype once,
+    # also under GradScaler's loss scale: float16's is scaled before its rounding; bfloat16's is rounded in the
+    # forward, and its exponent range makes scaling by a power of two afterwards exact.
     backend, device = backend_device
     ce, kd, teacher, labels = (t.to(device) for t in make_inputs(13, 517, dtype))
     half = _leaves(ce, kd)
-    dho_fast.fused_dual_head_loss(*half, teacher, labels, backend=backend, **WEIGHTS).backward()
+    (loss_scale * dho_fast.fused_dual_head_loss(*half, teacher, labels, backend=backend, **WEIGHTS)).backward()
     full = _leaves(ce.float(), kd.float())
-    dho_fast.fused_dual_head_loss(*full, teacher.float(), labels, backend=backend, **WEIGHTS).backward()
+    (loss_scale * dho_fast.fused_dual_head_loss(*full, teacher.float(), labels, backend=backend, **WEIGHTS)).backward()
     for got, want in zip(half, full, strict=True):
         assert got.grad.dtype == dtype
         assert torch.equal(got.grad, want.grad.to(dtype))

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 import dho_fast
 from dho_fast import kernels
 from dho_fast.ops import extension
+from dho_fast.ops.validation import loss_gradient_dtype
 
 # Odd shapes (C = 1, N = 1, C = 997: rows not 16-byte aligned), around the CUDA kernel's warp-per-row limits (1024
 # columns, 512 for float64), rows wider than Triton's widest tile (MAX_TILE = 4096: the two-pass path) and
@@ -509,15 +510,17 @@ def test_chunk_op_with_a_large_bias(backend_device, label_smoothing):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_chunk_op_gives_exactly_the_batch_op(backend_device, dtype):
     # The contract the fused linear op builds on: per-chunk terms sum to the batch op's terms and the logits are
-    # overwritten with exactly the batch op's gradient rows.
+    # overwritten with exactly the batch op's gradient rows (in the accumulation dtype; the batch op returns
+    # bfloat16 logits' gradients rounded to bfloat16, which must be the chunk's rounded).
     backend, device = backend_device
     ce, kd, teacher, labels = inputs_on(device, 23, 600, dtype, labelled="mixed")
     batch_op = getattr(torch.ops.dho_fast, LOSS_OPS[backend])
     batch = batch_op(ce, kd, teacher, labels, 2.0, 0.5, 0.5, True, IGNORE, 0.1, True, True)
     terms, g_ce, g_kd = run_chunks(backend, (ce, kd, teacher, labels), 5, {}, temperature=2.0, kd_split=True,
                                    label_smoothing=0.1)  # fmt: skip
-    assert torch.equal(g_ce, batch[3][labels != IGNORE])
-    assert torch.equal(g_kd, batch[4])
+    assert batch[3].dtype == batch[4].dtype == loss_gradient_dtype(dtype)
+    assert torch.equal(g_ce.to(batch[3].dtype), batch[3][labels != IGNORE])
+    assert torch.equal(g_kd.to(batch[4].dtype), batch[4])
     for i in range(2):
         assert_values_close(f"{backend} term {i}", terms[i].to(batch[1].dtype), batch[1 + i].double(), dtype)
 

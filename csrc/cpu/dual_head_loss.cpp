@@ -10,6 +10,8 @@
 #include <vector>
 
 #include "../op_checks.h"
+#include "../saved_gradients.h"
+#include "gradient_buffers.h"
 #include "kernel_dispatch.h"
 
 namespace dho_fast {
@@ -41,10 +43,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
                      .teacher_form = int(teacher_form),
                      .teacher_k = sparse ? t.size(1) : 0};
 
-  // The gradients in the accumulation dtype (float32 for half logits): the backward rounds them once, after scaling.
   const auto acc_dtype = ce.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor g_ce = ce_grad ? at::empty_like(ce, ce.options().dtype(acc_dtype)) : at::empty({0}, ce.options());
-  at::Tensor g_kd = kd_grad ? at::empty_like(kd, kd.options().dtype(acc_dtype)) : at::empty({0}, kd.options());
+  const auto grad_dtype = loss_gradient_dtype(ce.scalar_type());
+  at::Tensor g_ce = ce_grad ? empty_gradient_like(ce, grad_dtype) : at::empty({0}, ce.options());
+  at::Tensor g_kd = kd_grad ? empty_gradient_like(kd, grad_dtype) : at::empty({0}, kd.options());
   if (std::getenv("DHO_FAST_POISON_OUTPUTS")) {  // tests: an element the kernel fails to write stays NaN
     g_ce.fill_(std::numeric_limits<double>::quiet_NaN());
     g_kd.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -53,21 +55,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
   std::vector<int> status(N);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ce.scalar_type(), "dual_head_loss_cpu", [&] {
-    const RowsIO<scalar_t> io{.rows = N,
-                              .ce = ce.const_data_ptr<scalar_t>(),
-                              .ce_row = nullptr,
-                              .kd = kd.const_data_ptr<scalar_t>(),
-                              .teacher = sparse ? nullptr : t.const_data_ptr<scalar_t>(),
-                              .labels = y_ptr,
-                              .g_ce = ce_grad ? g_ce.mutable_data_ptr<acc_type<scalar_t>>() : nullptr,
-                              .g_kd = kd_grad ? g_kd.mutable_data_ptr<acc_type<scalar_t>>() : nullptr,
-                              .row_ce = row_ce.data(),
-                              .row_kl = row_kl.data(),
-                              .row_status = status.data(),
-                              .sparse_probs = sparse ? t.const_data_ptr<acc_type<scalar_t>>() : nullptr,
-                              .sparse_indices = sparse ? teacher_indices->const_data_ptr<int64_t>() : nullptr,
-                              .sparse_row_terms = sparse ? teacher_row_terms->const_data_ptr<acc_type<scalar_t>>()
-                                                         : nullptr};
+    using acc_t = acc_type<scalar_t>;
+    using grad_t = loss_grad_type<scalar_t>;
+    const RowsIO<scalar_t, grad_t> io{
+        .rows = N,
+        .ce = ce.const_data_ptr<scalar_t>(),
+        .ce_row = nullptr,
+        .kd = kd.const_data_ptr<scalar_t>(),
+        .teacher = sparse ? nullptr : t.const_data_ptr<scalar_t>(),
+        .labels = y_ptr,
+        .g_ce = ce_grad ? g_ce.mutable_data_ptr<grad_t>() : nullptr,
+        .g_kd = kd_grad ? g_kd.mutable_data_ptr<grad_t>() : nullptr,
+        .row_ce = row_ce.data(),
+        .row_kl = row_kl.data(),
+        .row_status = status.data(),
+        .sparse_probs = sparse ? t.const_data_ptr<acc_t>() : nullptr,
+        .sparse_indices = sparse ? teacher_indices->const_data_ptr<int64_t>() : nullptr,
+        .sparse_row_terms = sparse ? teacher_row_terms->const_data_ptr<acc_t>() : nullptr};
     run_rows(io, p);
   });
 

@@ -34,11 +34,16 @@ struct RowScratch {
   std::vector<acc_t> exp_teacher;      // exp(t / T - running max) per column
   std::vector<acc_t> block_max;        // running maxima used for each block: 3 per block
   std::vector<acc_t> sparse_kd;        // a sparse teacher's classes' KD logits, read before pass 1 overwrites them
-  RowScratch(int64_t C, bool convert, bool biased, int teacher_form, int64_t k)
+  std::vector<acc_t> g_ce, g_kd;       // gradient rows computed in acc_t before they are rounded to the output's type
+  RowScratch(int64_t C, bool convert, bool biased, bool round_grads, int teacher_form, int64_t k)
       : block_max(3 * ((C + kBlock - 1) / kBlock)) {
     if (convert || biased) {
       ce.resize(C);
       kd.resize(C);
+    }
+    if (round_grads) {
+      g_ce.resize(C);
+      g_kd.resize(C);
     }
     if (teacher_form == rm::kTeacherSparse) {
       sparse_kd.resize(k);
@@ -319,10 +324,29 @@ RowResult dual_head_row(const acc_t* ce, const acc_t* kd, const acc_t* t, const 
   return result;
 }
 
-template <typename scalar_t>
-void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
+// Where dual_head_row computes a gradient row (nullptr: none): the output row itself when it is of acc_t, else a
+// scratch row that round_gradient_row then rounds into the output, once.
+template <typename acc_t, typename grad_t>
+inline acc_t* gradient_work_row(grad_t* out, std::vector<acc_t>& scratch) {
+  if constexpr (std::is_same_v<grad_t, acc_t>) {
+    return out;
+  } else {
+    return out ? scratch.data() : nullptr;
+  }
+}
+
+template <typename acc_t, typename grad_t>
+inline void round_gradient_row(const acc_t* work, grad_t* out, int64_t C) {
+  if constexpr (!std::is_same_v<grad_t, acc_t>) {
+    if (out) at::vec::convert(work, out, C);
+  }
+}
+
+template <typename scalar_t, typename grad_t>
+void dual_head_loss_rows(const RowsIO<scalar_t, grad_t>& io, const LossParams& p) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
+  constexpr bool round_grads = !std::is_same_v<grad_t, acc_t>;
   const int64_t C = p.num_classes;
   // One task per thread, each taking every num_tasks-th row: labelled rows (which also have the CE head's work) are
   // usually the first of a batch, and contiguous ranges of rows would give them all to the first threads. Each task
@@ -339,8 +363,8 @@ void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
     const int64_t ce_i = io.ce_row ? io.ce_row[i] : i;
     // A row without CE logits has no CE gradient row either; with ce_row == nullptr every row has both.
     const scalar_t* ce_in = ce_i >= 0 ? io.ce + ce_i * C : nullptr;
-    acc_t* g_ce_row = io.g_ce && ce_i >= 0 ? io.g_ce + ce_i * C : nullptr;
-    acc_t* g_kd_row = io.g_kd ? io.g_kd + off : nullptr;
+    grad_t* g_ce_row = io.g_ce && ce_i >= 0 ? io.g_ce + ce_i * C : nullptr;
+    grad_t* g_kd_row = io.g_kd ? io.g_kd + off : nullptr;
     // An unlabelled row's CE logits are never read (the whole-batch op still writes its zero CE gradient).
     const bool labelled = io.labels[i] != p.ignore_index;
     const acc_t* ce_row = ce_in && labelled ? load_row(ce_in, ce_bias, scratch.ce, C) : nullptr;
@@ -357,14 +381,18 @@ void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
       t_row = load_row(io.teacher + off, static_cast<const acc_t*>(nullptr), scratch.teacher, C);
     }
     const SparseTeacherRow<acc_t>* sparse = p.teacher_form == rm::kTeacherSparse ? &sparse_row : nullptr;
+    acc_t* g_ce_work = gradient_work_row(g_ce_row, scratch.g_ce);
+    acc_t* g_kd_work = gradient_work_row(g_kd_row, scratch.g_kd);
     const RowResult r =
-        dual_head_row<acc_t>(ce_row, kd_row, t_row, sparse, io.labels[i], p, g_ce_row, g_kd_row, scratch);
+        dual_head_row<acc_t>(ce_row, kd_row, t_row, sparse, io.labels[i], p, g_ce_work, g_kd_work, scratch);
+    round_gradient_row(g_ce_work, g_ce_row, C);
+    round_gradient_row(g_kd_work, g_kd_row, C);
     io.row_ce[i] = r.ce;
     io.row_kl[i] = r.kl;
     io.row_status[i] = r.teacher_status;
   };
   at::parallel_for(0, num_tasks, 1, [&](int64_t first_task, int64_t end_task) {
-    RowScratch<acc_t> scratch(C, convert, biased, p.teacher_form, p.teacher_k);
+    RowScratch<acc_t> scratch(C, convert, biased, round_grads, p.teacher_form, p.teacher_k);
     for (int64_t task = first_task; task < end_task; ++task) {
       for (int64_t i = task; i < io.rows; i += num_tasks) process_row(i, scratch);
     }

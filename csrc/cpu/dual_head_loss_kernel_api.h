@@ -34,8 +34,15 @@ struct LossParams {
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// The rows one kernel call processes (the whole batch, or a chunk of it), each of num_classes columns.
+// The dtype dual_head_loss writes the logits' gradients in (saved_gradients.h loss_gradient_dtype): bfloat16 for
+// bfloat16 inputs, whose float32 exponent range a loss scale cannot underflow, so the usual backward has no rounding
+// pass left; acc_type otherwise. The chunk op always writes acc_type.
 template <typename scalar_t>
+using loss_grad_type = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, c10::BFloat16, acc_type<scalar_t>>;
+
+// The rows one kernel call processes (the whole batch, or a chunk of it), each of num_classes columns; the
+// gradients are written as grad_t: acc_type, or bfloat16 for bfloat16 inputs (computed in acc_type, rounded once).
+template <typename scalar_t, typename grad_t = acc_type<scalar_t>>
 struct RowsIO {
   int64_t rows;
   // CE-head logits: row i's are row ce_row[i] of ce; ce_row[i] = -1 for a row without CE logits, which must be
@@ -45,11 +52,11 @@ struct RowsIO {
   const scalar_t* kd;       // (rows, C)
   const scalar_t* teacher;  // (rows, C) logits or probabilities; unused for a sparse teacher (below)
   const int64_t* labels;    // (rows,), already validated
-  // Unweighted gradients of ce_term and kd_term (nullptr: not wanted), laid out as ce and kd, in acc_type. For
+  // Gradients of ce_term and kd_term times the grad scales (nullptr: not wanted), laid out as ce and kd. For
   // float32 and float64 inputs they may be ce and kd themselves: the kernel reads a block of a row before it
   // overwrites it.
-  acc_type<scalar_t>* g_ce;
-  acc_type<scalar_t>* g_kd;
+  grad_t* g_ce;
+  grad_t* g_kd;
   double* row_ce;   // (rows,) CE of each labelled row
   double* row_kl;   // (rows,) KL of each row
   int* row_status;  // (rows,) row_math::TeacherRowStatus
@@ -63,10 +70,10 @@ struct RowsIO {
   const acc_type<scalar_t>* sparse_row_terms = nullptr;
 };
 
-#define DHO_FAST_DECLARE_ROWS(NS)                                           \
-  namespace NS {                                                            \
-  template <typename scalar_t>                                              \
-  void dual_head_loss_rows(const RowsIO<scalar_t>& io, const LossParams& p); \
+#define DHO_FAST_DECLARE_ROWS(NS)                                                    \
+  namespace NS {                                                                     \
+  template <typename scalar_t, typename grad_t>                                      \
+  void dual_head_loss_rows(const RowsIO<scalar_t, grad_t>& io, const LossParams& p); \
   }
 
 DHO_FAST_DECLARE_ROWS(DEFAULT)

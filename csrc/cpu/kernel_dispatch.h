@@ -37,8 +37,8 @@ inline Isa select_isa() {
 #endif
 }
 
-template <typename scalar_t>
-void run_rows(const RowsIO<scalar_t>& io, const LossParams& p) {
+template <typename scalar_t, typename grad_t>
+void run_rows(const RowsIO<scalar_t, grad_t>& io, const LossParams& p) {
   switch (select_isa()) {
 #if defined(__x86_64__) && defined(__GNUC__)
     case Isa::Avx512:

@@ -8,11 +8,13 @@ namespace dho_fast {
 namespace cpu {
 namespace CPU_CAPABILITY {
 
-#define DHO_FAST_INSTANTIATE(T) template void dual_head_loss_rows<T>(const RowsIO<T>&, const LossParams&);
-DHO_FAST_INSTANTIATE(float)
-DHO_FAST_INSTANTIATE(double)
-DHO_FAST_INSTANTIATE(c10::BFloat16)
-DHO_FAST_INSTANTIATE(c10::Half)
+#define DHO_FAST_INSTANTIATE(T, G) \
+  template void dual_head_loss_rows<T, G>(const RowsIO<T, G>&, const LossParams&);
+DHO_FAST_INSTANTIATE(float, float)
+DHO_FAST_INSTANTIATE(double, double)
+DHO_FAST_INSTANTIATE(c10::BFloat16, float)  // the chunk op
+DHO_FAST_INSTANTIATE(c10::BFloat16, c10::BFloat16)
+DHO_FAST_INSTANTIATE(c10::Half, float)
 #undef DHO_FAST_INSTANTIATE
 
 template KcenterResult kcenter_rows<float>(const KcenterIO<float>&);

@@ -35,6 +35,7 @@
 
 #include "../op_checks.h"
 #include "../row_fold.h"
+#include "../saved_gradients.h"
 
 namespace dho_fast {
 namespace cuda {
@@ -634,7 +635,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_head
                          stream);
   });
   raise_flagged_errors(info, y, 0, C, ignore_index, teacher_form);
-  return {loss, ce_term, kd_term, g_ce, g_kd};
+  // The kernel writes acc_t (the chunk op needs it, and shares the row kernels): bfloat16 logits' gradients are
+  // rounded here, one pass on the device, which the CPU kernel instead folds into its row pass.
+  const auto grad_dtype = loss_gradient_dtype(ce.scalar_type());
+  return {loss, ce_term, kd_term, ce_grad ? g_ce.to(grad_dtype) : g_ce, kd_grad ? g_kd.to(grad_dtype) : g_kd};
 }
 
 std::tuple<at::Tensor, at::Tensor> dual_head_loss_chunk_cuda(at::Tensor& ce_logits, at::Tensor& kd_logits,

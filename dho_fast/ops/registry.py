@@ -2,9 +2,11 @@
 autograd formulas, and the Triton launchers of dho_fast.kernels registered with ``torch.library.triton_op``.
 
 The loss ops return the gradients of both loss terms from the forward pass (grad-in-forward), so their backward only
-scales them by the incoming gradients. The gradients are in the accumulation dtype (float32 for half inputs): the
-backward scales them there and rounds to the logits' dtype once, so that a loss scale (GradScaler's 65536) keeps
-small gradient entries from underflowing. That backward is not itself differentiable: asked for a graph of it
+scales them by the incoming gradients. The gradients are computed in the accumulation dtype and returned in
+``validation.loss_gradient_dtype``: bfloat16 for bfloat16 logits (rounded once, in the forward's row pass), float32
+for float16 ones, which the backward scales before it rounds them, so that a loss scale (GradScaler's 65536) keeps
+small entries from underflowing float16's narrow range; the fused linear op's are always in the accumulation dtype.
+That backward is not itself differentiable: asked for a graph of it
 (``create_graph=True``, the only time autograd runs a backward in grad mode) it raises rather than return a gradient
 whose own gradient misses the loss's second-order term. The compiled ops' autograd kernels are C++
 (csrc/dual_head_loss_autograd.cpp, csrc/fused_linear_dual_head_loss.cpp): their fixed cost is paid every training
@@ -24,6 +26,7 @@ from dho_fast.ops.validation import (
     check_chunk_labelled,
     check_chunk_layout,
     check_sparse_op_teacher,
+    loss_gradient_dtype,
     raise_flagged_kcenter_row,
     raise_flagged_values,
 )
@@ -49,10 +52,10 @@ def dual_head_loss_fake(
     label_smoothing, ce_grad, kd_grad, ce_grad_scale=1.0, kd_grad_scale=1.0, teacher_form=0, teacher_indices=None,
     teacher_row_terms=None,
 ):  # fmt: skip
-    acc = accumulate_dtype(ce_logits.dtype)
-    scalar = ce_logits.new_empty((), dtype=acc)
-    grad_ce = torch.empty_like(ce_logits, dtype=acc) if ce_grad else ce_logits.new_empty((0,))
-    grad_kd = torch.empty_like(kd_logits, dtype=acc) if kd_grad else kd_logits.new_empty((0,))
+    scalar = ce_logits.new_empty((), dtype=accumulate_dtype(ce_logits.dtype))
+    grad_dtype = loss_gradient_dtype(ce_logits.dtype)
+    grad_ce = torch.empty_like(ce_logits, dtype=grad_dtype) if ce_grad else ce_logits.new_empty((0,))
+    grad_kd = torch.empty_like(kd_logits, dtype=grad_dtype) if kd_grad else kd_logits.new_empty((0,))
     return scalar, scalar.clone(), scalar.clone(), grad_ce, grad_kd
 
 
@@ -132,7 +135,7 @@ def _scaled(
     saved: torch.Tensor, weight: float, saved_scale: float, grad_loss, grad_of_term, name: str, dtype: torch.dtype
 ) -> torch.Tensor | None:
     """The gradient of the logits, ``(grad_loss * weight + grad_of_term) * d term / d logits``, from ``saved`` =
-    ``saved_scale * d term / d logits`` (accumulation dtype), rounded once to ``dtype``; None when no gradient
+    ``saved_scale * d term / d logits`` (``loss_gradient_dtype``), rounded once to ``dtype``; None when no gradient
     reaches the term (only the other term is backpropagated), as PyTorch's own graph leaves such logits.
     The compiled ops' C++ backward (csrc/saved_gradients.h) follows the same rules.
 
@@ -148,12 +151,12 @@ def _scaled(
     if saved.dim() != 2:  # the (0,) placeholder of a gradient the forward was told not to compute
         raise RuntimeError(f"the gradient of {name} was not computed in the forward pass (its grad flag was False)")
     if grad_of_term is None and weight == saved_scale and _is_one(grad_loss):
-        # A factor of exactly 1: float32/64 logits take ``saved`` itself, half ones its one rounding, in one pass.
+        # A factor of exactly 1: ``saved`` itself, except for float16 logits (their one rounding, one pass).
         return saved if saved.dtype == dtype else saved.to(dtype)
     scale = 0.0 if grad_loss is None else grad_loss * (weight / saved_scale)
     if grad_of_term is not None:
         scale = scale + grad_of_term * (1.0 / saved_scale)
-    # A no-op for float32 and float64 logits; for half ones, the one rounding, after the scale.
+    # A no-op but for float16 logits: their one rounding, after the scale.
     return (saved * scale).to(dtype)
 
 
@@ -207,7 +210,7 @@ def _register_triton_ops() -> None:
         *result, info = triton_loss.dual_head_loss(
             ce_logits, kd_logits, teacher_logits, labels, temperature, ce_loss_weight, kd_loss_weight, kd_split,
             ignore_index, label_smoothing, ce_grad, kd_grad, ce_grad_scale, kd_grad_scale, teacher_form,
-            teacher_indices, teacher_row_terms,
+            teacher_indices, teacher_row_terms, grad_dtype=loss_gradient_dtype(ce_logits.dtype),
         )  # fmt: skip
         raise_flagged_values(info, labels, ce_logits.shape[1], ignore_index, teacher_form=teacher_form)
         return tuple(result)

@@ -32,6 +32,17 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def loss_gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``dho_fast::dual_head_loss`` returns the gradients of logits of ``dtype`` in (its forward computes
+    them in ``accumulate_dtype`` and rounds once): bfloat16 for bfloat16, else ``accumulate_dtype``.
+
+    bfloat16 has float32's exponent range, so the loss scale a backward applies after the rounding cannot underflow
+    an entry (a power-of-two scale, GradScaler's, gives the very bits of scaling first), and the usual backward has
+    no rounding pass left. float16's range is narrow: its gradients stay float32 until backward has scaled them.
+    csrc/saved_gradients.h has the same rule."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else accumulate_dtype(dtype)
+
+
 def describe(t: torch.Tensor) -> str:
     """``float32 of shape (4, 2) on cpu``: a tensor as the error messages name it."""
     return f"{str(t.dtype).removeprefix('torch.')} of shape {tuple(t.shape)} on {t.device}"
