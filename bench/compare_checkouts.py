@@ -6,7 +6,10 @@ One worker process per checkout imports its dho_fast (``PYTHONPATH=<checkout>``;
 ``other / this`` time, so the machine's drift between rounds cancels. Cases use only the public API both checkouts
 have: ``fused_dual_head_loss`` and ``DualHead.loss``, forward + backward, float32, backend "cpu".
 
-    .venv/bin/python bench/compare_checkouts.py ../baseline-checkout --rounds 20
+    .venv/bin/python bench/compare_checkouts.py ../baseline-checkout --rounds 20 [--cold]
+
+``--cold`` precedes every timed call with a 64 MiB copy that evicts the inputs from the caches, as the suite's rounds
+do (eager and torch.compile run between two fused calls): a change to how the kernel reads memory shows there.
 """
 
 import argparse
@@ -44,14 +47,17 @@ def inputs(op, n, c, d):
     return lambda: head.loss(features, teacher, labels, backend="cpu").backward()
 
 steps = {}
+evict_src, evict_dst = torch.ones(8 << 20), torch.empty(8 << 20)
 for line in sys.stdin:
-    name, op, n, c, d, reps = json.loads(line)
+    name, op, n, c, d, reps, cold = json.loads(line)
     if name not in steps:
         steps[name] = inputs(op, n, c, d)
         for _ in range(3):
             steps[name]()
     times = []
     for _ in range(reps):
+        if cold:
+            evict_dst.copy_(evict_src)
         start = time.perf_counter()
         steps[name]()
         times.append(time.perf_counter() - start)
@@ -67,8 +73,8 @@ def start_worker(checkout: Path) -> subprocess.Popen:
     )
 
 
-def time_case(worker: subprocess.Popen, name: str, reps: int) -> float:
-    worker.stdin.write(json.dumps([name, *CASES[name], reps]) + "\n")
+def time_case(worker: subprocess.Popen, name: str, reps: int, cold: bool) -> float:
+    worker.stdin.write(json.dumps([name, *CASES[name], reps, cold]) + "\n")
     worker.stdin.flush()
     return float(worker.stdout.readline())
 
@@ -78,6 +84,7 @@ def main() -> None:
     parser.add_argument("other", type=Path, help="the other checkout (built in place)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--reps", type=int, default=5, help="calls per timing; the median is kept")
+    parser.add_argument("--cold", action="store_true", help="evict the caches before every timed call")
     args = parser.parse_args()
     this = Path(__file__).resolve().parents[1]
     workers = {"this": start_worker(this), "other": start_worker(args.other.resolve())}
@@ -86,12 +93,13 @@ def main() -> None:
         for name in CASES:
             order = list(workers)
             random.shuffle(order)
-            times = {who: time_case(workers[who], name, args.reps) for who in order}
+            times = {who: time_case(workers[who], name, args.reps, args.cold) for who in order}
             ratios[name].append(times["other"] / times["this"])
     for worker in workers.values():
         worker.stdin.close()
         worker.wait()
-    print(f"other / this time ({args.other}), median over {args.rounds} interleaved rounds [min, max]:")
+    caches = "cold caches" if args.cold else "warm caches"
+    print(f"other / this time ({args.other}, {caches}), median over {args.rounds} interleaved rounds [min, max]:")
     for name, values in ratios.items():
         print(f"  {name:36s} {statistics.median(values):.3f}x  [{min(values):.3f}, {max(values):.3f}]")
 
