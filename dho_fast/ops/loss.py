@@ -8,8 +8,10 @@ from dho_fast.ops.validation import check_loss_args
 
 
 def autocast_active(device: torch.device) -> bool:
-    """Whether torch.autocast is on for ``device`` (devices autocast does not know, e.g. meta, never are)."""
-    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+    """Whether torch.autocast is on for ``device``: only CPU and CUDA tensors, the ones the kernels run on, ever are
+    (meta tensors, for shape functions, never). Not ``torch.amp.is_autocast_available``: torch 2.11's dynamo cannot
+    trace it, so ``torch.compile(fullgraph=True)`` of the loss would fail there."""
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
 
 
 def fused_dual_head_loss(
