@@ -3,8 +3,9 @@
     .venv/bin/python -m pytest bench/bench_loss.py --benchmark-only --benchmark-json=build/loss.json
     .venv/bin/python bench/report.py build/loss.json
 
-Cases: every (N, C) of bench/cases.py, half the rows labelled, float32 and bf16 logits, two modes: "forward" (the loss
-alone, under no_grad) and "forward+backward" (the training step: the loss, then ``loss.backward()`` into the logits).
+Cases: every (N, C) of bench/cases.py's LOSS_SHAPES, half the rows labelled, float32 and bf16 logits, two modes:
+"forward" (the loss alone, under no_grad) and "forward+backward" (the training step: the loss, then
+``loss.backward()`` into the logits).
 Providers: ``fused-<backend>`` for each compiled backend of the device, ``eager`` (bench/baselines.py),
 ``compile`` (torch.compile of it), ``liger`` (GPU, when installed), and two yardsticks:
 - ``copy``: a torch copy of the bytes the fused op must at least move (read the three (N, C) inputs, and in
@@ -21,7 +22,7 @@ from functools import partial
 import pytest
 import torch
 from baselines import eager_dual_head_loss, liger_dual_head_loss
-from cases import DTYPES, MODES, SHAPES, fused_backends, rounds_for, shape_id
+from cases import DTYPES, LOSS_SHAPES, MODES, fused_backends, rounds_for, shape_id
 
 import dho_fast
 
@@ -81,7 +82,7 @@ def copy_step(elements: int, dtype: torch.dtype, device: torch.device):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=shape_id)
 def test_dual_head_loss(interleaved, device, shape, dtype, mode):
     n, c = shape
     backward = mode == "forward+backward"
