@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from interleaved import median_ratio
 
 import dho_fast
 
@@ -82,7 +83,7 @@ def main() -> None:
     for graph in ("fused", "sum"):
         forward, both = times[graph], times[graph + "+backward"]
         added = statistics.median(b - f for f, b in zip(forward, both, strict=True))
-        ratio = statistics.median(b / f for f, b in zip(forward, both, strict=True))
+        ratio = median_ratio(times, graph + "+backward", graph)
         print(f"{graph}: backward adds {added * 1e6:.1f} us; forward+backward / forward {ratio:.2f}")
 
 
